@@ -1,0 +1,111 @@
+"""The drop-in entry points: `accelerate(pipe, ...)`, `restore(pipe)`, `from_pretrained(...)`."""
+
+from __future__ import annotations
+
+import logging
+
+from .config import AccelConfig
+from .errors import AlreadyAcceleratedError, NotAcceleratedError, UnsupportedPipelineError
+from .registry import technique_for
+from .session import AccelSession, accelerated_class, get_session
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = (
+    "diffusers pipelines whose denoiser `.unet` is a UNet2DConditionModel: StableDiffusion (1.x/2.x) and "
+    "StableDiffusionXL text-to-image, img2img, inpaint and their ControlNet variants"
+)
+
+
+def _check_supported(pipe) -> None:
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel):
+        found = "no .unet" if unet is None else f".unet of type {type(unet).__name__}"
+        raise UnsupportedPipelineError(f"{type(pipe).__name__} is not supported ({found}); supported: {SUPPORTED}")
+
+
+def resolve_config(config: AccelConfig | None = None, preset: str | None = None) -> AccelConfig:
+    """The config to apply: an explicit `AccelConfig`, a named preset, or nothing changed."""
+    if config is not None and preset is not None:
+        raise ValueError("pass either config or preset, not both")
+    if preset is not None:
+        from .presets import get_preset
+
+        return get_preset(preset)
+    if config is None:
+        return AccelConfig()
+    if not isinstance(config, AccelConfig):
+        raise TypeError(f"config must be an AccelConfig, got {type(config).__name__}")
+    return config
+
+
+def accelerate(pipe, config: AccelConfig | None = None, *, preset: str | None = None):
+    """Apply `config` (or the named `preset`) to `pipe` in place and return it.
+
+    Every change is recorded so that `restore(pipe)` brings the pipeline back to producing
+    bit-identical outputs. If any technique fails to apply, those already applied are removed
+    again before the error propagates, so the pipeline is never left half-accelerated.
+    """
+    _check_supported(pipe)
+    if get_session(pipe) is not None:
+        raise AlreadyAcceleratedError(
+            f"this {type(pipe).__name__} is already accelerated; call accel.restore(pipe) before applying another config"
+        )
+    config = resolve_config(config, preset)
+    plan = sorted(((technique_for(c), c) for _, c in config.items()), key=lambda tc: tc[0].order)
+
+    session = AccelSession(config, type(pipe))
+    pipe.__dict__["_accel_session"] = session
+    try:
+        for technique, sub_config in plan:
+            technique.apply(pipe, sub_config)
+            session.applied.append((technique, sub_config))
+            logger.info("accel: applied %s: %r", technique.name, sub_config)
+    except BaseException:
+        _undo(pipe, session)
+        raise
+    pipe.__class__ = accelerated_class(session.original_class)
+    return pipe
+
+
+def _undo(pipe, session: AccelSession) -> None:
+    errors = []
+    for technique, _ in reversed(session.applied):
+        try:
+            technique.remove(pipe)
+        except Exception as err:  # keep undoing the rest; report everything at the end
+            errors.append(f"{technique.name}: {err}")
+    session.applied.clear()
+    pipe.__class__ = session.original_class
+    del pipe.__dict__["_accel_session"]
+    if errors:
+        raise RuntimeError("restore could not undo every change: " + "; ".join(errors))
+
+
+def restore(pipe):
+    """Undo everything `accelerate` did to `pipe`, in reverse order, and return it."""
+    session = get_session(pipe)
+    if session is None:
+        raise NotAcceleratedError(f"this {type(pipe).__name__} was not accelerated (or was already restored)")
+    _undo(pipe, session)
+    return pipe
+
+
+def is_accelerated(pipe) -> bool:
+    return get_session(pipe) is not None
+
+
+def changes(pipe) -> list[dict]:
+    """What `accelerate` changed on `pipe`, in the order it was applied."""
+    session = get_session(pipe)
+    return [] if session is None else session.changes()
+
+
+def from_pretrained(model: str, *, preset: str | None = None, config: AccelConfig | None = None, **kwargs):
+    """`DiffusionPipeline.from_pretrained(model, **kwargs)`, then `accelerate` with `preset` or `config`."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    return accelerate(pipe, config, preset=preset)

@@ -1,0 +1,68 @@
+"""The technique registry: config type -> how to apply and remove it.
+
+Adding a technique is one file holding its frozen config, its hooks and `apply_x` / `remove_x`,
+plus one entry in `_TECHNIQUES` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    slot: str
+    config_type: type
+    apply: Callable  # apply(pipe, config) -> None; raises before changing anything on bad input
+    remove: Callable  # remove(pipe) -> None; undoes apply exactly
+    order: int  # applied in ascending order, removed in descending order
+
+
+def _builtin_techniques() -> list[Technique]:
+    from .runtime import RuntimeConfig, apply_runtime, remove_runtime
+    from .sampler import SamplerConfig, apply_sampler, remove_sampler
+
+    return [
+        Technique("sampler", "sampler", SamplerConfig, apply_sampler, remove_sampler, order=20),
+        Technique("runtime", "runtime", RuntimeConfig, apply_runtime, remove_runtime, order=90),
+    ]
+
+
+_TECHNIQUES: dict[type, Technique] | None = None
+
+
+def _registry() -> dict[type, Technique]:
+    global _TECHNIQUES
+    if _TECHNIQUES is None:
+        _TECHNIQUES = {t.config_type: t for t in _builtin_techniques()}
+    return _TECHNIQUES
+
+
+def register_technique(technique: Technique) -> None:
+    """Register a technique from outside the suite (a plug-in)."""
+    from .config import SLOTS
+
+    if technique.slot not in SLOTS:
+        raise ValueError(f"slot {technique.slot!r} is not one of {SLOTS}")
+    registry = _registry()
+    if technique.config_type in registry:
+        raise ValueError(f"{technique.config_type.__name__} is already registered as {registry[technique.config_type].name!r}")
+    registry[technique.config_type] = technique
+
+
+def technique_for(config) -> Technique:
+    try:
+        return _registry()[type(config)]
+    except KeyError:
+        known = ", ".join(cls.__name__ for cls in _registry())
+        raise ValueError(f"no technique is registered for {type(config).__name__}; registered configs: {known}") from None
+
+
+def techniques_for_slot(slot: str) -> tuple[type, ...]:
+    return tuple(cls for cls, t in _registry().items() if t.slot == slot)
+
+
+def all_techniques() -> list[Technique]:
+    return sorted(_registry().values(), key=lambda t: t.order)

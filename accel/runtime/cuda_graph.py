@@ -1,0 +1,148 @@
+"""CUDA-graph capture of a denoiser step (Stable Diffusion UNets are launch-bound on H100-class GPUs).
+
+One graph per input signature (shapes, dtypes, devices, non-tensor arguments and a branch tag that
+other techniques may set), all drawing from one memory pool. Inputs are copied into static
+buffers and the graph is replayed; anything that cannot be captured runs eagerly, with one log line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
+
+HOOK_NAME = "accel.cuda_graph"
+
+
+class _Graph:
+    def __init__(self, graph, static_inputs, static_output):
+        self.graph = graph
+        self.static_inputs = static_inputs
+        self.static_output = static_output
+
+
+class CUDAGraphHook(ModelHook):
+    """Capture the wrapped forward per signature on first use and replay it afterwards."""
+
+    def __init__(self, warmup_iters: int = 2):
+        super().__init__()
+        self.warmup_iters = warmup_iters
+        self.graphs: dict[tuple, _Graph | None] = {}  # None marks a signature that could not be captured
+        self.branch: object = None  # set by caching techniques so each branch gets its own graph
+        self.pool = None
+        self._signature: inspect.Signature | None = None
+        self._warned = False
+
+    def initialize_hook(self, module):
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def _normalise(self, args, kwargs):
+        """Bind to parameter names and turn a number timestep into a device tensor of the sample's device."""
+        bound = self._signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        sample = next(iter(arguments.values()))
+        timestep = arguments.get("timestep")
+        if isinstance(sample, torch.Tensor) and isinstance(timestep, (int, float)):
+            arguments["timestep"] = torch.tensor(timestep, device=sample.device, dtype=torch.float32)
+        return arguments
+
+    def new_forward(self, module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        if torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        arguments = self._normalise(args, kwargs)
+        leaves, spec = pytree.tree_flatten(arguments)
+        key = signature_key(leaves, spec, self.branch)
+        if key is None:
+            if not self._warned:
+                logger.warning("accel: CUDA graphs need the inputs on one CUDA device; running eagerly")
+                self._warned = True
+            return forward(**arguments)
+        entry = self.graphs.get(key, False)
+        if entry is False:
+            entry = self.graphs[key] = self._capture(forward, leaves, spec, key[-1])
+        if entry is None:
+            return forward(**arguments)
+        for static, leaf in zip(entry.static_inputs, leaves):
+            if isinstance(static, torch.Tensor):
+                static.copy_(leaf)
+        entry.graph.replay()
+        # The next replay overwrites the static output; callers may keep this one across steps.
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, entry.static_output)
+
+    def _capture(self, forward, leaves, spec, device) -> _Graph | None:
+        static_inputs = [leaf.to(device).clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+        def run():
+            return forward(**pytree.tree_unflatten(static_inputs, spec))
+
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup_iters):
+                    run()
+            torch.cuda.current_stream().wait_stream(stream)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_output = run()
+        except Exception as err:  # capture is an optimisation: fall back to eager, say so once
+            logger.warning("accel: CUDA-graph capture failed (%s: %s); running this signature eagerly", type(err).__name__, err)
+            return None
+        return _Graph(graph, static_inputs, static_output)
+
+    def reset_graphs(self) -> None:
+        self.graphs.clear()
+
+
+def signature_key(leaves, spec, branch=None, device_type: str = "cuda") -> tuple | None:
+    """What a graph is keyed by: argument structure, shapes, dtypes, constants, branch, device.
+
+    Tensor values (the latents, the timestep) are not part of the key: they are copied into the
+    graph's static inputs. None when the inputs cannot be replayed from one CUDA device.
+    """
+    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    device = next((t.device for t in tensors if t.device.type == device_type), None)
+    # Host scalars (a CPU timestep) are copied in; any larger host tensor means eager.
+    if device is None or any(t.device != device and t.numel() > 1 for t in tensors):
+        return None
+    shapes = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else _constant_key(x) for x in leaves)
+    return (spec, branch, shapes, device)
+
+
+def _constant_key(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def apply_cuda_graph(module: torch.nn.Module, warmup_iters: int = 2) -> CUDAGraphHook:
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    if HOOK_NAME in registry.hooks:
+        raise RuntimeError("CUDA graphs are already enabled on this module")
+    hook = CUDAGraphHook(warmup_iters)
+    registry.register_hook(hook, HOOK_NAME)
+    return hook
+
+
+def get_cuda_graph_hook(module: torch.nn.Module) -> CUDAGraphHook | None:
+    registry = getattr(module, "_diffusers_hook", None)
+    return None if registry is None else registry.get_hook(HOOK_NAME)
+
+
+def remove_cuda_graph(module: torch.nn.Module) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None or HOOK_NAME not in registry.hooks:
+        return
+    registry.hooks[HOOK_NAME].reset_graphs()
+    registry.remove_hook(HOOK_NAME, recurse=False)

@@ -1,0 +1,111 @@
+"""Per-call state shared by the techniques applied to one pipeline.
+
+Techniques register listeners that run at the start of every pipeline call (to reset caches per
+call) and read the step index that the pipeline loop reports through `callback_on_step_end`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+
+class AccelSession:
+    """What `accelerate` records on a pipeline: the config, the techniques applied, call state."""
+
+    def __init__(self, config, original_class: type):
+        self.config = config
+        self.original_class = original_class
+        self.applied: list = []  # registry.Technique entries, in the order they were applied
+        self.call_defaults: dict[str, Any] = {}
+        self.step_index: int | None = None
+        self.num_inference_steps: int | None = None
+        self._call_listeners: list[Callable[["AccelSession"], None]] = []
+
+    def add_call_listener(self, fn: Callable[["AccelSession"], None]) -> None:
+        """`fn(session)` runs at the start of every pipeline call."""
+        self._call_listeners.append(fn)
+
+    def remove_call_listener(self, fn) -> None:
+        if fn in self._call_listeners:
+            self._call_listeners.remove(fn)
+
+    def changes(self) -> list[dict[str, Any]]:
+        """Every change `accelerate` made, in order, for logs and reports."""
+        return [{"technique": t.name, "config": repr(c)} for t, c in self.applied]
+
+    def begin_call(self, num_inference_steps: int | None) -> None:
+        self.step_index = 0
+        self.num_inference_steps = num_inference_steps
+        for fn in list(self._call_listeners):
+            fn(self)
+
+    def end_call(self) -> None:
+        self.step_index = None
+        self.num_inference_steps = None
+
+
+def get_session(pipe) -> AccelSession | None:
+    return pipe.__dict__.get("_accel_session")
+
+
+def _step_counter(session: AccelSession, user_callback):
+    """Chain a step counter in front of the user's `callback_on_step_end`, if any."""
+
+    def on_step_end(pipe, step_index, timestep, callback_kwargs):
+        session.step_index = step_index + 1
+        if user_callback is None:
+            return callback_kwargs
+        return user_callback(pipe, step_index, timestep, callback_kwargs)
+
+    return on_step_end
+
+
+class AcceleratedCall:
+    """Mixin put in front of an accelerated pipeline's class.
+
+    Swapping the instance's class (and back in `restore`) is the one reversible way to give a
+    pipeline per-call defaults and per-call state resets, since `__call__` is looked up on the type.
+    """
+
+    def __call__(self, *args, **kwargs):
+        session: AccelSession = self.__dict__["_accel_session"]
+        signature = _call_signature(session.original_class)
+        bound = signature.bind_partial(self, *args, **kwargs).arguments
+        for name, value in session.call_defaults.items():
+            if name not in bound and name in signature.parameters:
+                kwargs[name] = value
+        bound = signature.bind_partial(self, *args, **kwargs).arguments
+        if "callback_on_step_end" in signature.parameters:
+            user_callback = bound.get("callback_on_step_end")
+            tensor_inputs = getattr(user_callback, "tensor_inputs", None)
+            if tensor_inputs is not None:
+                # The pipeline reads tensor_inputs from callback objects; a plain function carries none.
+                kwargs["callback_on_step_end_tensor_inputs"] = list(tensor_inputs)
+            if "callback_on_step_end" in kwargs or user_callback is None:
+                kwargs["callback_on_step_end"] = _step_counter(session, user_callback)
+        steps = kwargs.get("num_inference_steps", bound.get("num_inference_steps"))
+        if steps is None and "num_inference_steps" in signature.parameters:
+            steps = signature.parameters["num_inference_steps"].default
+        session.begin_call(steps)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            session.end_call()
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}
+_CLASSES: dict[type, type] = {}
+
+
+def _call_signature(cls: type) -> inspect.Signature:
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.__call__)
+    return _SIGNATURES[cls]
+
+
+def accelerated_class(cls: type) -> type:
+    """The subclass of `cls` with `AcceleratedCall` in front, one per pipeline class, same name."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(cls.__name__, (AcceleratedCall, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _CLASSES[cls]

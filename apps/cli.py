@@ -1,0 +1,118 @@
+"""The `accel` command: generate, presets, eval, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded CIFAR-10 model)")
+    p.add_argument("--preset", default=None, help="acceleration preset (see `accel presets`); default: none")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="load weights in this dtype")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import accel
+    from apps.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    if args.preset:
+        accel.accelerate(pipe, preset=args.preset)
+    call = {"prompt": args.prompt, "guidance_scale": args.guidance, "num_images_per_prompt": args.num_images}
+    if args.negative_prompt:
+        call["negative_prompt"] = args.negative_prompt
+    if args.steps is not None:
+        call["num_inference_steps"] = args.steps
+    if args.height is not None:
+        call["height"] = args.height
+    if args.width is not None:
+        call["width"] = args.width
+    call["generator"] = torch.Generator("cpu").manual_seed(args.seed)
+    start = time.perf_counter()
+    images = pipe(**call).images
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    where = ", ".join(str(p) for p in paths)
+    print(f"generated {len(images)} image(s) in {seconds:.2f} s on {pipe.device} ({args.preset or 'no preset'}): {where}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    import accel
+
+    for name, text, config in accel.describe_presets():
+        print(f"{name:10s} {text}")
+        if args.verbose:
+            print(f"           {config!r}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from accel.quality import evaluate, write_report
+    from apps.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    result = evaluate(
+        pipe,
+        preset=args.preset,
+        n=args.n,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    paths = write_report(result, args.out)
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="accel", description="Accelerated diffusers pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's, else the pipeline's)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--out", default="out.png")
+    gen.set_defaults(func=cmd_generate)
+
+    pre = sub.add_parser("presets", help="list the named presets")
+    pre.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
+    pre.set_defaults(func=cmd_presets)
+
+    ev = sub.add_parser("eval", help="measure the quality cost of a preset against the unaccelerated pipeline")
+    _add_model_args(ev)
+    ev.add_argument("--n", type=int, default=1000, help="number of images")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float, default=7.5)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--out", default="eval-results", help="folder for the JSON and markdown report")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Load a pipeline for the programs: the embedded model by default, any local folder or Hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def default_model() -> Path:
+    from accel.embedded import EMBEDDED_MODEL_DIR
+
+    return Path(EMBEDDED_MODEL_DIR)
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def load_pipeline(model: str | os.PathLike | None, *, device: str = "auto", dtype: str | None = None):
+    """`DiffusionPipeline.from_pretrained` with errors that say what is missing."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(model) if model is not None else default_model()
+    local = path.exists() or model is None or str(model).startswith((".", "/", "~"))
+    if local and not (path / "model_index.json").is_file():
+        raise SystemExit(f"{path} is not a diffusers pipeline folder: no model_index.json in it")
+    kwargs = {}
+    if dtype is not None:
+        kwargs["torch_dtype"] = getattr(torch, dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if local else str(model), **kwargs)
+    except OSError as err:
+        raise SystemExit(f"could not load {model}: {err}") from None
+    pipe.set_progress_bar_config(leave=False)
+    return pipe.to(pick_device(device))

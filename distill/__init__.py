@@ -1,0 +1,1 @@
+"""Distilled students: feature knowledge distillation, latent consistency (LCM / LCM-LoRA)."""

@@ -1,0 +1,104 @@
+"""Compiled runtime on CPU: graph keying, eager fallback, hook removal; GPU cases behind a marker."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from tiny import run
+from torch.utils import _pytree as pytree
+
+import accel
+from accel import AccelConfig, RuntimeConfig
+from accel.runtime import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
+from accel.runtime.cuda_graph import signature_key
+
+
+def _key(branch=None, **arguments):
+    leaves, spec = pytree.tree_flatten(arguments)
+    # Meta tensors stand in for CUDA ones: the key reads only structure, shape, dtype and device.
+    return signature_key(leaves, spec, branch, device_type="meta")
+
+
+def _t(*shape):
+    return torch.empty(shape, device="meta")
+
+
+def test_graph_key_ignores_values_but_not_shapes_constants_or_branch():
+    a = _key(sample=_t(2, 4, 8, 8), timestep=_t(), cross_attention_kwargs={"scale": 1.0})
+    assert a is not None and a == _key(sample=_t(2, 4, 8, 8), timestep=_t(), cross_attention_kwargs={"scale": 1.0})
+    assert _key(sample=_t(1, 4, 8, 8), timestep=_t(), cross_attention_kwargs={"scale": 1.0}) != a
+    assert _key(sample=_t(2, 4, 8, 8), timestep=_t(), cross_attention_kwargs={"scale": 0.5}) != a
+    assert _key(sample=_t(2, 4, 8, 8), timestep=_t(), cross_attention_kwargs=None) != a
+    assert _key("deep", sample=_t(2, 4, 8, 8), timestep=_t(), cross_attention_kwargs={"scale": 1.0}) != a
+
+
+def test_graph_key_is_none_for_host_tensors():
+    leaves, spec = pytree.tree_flatten({"sample": torch.zeros(2, 4, 8, 8), "timestep": torch.tensor(1.0)})
+    assert signature_key(leaves, spec) is None
+
+
+def test_cpu_falls_back_to_eager_with_one_log_line(sd_pipe, caplog):
+    before = run(sd_pipe)
+    hook = apply_cuda_graph(sd_pipe.unet)
+    with caplog.at_level(logging.WARNING, logger="accel.runtime.cuda_graph"):
+        out = run(sd_pipe)
+    assert np.array_equal(out, before)
+    assert hook.graphs == {}
+    assert sum("running eagerly" in r.message for r in caplog.records) == 1
+    remove_cuda_graph(sd_pipe.unet)
+    assert get_cuda_graph_hook(sd_pipe.unet) is None
+
+
+def test_cuda_graph_twice_raises(sd_pipe):
+    apply_cuda_graph(sd_pipe.unet)
+    with pytest.raises(RuntimeError, match="already enabled"):
+        apply_cuda_graph(sd_pipe.unet)
+
+
+def test_sdpa_backend_pin_round_trip(sd_pipe):
+    before = run(sd_pipe)
+    processors = {k: type(v) for k, v in sd_pipe.unet.attn_processors.items()}
+    accel.accelerate(sd_pipe, AccelConfig(runtime=RuntimeConfig(attention="math", channels_last=True)))
+    assert "accel.sdpa_backend" in sd_pipe.unet._diffusers_hook.hooks
+    assert sd_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(run(sd_pipe), before, atol=1e-5)
+    accel.restore(sd_pipe)
+    assert "accel.sdpa_backend" not in sd_pipe.unet._diffusers_hook.hooks
+    assert {k: type(v) for k, v in sd_pipe.unet.attn_processors.items()} == processors
+    assert sd_pipe.unet.conv_in.weight.is_contiguous()
+    assert np.array_equal(run(sd_pipe), before)
+
+
+def test_xformers_missing_is_a_clear_error(sd_pipe):
+    pytest.importorskip("torch")
+    try:
+        import xformers  # noqa: F401
+
+        pytest.skip("xformers is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="pip install"):
+        accel.accelerate(sd_pipe, AccelConfig(runtime=RuntimeConfig(attention="xformers")))
+    assert not accel.is_accelerated(sd_pipe)
+
+
+def test_regional_compile_marks_blocks_and_restore_unmarks(sd_pipe):
+    accel.accelerate(sd_pipe, AccelConfig(runtime=RuntimeConfig(compile="regional")))
+    compiled = [m for m in sd_pipe.unet.modules() if m._compiled_call_impl is not None]
+    kinds = {type(m).__name__ for m in compiled}
+    assert "ResnetBlock2D" in kinds and "Transformer2DModel" in kinds
+    accel.restore(sd_pipe)
+    assert all(m._compiled_call_impl is None for m in sd_pipe.unet.modules())
+
+
+@pytest.mark.gpu
+def test_cuda_graph_matches_eager_on_gpu(sd_pipe):
+    pipe = sd_pipe.to("cuda")
+    before = run(pipe)
+    accel.accelerate(pipe, AccelConfig(runtime=RuntimeConfig(cuda_graph=True)))
+    out = run(pipe)
+    assert len(get_cuda_graph_hook(pipe.unet).graphs) >= 1
+    np.testing.assert_allclose(out, before, atol=1e-4)
+    accel.restore(pipe)
+    assert np.array_equal(run(pipe), before)

@@ -1,0 +1,122 @@
+"""Tiny random Stable Diffusion / SDXL components built from configs, seeded, on CPU (no Hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def _bytes_to_unicode() -> list[str]:
+    # CLIP's byte-level alphabet: printable bytes map to themselves, the rest above 255.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_tokenizer(folder: Path, merges: tuple[str, ...] = ("o f</w>", "p h", "ph o")) -> Path:
+    """A valid CLIP BPE tokenizer folder: byte alphabet, a few merges, the two special tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _bytes_to_unicode()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(tokens))}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "bos_token": "<|startoftext|>",
+                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    )
+    return folder
+
+
+def tiny_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(write_tiny_tokenizer(folder)))
+
+
+def tiny_text_encoder(with_projection: bool = False, hidden_size: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        bos_token_id=0, eos_token_id=2, hidden_size=hidden_size, intermediate_size=37, layer_norm_eps=1e-05,
+        num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000, projection_dim=32,
+        hidden_act="gelu",
+    )
+    model = CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+    return model.eval()
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    ).eval()
+
+
+def tiny_unet(sdxl: bool = False):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    kwargs = dict(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=32,
+    )
+    if sdxl:
+        kwargs.update(
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+            cross_attention_dim=64,
+        )
+    return UNet2DConditionModel(**kwargs).eval()
+
+
+def tiny_sd_pipeline(tmp: Path, pipeline_class=None):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    cls = pipeline_class or StableDiffusionPipeline
+    pipe = cls(
+        unet=tiny_unet(), vae=tiny_vae(), text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(tmp / "tokenizer"),
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1,
+                                set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(tmp: Path, pipeline_class=None):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    cls = pipeline_class or StableDiffusionXLPipeline
+    pipe = cls(
+        unet=tiny_unet(sdxl=True), vae=tiny_vae(), text_encoder=tiny_text_encoder(),
+        text_encoder_2=tiny_text_encoder(with_projection=True), tokenizer=tiny_tokenizer(tmp / "tokenizer"),
+        tokenizer_2=tiny_tokenizer(tmp / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         timestep_spacing="leading", steps_offset=1),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, steps: int = 2, seed: int = 0, **kwargs):
+    """One seeded call returning the output as a numpy array."""
+    kwargs.setdefault("prompt", "a photo of a horse")
+    kwargs.setdefault("height", 32)
+    kwargs.setdefault("width", 32)
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    return pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
