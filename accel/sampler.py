@@ -33,6 +33,7 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.num_steps must be a positive int or None, got {self.num_steps!r}")
         # A read-only copy: the caller's dict is never aliased or changed.
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        samplers.check_sampler_args(self.name, self.num_steps, self.schedule, dict(self.options))
 
 
 def apply_sampler(pipe, config: SamplerConfig) -> None:

@@ -28,21 +28,24 @@ COMMON_OPTIONS = (
     "dynamic_thresholding_ratio",
     "sample_max_value",
     "backend",
+    "tuned",
+    "model_dir",
 )
 
 _DPM = ("lower_order_final",)
+_SINGLE = ("lower_order_final", "solver_type")
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddim": SamplerSpec(options=("eta",)),
     "euler": SamplerSpec(),
     "heun": SamplerSpec(orders=(2,), default_order=2),
-    "dpm_solver_1": SamplerSpec(),
-    "dpm_solver_2": SamplerSpec(orders=(2,), default_order=2, options=("solver_type",)),
-    "dpm_solver_3": SamplerSpec(orders=(3,), default_order=3, options=("solver_type",)),
+    "dpm_solver_1": SamplerSpec(options=("lower_order_final",)),
+    "dpm_solver_2": SamplerSpec(orders=(2,), default_order=2, options=_SINGLE),
+    "dpm_solver_3": SamplerSpec(orders=(3,), default_order=3, options=_SINGLE),
     "dpm_solver_2m": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("solver_type",)),
-    "dpm_solver_3m": SamplerSpec(orders=(3,), default_order=3, options=_DPM),
+    "dpm_solver_3m": SamplerSpec(orders=(3,), default_order=3, options=_DPM + ("diffusers_3m",)),
     "dpmpp_2m": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("solver_type",)),
-    "dpmpp_3m": SamplerSpec(orders=(3,), default_order=3, options=_DPM),
-    "dpmpp_2s": SamplerSpec(orders=(2,), default_order=2, options=("solver_type",)),
+    "dpmpp_3m": SamplerSpec(orders=(3,), default_order=3, options=_DPM + ("diffusers_3m",)),
+    "dpmpp_2s": SamplerSpec(orders=(2,), default_order=2, options=_SINGLE),
     "dpmpp_sde": SamplerSpec(orders=(2,), default_order=2, options=("eta", "r")),
     "dpmpp_2m_sde": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("eta", "solver_type")),
     "unipc_bh1": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector",)),
@@ -63,9 +66,10 @@ SCHEDULE_NAMES: tuple[str, ...] = (
     "exponential",
     "logsnr",
     "explicit",
+    "tuned",
 )
 BACKENDS = ("samplers", "diffusers")
-_DEFAULT_BACKEND = "diffusers"  # until the adapter lands
+_DEFAULT_BACKEND = "samplers"
 SOLVER_TYPES = ("midpoint", "heun")
 
 
@@ -88,22 +92,31 @@ def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, A
             raise ValueError(f"option {key!r} is not supported by sampler {name!r}; valid choices: {_choices(valid)}")
     order = options.get("order", spec.default_order)
     if order not in spec.orders:
-        raise ValueError(f"order={order!r} is not supported by sampler {name!r}; valid choices: {_choices(spec.orders)}")
+        raise ValueError(
+            f"order={order!r} is not supported by sampler {name!r}; valid choices: {_choices(spec.orders)}"
+        )
     if options.get("backend", "samplers") not in BACKENDS:
         raise ValueError(f"backend={options['backend']!r} is not supported; valid choices: {_choices(BACKENDS)}")
     if options.get("solver_type", "midpoint") not in SOLVER_TYPES:
-        raise ValueError(f"solver_type={options['solver_type']!r} is not supported; valid choices: {_choices(SOLVER_TYPES)}")
+        raise ValueError(
+            f"solver_type={options['solver_type']!r} is not supported; valid choices: {_choices(SOLVER_TYPES)}"
+        )
     explicit = [k for k in ("timesteps", "sigmas") if options.get(k) is not None]
     if schedule == "explicit" and len(explicit) != 1:
         raise ValueError("schedule='explicit' needs exactly one of the options 'timesteps' or 'sigmas'")
+    if schedule == "tuned" and options.get("tuned") is None:
+        raise ValueError("schedule='tuned' needs the option tuned=<name or JSON path> (and model_dir=<dir> for a name)")
+    if schedule != "tuned" and options.get("tuned") is not None:
+        raise ValueError("the option 'tuned' gives a tuned schedule; pass schedule='tuned' with it")
     if schedule != "explicit" and explicit:
         raise ValueError(f"options {explicit} give an explicit schedule; pass schedule='explicit' with them")
     if explicit:
         values = list(options[explicit[0]])
         if len(values) < 1:
             raise ValueError(f"option {explicit[0]!r} must hold at least one value")
-        if num_steps is not None and num_steps != len(values):
-            raise ValueError(f"num_steps={num_steps} disagrees with the {len(values)} explicit {explicit[0]}")
+        steps = len(values) - (1 if explicit[0] == "sigmas" and len(values) > 1 and float(values[-1]) == 0 else 0)
+        if num_steps is not None and num_steps != steps:
+            raise ValueError(f"num_steps={num_steps} disagrees with the {steps} steps of the explicit {explicit[0]}")
     return spec
 
 
@@ -113,18 +126,39 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
     Args:
         name: one of `SAMPLER_NAMES`.
         num_steps: default number of steps when a pipeline calls `set_timesteps(None)`; the
-            pipeline's own `num_inference_steps` wins otherwise.
-        schedule: one of `SCHEDULE_NAMES`; "default" follows `base.config.timestep_spacing`,
-            "explicit" takes the option `timesteps=[...]` (train timesteps, descending) or
-            `sigmas=[...]` (descending; a trailing 0 is added when missing).
+            pipeline's own `num_inference_steps` wins otherwise (and must equal the length of an
+            explicit or tuned schedule).
+        schedule: one of `SCHEDULE_NAMES`. "default" is uniform in t with `base`'s
+            `timestep_spacing` where its config sets one explicitly, else "linspace": the steps
+            diffusers' own `from_config(base.config)` would give (SD 1.x's PNDM config gives
+            "linspace"). "explicit" takes the option `timesteps=[...]` (descending train
+            timesteps) or `sigmas=[...]` (descending; a trailing 0 is added when missing).
+            "tuned" takes `tuned=<name>` with `model_dir=<dir>` or `tuned=<json path>`
+            (see `samplers.tuned`).
         base: the pipeline's current scheduler; its config gives betas, prediction type,
             timestep spacing, zero-SNR rescaling. None means Stable Diffusion's schedule.
-        options: `order`, `eta`, `use_corrector`, `lower_order_final`, `solver_type`, `r`,
-            `rho`, `thresholding`, `dynamic_thresholding_ratio`, `sample_max_value`, and
-            `backend` ("samplers", the default, or "diffusers" for diffusers' own scheduler).
+        options: `order` (UniPC, DEIS: 1-3; iPNDM: 1-4), `eta` (DDIM, SDE samplers),
+            `use_corrector` (UniPC), `lower_order_final`, `solver_type` ("midpoint"/"heun"),
+            `r` (dpmpp_sde), `diffusers_3m` (3M as diffusers computes it), `rho` (Karras),
+            `thresholding`, `dynamic_thresholding_ratio`, `sample_max_value` (pixel models),
+            and `backend`: "samplers" (the default, a `SamplerScheduler`) or "diffusers"
+            (diffusers' own scheduler class for the name, where there is one).
+
+    Raises:
+        ValueError: an unknown name, schedule or option, or an impossible value, listing the
+            valid choices.
     """
     options = dict(options)
     check_sampler_args(name, num_steps, schedule, options)
+    if schedule == "tuned":
+        from .tuned import load_tuned_schedule
+
+        tuned = load_tuned_schedule(options.pop("tuned"), options.pop("model_dir", None))
+        if num_steps is not None and num_steps != tuned.num_steps:
+            raise ValueError(f"num_steps={num_steps} disagrees with the tuned schedule's {tuned.num_steps} steps")
+        schedule, options["sigmas"] = "explicit", list(tuned.sigmas)
+        num_steps = tuned.num_steps
+    options.pop("model_dir", None)
     backend = options.pop("backend", _DEFAULT_BACKEND)
     if backend == "diffusers":
         from .diffusers_schedulers import make_diffusers_scheduler
@@ -135,3 +169,16 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
     from .scheduler import SamplerScheduler
 
     return SamplerScheduler.from_base(base, sampler=name, schedule=schedule, num_steps=num_steps, options=options)
+
+
+def sample(name: str, denoiser, x, sigmas, *, extra_args=None, callback=None, disable=None, generator=None,
+           noise_sampler=None, **options):
+    """Run sampler `name` as a pure function: `denoiser(x, sigma, **extra_args) -> x0` over
+    `sigmas` (descending; VE scale, so `x` starts as `noise * sigmas[0]`). Same options as
+    `make_scheduler` (schedule options excepted)."""
+    from ._loop import drive
+    from .registry import solver_steps
+
+    check_sampler_args(name, None, "default", options)
+    steps = solver_steps(name, x, sigmas, options, noise_sampler=noise_sampler, generator=generator)
+    return drive(steps, denoiser, x, extra_args=extra_args, callback=callback, disable=disable)

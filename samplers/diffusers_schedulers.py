@@ -21,16 +21,19 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+# diffusers' noise-prediction DPM-Solver cannot step to sigma = 0
+_NOISE = {"final_sigmas_type": "sigma_min"}
+
 # name -> (scheduler class, fixed config entries)
 DIFFUSERS_EQUIVALENT: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
-    "dpm_solver_1": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 1}),
-    "dpm_solver_2": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 2}),
-    "dpm_solver_3": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 3}),
-    "dpm_solver_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 2}),
-    "dpm_solver_3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 3}),
+    "dpm_solver_1": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 1, **_NOISE}),
+    "dpm_solver_2": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 2, **_NOISE}),
+    "dpm_solver_3": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 3, **_NOISE}),
+    "dpm_solver_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 2, **_NOISE}),
+    "dpm_solver_3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver", "solver_order": 3, **_NOISE}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
     "dpmpp_2s": (DPMSolverSinglestepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -69,7 +72,9 @@ def make_diffusers_scheduler(name: str, schedule: str, base, options: dict[str, 
     """The diffusers scheduler equivalent to sampler `name` on `base`'s noise schedule."""
     if name not in DIFFUSERS_EQUIVALENT:
         valid = ", ".join(repr(n) for n in DIFFUSERS_EQUIVALENT)
-        raise ValueError(f"sampler {name!r} has no diffusers equivalent; valid choices for backend='diffusers': {valid}")
+        raise ValueError(
+            f"sampler {name!r} has no diffusers equivalent; valid choices for backend='diffusers': {valid}"
+        )
     cls, fixed = DIFFUSERS_EQUIVALENT[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     config = dict(base.config) if base is not None else {}

@@ -1,4 +1,8 @@
 import pytest
+import torch
+
+# Tiny models run fastest on one thread, and a busy 2-core CI machine makes extra threads fight.
+torch.set_num_threads(1)
 
 from tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 

@@ -123,9 +123,13 @@ def test_failed_apply_leaves_pipeline_untouched(sd_pipe, monkeypatch):
         (lambda: RuntimeConfig(compile="max"), "'regional'"),
         (lambda: RuntimeConfig(dtype="fp8"), "'bfloat16'"),
         (lambda: RuntimeConfig(cuda_graph="yes"), "True or False"),
+        (lambda: RuntimeConfig(components=("unet", "scheduler")), "'text_encoder'"),
+        (lambda: RuntimeConfig(components="unet"), "non-empty tuple"),
         (lambda: SamplerConfig("magic"), "'dpmpp_2m'"),
         (lambda: SamplerConfig("dpmpp_2m", num_steps=0), "positive"),
         (lambda: SamplerConfig("dpmpp_2m", schedule="wiggly"), "'karras'"),
+        (lambda: SamplerConfig("dpmpp_2m", options={"order": 4}), "order"),
+        (lambda: SamplerConfig("dpmpp_2m", options={"warp": 1}), "valid choices"),
         (lambda: AccelConfig(sampler=RuntimeConfig()), "accepted config types for 'sampler': SamplerConfig"),
     ],
 )

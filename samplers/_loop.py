@@ -1,0 +1,83 @@
+"""The loop shared by every sampler: a solver is written once, as a generator over its steps.
+
+A solver generator `steps(x, sigmas, **options)` yields `(x, sigma, i)` each time it needs the
+denoiser at `x`, `sigma` (for step `i`), receives `(x, denoised)` back (the caller may hand back
+a changed `x`, as inpainting pipelines do) and returns the final sample. Its state lives in its
+loop variables. `drive` runs it with a denoiser (the pure `sample_*` functions); the diffusers
+adapter (`samplers.scheduler`) runs the same generator one model call per `step()`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Generator
+
+import torch
+from tqdm.auto import tqdm
+
+Steps = Generator[tuple[torch.Tensor, float, int], tuple[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None) -> Callable:
+    """Fresh Gaussian noise per call; drawn in float32 like diffusers' `randn_tensor`."""
+
+    def sample(sigma, sigma_next):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+
+    return sample
+
+
+def drive(
+    steps: Steps,
+    denoiser,
+    x: torch.Tensor,
+    *,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Run a solver generator with `denoiser(x, sigma, **extra_args) -> x0`."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    request = next(steps)
+    evals = 0
+    with tqdm(total=total, disable=disable) as progress:
+        while True:
+            x, sigma, i = request
+            denoised = denoiser(x, sigma * s_in, **extra_args)
+            if callback is not None:
+                callback({"x": x, "i": i, "eval": evals, "sigma": sigma, "denoised": denoised})
+            evals += 1
+            progress.update()
+            try:
+                request = steps.send((x, denoised))
+            except StopIteration as stop:
+                return stop.value
+
+
+def trace(steps: Steps) -> list[tuple[float, int]]:
+    """The (sigma, step index) of every denoiser call a solver makes, found by a dry run.
+
+    The sigmas a solver visits depend on the schedule only, never on the model's outputs, so a
+    run on a one-element zero tensor gives the plan that the adapter's `timesteps` list.
+    """
+    plan = []
+    request = next(steps)
+    while True:
+        x, sigma, i = request
+        plan.append((float(sigma), int(i)))
+        try:
+            request = steps.send((x, torch.zeros_like(x)))
+        except StopIteration:
+            return plan
+
+
+def zero_noise(sigma, sigma_next):
+    return 0.0
+
+
+def as_floats(sigmas) -> list[float]:
+    """Sigmas as host floats: the schedule is host data, so coefficients never sync a device."""
+    if isinstance(sigmas, torch.Tensor):
+        return [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
+    return [float(s) for s in sigmas]
