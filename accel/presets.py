@@ -21,10 +21,12 @@ def _presets() -> dict[str, tuple[str, AccelConfig]]:
             AccelConfig(sampler=SamplerConfig("dpmpp_2m", num_steps=20), runtime=RuntimeConfig(attention="sdpa", cuda_graph=True)),
         ),
         "fast": (
-            "DPM-Solver++ 2M on Karras sigmas, 12 steps, regional torch.compile + CUDA graphs (GPU)",
+            "DPM-Solver++ 2M on Karras sigmas, 12 steps, torch.compile + CUDA graphs of UNet, VAE decoder, text encoders",
             AccelConfig(
                 sampler=SamplerConfig("dpmpp_2m", num_steps=12, schedule="karras"),
-                runtime=RuntimeConfig(attention="sdpa", compile="regional", cuda_graph=True),
+                runtime=RuntimeConfig(
+                    attention="sdpa", compile="full", cuda_graph=True, components=("unet", "vae", "text_encoder")
+                ),
             ),
         ),
     }

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=100)
     ev.add_argument("--out", default="eval-results", help="folder for the JSON and markdown report")
     ev.set_defaults(func=cmd_eval)
+
+    from apps import bench
+
+    bench.add_parser(sub)
     return parser
 
 

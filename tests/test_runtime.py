@@ -102,3 +102,30 @@ def test_cuda_graph_matches_eager_on_gpu(sd_pipe):
     np.testing.assert_allclose(out, before, atol=1e-4)
     accel.restore(pipe)
     assert np.array_equal(run(pipe), before)
+
+
+def test_fused_qkv_round_trip_restores_state_dict(sd_pipe):
+    before = run(sd_pipe)
+    keys = set(sd_pipe.unet.state_dict())
+    accel.accelerate(sd_pipe, AccelConfig(runtime=RuntimeConfig(fuse_qkv=True)))
+    assert any(k.endswith("to_qkv.weight") for k in sd_pipe.unet.state_dict())
+    np.testing.assert_allclose(run(sd_pipe), before, atol=1e-5)
+    accel.restore(sd_pipe)
+    assert set(sd_pipe.unet.state_dict()) == keys
+    assert np.array_equal(run(sd_pipe), before)
+
+
+def test_graph_hook_passes_var_keywords_through(sdxl_pipe, monkeypatch):
+    """SDXL asks its text encoders for output_hidden_states through **kwargs: they must arrive as keywords."""
+    from accel.runtime import cuda_graph
+
+    seen = []
+    # Pretend every input is replayable so the hook takes its graph path up to capture, which then fails.
+    monkeypatch.setattr(cuda_graph, "signature_key", lambda leaves, spec, branch=None: ("k", spec))
+    monkeypatch.setattr(cuda_graph.CUDAGraphHook, "_capture", lambda self, fwd, leaves, spec, dev: seen.append(spec) or None)
+    before = run(sdxl_pipe)
+    accel.accelerate(sdxl_pipe, AccelConfig(runtime=RuntimeConfig(cuda_graph=True, components=("unet", "text_encoder"))))
+    out = run(sdxl_pipe)
+    accel.restore(sdxl_pipe)
+    assert np.array_equal(out, before)
+    assert any("output_hidden_states" in str(spec) and "'kwargs'" not in str(spec) for spec in seen)

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import check_choice
-from .attention import ATTENTION_CHOICES, apply_attention, remove_attention
+from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
 from .compile import apply_compile, first_call_seconds, remove_compile
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 COMPILE_MODES = (None, "regional", "full")
+COMPONENTS = ("unet", "vae", "text_encoder")
 
 __all__ = [
     "RuntimeConfig",
@@ -37,28 +38,37 @@ class RuntimeConfig:
 
     attention: "default" (as loaded), "sdpa", "flash", "efficient", "math", "cudnn" (SDPA pinned to
         one kernel) or "xformers".
+    fuse_qkv: fuse the q/k/v projections of every UNet attention into one matmul (diffusers'
+        `fuse_qkv_projections`); needs SDPA attention.
     channels_last: NHWC memory format for the UNet (and ControlNet).
     dtype: cast every pipeline module to "float16" / "bfloat16" / "float32"; the original weights
         are kept on the CPU so `restore` is exact.
     compile: None, "regional" (repeated blocks, short compile) or "full".
-    compile_vae: also compile the VAE decoder (regionally).
-    cuda_graph: capture the UNet (and ControlNet) step as CUDA graphs; eager where capture fails.
+    cuda_graph: capture calls as CUDA graphs; eager where capture fails.
+    components: which modules `compile` and `cuda_graph` cover: "unet" (with ControlNet),
+        "vae" (the decoder) and "text_encoder" (every text encoder of the pipeline).
     """
 
     attention: str = "default"
+    fuse_qkv: bool = False
     channels_last: bool = False
     dtype: str | None = None
     compile: str | None = None
-    compile_vae: bool = False
     cuda_graph: bool = False
+    components: tuple[str, ...] = ("unet",)
 
     def __post_init__(self):
         check_choice("RuntimeConfig.attention", self.attention, ATTENTION_CHOICES)
         check_choice("RuntimeConfig.dtype", self.dtype, (None, *DTYPES))
         check_choice("RuntimeConfig.compile", self.compile, COMPILE_MODES)
-        for name in ("channels_last", "compile_vae", "cuda_graph"):
+        for name in ("fuse_qkv", "channels_last", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.components, str) or not self.components:
+            raise ValueError(f"RuntimeConfig.components must be a non-empty tuple from {COMPONENTS}, got {self.components!r}")
+        for component in self.components:
+            check_choice("RuntimeConfig.components item", component, COMPONENTS)
+        object.__setattr__(self, "components", tuple(self.components))
 
 
 _STATE = "_accel_runtime"
@@ -70,6 +80,18 @@ def _denoisers(pipe) -> list[torch.nn.Module]:
     if isinstance(controlnet, torch.nn.Module):
         nets.append(controlnet)
     return nets
+
+
+def _modules(pipe, components: tuple[str, ...]) -> list[torch.nn.Module]:
+    """The modules that compile / CUDA-graph settings cover."""
+    modules = []
+    if "unet" in components:
+        modules += _denoisers(pipe)
+    if "vae" in components and getattr(pipe, "vae", None) is not None:
+        modules.append(pipe.vae.decoder)  # decode() is not forward(): hook the decoder it calls
+    if "text_encoder" in components:
+        modules += [m for name in ("text_encoder", "text_encoder_2") if isinstance(m := getattr(pipe, name, None), torch.nn.Module)]
+    return modules
 
 
 def _cast(pipe, dtype: torch.dtype) -> dict:
@@ -104,7 +126,7 @@ def _to_channels_last(nets) -> list[torch.nn.Parameter]:
 def apply_runtime(pipe, config: RuntimeConfig) -> None:
     if _STATE in pipe.__dict__:
         raise RuntimeError("a runtime config is already applied to this pipeline; call remove_runtime first")
-    state = {"nets": _denoisers(pipe), "steps": []}
+    state = {"nets": _denoisers(pipe), "modules": _modules(pipe, config.components), "steps": []}
     pipe.__dict__[_STATE] = state
     try:
         if config.dtype is not None:
@@ -113,20 +135,21 @@ def apply_runtime(pipe, config: RuntimeConfig) -> None:
         if config.attention != "default":
             apply_attention(pipe.unet, config.attention)
             state["steps"].append("attention")
+        if config.fuse_qkv:
+            state["steps"].append("fuse_qkv")
+            apply_fused_qkv(pipe.unet)
         if config.channels_last:
             state["channels_last"] = _to_channels_last(state["nets"])
             state["steps"].append("channels_last")
         # Steps are recorded before they run: their removal is safe on a partly applied step.
         if config.compile is not None:
             state["steps"].append("compile")
-            for net in state["nets"]:
-                apply_compile(net, config.compile)
-            if config.compile_vae:
-                apply_compile(pipe.vae.decoder, "regional")
+            for module in state["modules"]:
+                apply_compile(module, config.compile)
         if config.cuda_graph:
             state["steps"].append("cuda_graph")
-            for net in state["nets"]:
-                apply_cuda_graph(net)
+            for module in state["modules"]:
+                apply_cuda_graph(module)
     except BaseException:
         remove_runtime(pipe)
         raise
@@ -138,12 +161,13 @@ def remove_runtime(pipe) -> None:
         raise RuntimeError("no runtime config was applied to this pipeline")
     for step in reversed(state["steps"]):
         if step == "cuda_graph":
-            for net in state["nets"]:
-                remove_cuda_graph(net)
+            for module in state["modules"]:
+                remove_cuda_graph(module)
         elif step == "compile":
-            for net in state["nets"]:
-                remove_compile(net)
-            remove_compile(pipe.vae.decoder)
+            for module in state["modules"]:
+                remove_compile(module)
+        elif step == "fuse_qkv":
+            remove_fused_qkv(pipe.unet)
         elif step == "attention":
             remove_attention(pipe.unet)
         elif step == "channels_last":

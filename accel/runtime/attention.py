@@ -60,3 +60,39 @@ def remove_attention(unet: torch.nn.Module) -> None:
         registry.remove_hook(_HOOK, recurse=False)
     unet.set_attn_processor(dict(saved))  # set_attn_processor pops from the dict it is given
 
+
+
+_FUSED = "_accel_fused_attention"
+
+
+def apply_fused_qkv(unet: torch.nn.Module) -> None:
+    """diffusers' `fuse_qkv_projections`: one matmul for q/k/v (k/v in cross-attention)."""
+    from diffusers.models.attention_processor import Attention
+
+    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+    unet.__dict__[_FUSED] = {
+        "processors": dict(unet.attn_processors),
+        "original_attn_processors": unet.__dict__.get("original_attn_processors", _MISSING),
+        "attentions": [(m, m.fused_projections) for m in attentions],
+    }
+    unet.fuse_qkv_projections()
+
+
+_MISSING = object()
+
+
+def remove_fused_qkv(unet: torch.nn.Module) -> None:
+    saved = unet.__dict__.pop(_FUSED, None)
+    if saved is None:
+        return
+    unet.set_attn_processor(dict(saved["processors"]))
+    for module, was_fused in saved["attentions"]:
+        if not was_fused:  # drop the fused copies so the state dict is the original one again
+            for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                if name in module._modules:
+                    del module._modules[name]
+            module.fused_projections = False
+    if saved["original_attn_processors"] is _MISSING:
+        unet.__dict__.pop("original_attn_processors", None)
+    else:
+        unet.original_attn_processors = saved["original_attn_processors"]

@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 
 HOOK_NAME = "accel.compile"
 _COMPILED = "_accel_compiled_regions"
-REGIONAL_BLOCKS = ("BasicTransformerBlock", "Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+REGIONAL_BLOCKS = (
+    "BasicTransformerBlock", "Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "Attention", "CLIPEncoderLayer",
+)
 
 
 def use_persistent_cache() -> Path:
@@ -77,6 +79,8 @@ def apply_compile(module: torch.nn.Module, mode: str, **compile_kwargs) -> Model
     if mode == "full":
         hook = CompileHook(**compile_kwargs)
     else:
+        # Repeated blocks share one `forward` but differ in channel counts: each shape is a recompile.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         regions = [m for m in module.modules() if type(m).__name__ in REGIONAL_BLOCKS and m is not module]
         # Nested regions (a resnet inside a compiled transformer) would compile twice.
         outer = [m for m in regions if not any(m is not r and _contains(r, m) for r in regions)]

@@ -42,11 +42,20 @@ class CUDAGraphHook(ModelHook):
         self._signature = inspect.signature(module.forward)
         return module
 
-    def _normalise(self, args, kwargs):
-        """Bind to parameter names and turn a number timestep into a device tensor of the sample's device."""
+    def _normalise(self, args, kwargs) -> dict | None:
+        """Bind to parameter names (None if extra positional arguments are used) and turn a number
+        timestep into a device tensor of the sample's device."""
         bound = self._signature.bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        sample = next(iter(arguments.values()))
+        arguments = {}
+        for name, value in bound.arguments.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_POSITIONAL:
+                return None
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(value)  # **kwargs travel as keywords, not as one argument named "kwargs"
+            else:
+                arguments[name] = value
+        sample = next(iter(arguments.values()), None)
         timestep = arguments.get("timestep")
         if isinstance(sample, torch.Tensor) and isinstance(timestep, (int, float)):
             arguments["timestep"] = torch.tensor(timestep, device=sample.device, dtype=torch.float32)
@@ -57,6 +66,8 @@ class CUDAGraphHook(ModelHook):
         if torch.is_grad_enabled():
             return forward(*args, **kwargs)
         arguments = self._normalise(args, kwargs)
+        if arguments is None:
+            return forward(*args, **kwargs)
         leaves, spec = pytree.tree_flatten(arguments)
         key = signature_key(leaves, spec, self.branch)
         if key is None:
