@@ -4,6 +4,7 @@
     accel.restore(pipe)                             # bit-identical outputs again
 """
 
+from .cache import BlockCacheConfig, DeepCacheConfig, EncoderPropagationConfig
 from .api import accelerate, changes, from_pretrained, is_accelerated, resolve_config, restore
 from .config import AccelConfig
 from .errors import AlreadyAcceleratedError, NotAcceleratedError, UnsupportedPipelineError
@@ -17,6 +18,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AccelConfig",
     "AlreadyAcceleratedError",
+    "BlockCacheConfig",
+    "DeepCacheConfig",
+    "EncoderPropagationConfig",
     "NotAcceleratedError",
     "RuntimeConfig",
     "SamplerConfig",

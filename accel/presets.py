@@ -10,6 +10,12 @@ from .runtime import RuntimeConfig
 from .sampler import SamplerConfig
 
 
+# Fastest runtime measured on the H100 (benchmarks/results/sd15-layout.md); graphs fall back to eager on CPU.
+_COMPILED = RuntimeConfig(
+    attention="sdpa", channels_last=True, compile="full", cuda_graph=True, components=("unet", "vae", "text_encoder")
+)
+
+
 def _presets() -> dict[str, tuple[str, AccelConfig]]:
     return {
         "quality": (
@@ -17,17 +23,12 @@ def _presets() -> dict[str, tuple[str, AccelConfig]]:
             AccelConfig(sampler=SamplerConfig("dpmpp_2m", num_steps=30), runtime=RuntimeConfig(attention="sdpa")),
         ),
         "balanced": (
-            "DPM-Solver++ 2M, 20 steps, CUDA graphs of the UNet step (eager on CPU)",
-            AccelConfig(sampler=SamplerConfig("dpmpp_2m", num_steps=20), runtime=RuntimeConfig(attention="sdpa", cuda_graph=True)),
+            "DPM-Solver++ 2M, 20 steps, compiled runtime (channels-last, torch.compile, CUDA graphs of every component)",
+            AccelConfig(sampler=SamplerConfig("dpmpp_2m", num_steps=20), runtime=_COMPILED),
         ),
         "fast": (
-            "DPM-Solver++ 2M on Karras sigmas, 12 steps, torch.compile + CUDA graphs of UNet, VAE decoder, text encoders",
-            AccelConfig(
-                sampler=SamplerConfig("dpmpp_2m", num_steps=12, schedule="karras"),
-                runtime=RuntimeConfig(
-                    attention="sdpa", compile="full", cuda_graph=True, components=("unet", "vae", "text_encoder")
-                ),
-            ),
+            "DPM-Solver++ 2M on Karras sigmas, 12 steps, compiled runtime",
+            AccelConfig(sampler=SamplerConfig("dpmpp_2m", num_steps=12, schedule="karras"), runtime=_COMPILED),
         ),
     }
 

@@ -21,11 +21,17 @@ class Technique:
 
 
 def _builtin_techniques() -> list[Technique]:
+    from . import cache
     from .runtime import RuntimeConfig, apply_runtime, remove_runtime
     from .sampler import SamplerConfig, apply_sampler, remove_sampler
 
     return [
         Technique("sampler", "sampler", SamplerConfig, apply_sampler, remove_sampler, order=20),
+        Technique("deepcache", "cache", cache.DeepCacheConfig, cache.apply_deepcache, cache.remove_deepcache, order=50),
+        Technique("encoder_propagation", "cache", cache.EncoderPropagationConfig, cache.apply_encoder_propagation,
+                  cache.remove_encoder_propagation, order=50),
+        Technique("block_cache", "cache", cache.BlockCacheConfig, cache.apply_block_cache, cache.remove_block_cache,
+                  order=50),
         Technique("runtime", "runtime", RuntimeConfig, apply_runtime, remove_runtime, order=90),
     ]
 

@@ -19,10 +19,10 @@ def saved_pipe(sd_pipe, tmp_path):
 def test_generate_writes_image_and_reports_time(saved_pipe, tmp_path, capsys):
     out = tmp_path / "img.png"
     assert main(["generate", "--model", str(saved_pipe), "--prompt", "a photo of a cat", "--steps", "2",
-                 "--preset", "balanced", "--out", str(out), "--device", "cpu"]) == 0
+                 "--preset", "quality", "--out", str(out), "--device", "cpu"]) == 0
     assert Image.open(out).size == (32, 32)
     printed = capsys.readouterr().out
-    assert "generated 1 image(s) in" in printed and "balanced" in printed
+    assert "generated 1 image(s) in" in printed and "quality" in printed
 
 
 def test_generate_several_images(saved_pipe, tmp_path):

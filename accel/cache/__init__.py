@@ -1,0 +1,26 @@
+"""Feature caching and step skipping for UNet pipelines, as reversible hooks.
+
+- `DeepCacheConfig`: reuse the deep branch across steps, recompute the shallow one (DeepCache).
+- `EncoderPropagationConfig`: skip the encoder at non-key steps, reuse its features (Faster Diffusion).
+- `BlockCacheConfig`: skip the rest of the UNet when the first block's output barely moved.
+
+Each is a config for the `cache` slot of `AccelConfig`; they compose with the compiled runtime's
+CUDA graphs by tagging every UNet call as a full or a cached one before the graph hook sees it.
+"""
+
+from .block_cache import BlockCacheConfig, apply_block_cache, get_block_cache, remove_block_cache
+from .deepcache import DeepCacheConfig, apply_deepcache, full_steps, get_deepcache, remove_deepcache
+from .faster_diffusion import (
+    EncoderPropagationConfig,
+    apply_encoder_propagation,
+    get_encoder_propagation,
+    key_steps,
+    remove_encoder_propagation,
+)
+
+__all__ = [
+    "DeepCacheConfig", "apply_deepcache", "remove_deepcache", "get_deepcache", "full_steps",
+    "EncoderPropagationConfig", "apply_encoder_propagation", "remove_encoder_propagation", "get_encoder_propagation",
+    "key_steps", "BlockCacheConfig", "apply_block_cache", "remove_block_cache", "get_block_cache",
+]
+

@@ -1,0 +1,273 @@
+"""Shared machinery of the feature caches: which UNet modules feed which skip, and the reuse hooks.
+
+A feature cache splits UNet calls into "full" calls, which run everything and copy the outputs of
+the cached modules into persistent buffers, and "cached" calls, on which those modules return the
+buffers without computing. The decision is taken once per UNet call, in a forward pre-hook that
+runs before every diffusers hook (so before a CUDA-graph hook, which then keys its graph by it),
+from the step index of the pipeline loop: a Python int, never a tensor value.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils import _pytree as pytree
+
+from ..errors import UnsupportedPipelineError
+from ..runtime.cuda_graph import get_cuda_graph_hook
+from ..session import get_session
+
+logger = logging.getLogger(__name__)
+
+FULL, CACHED, OFF = "full", "cached", "off"
+# More UNet calls than this within one step means the step index is not advancing (a pipeline
+# without `callback_on_step_end`): caching turns off for the call instead of growing slots.
+MAX_CALLS_PER_STEP = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet layout: the skip connections, read from the blocks' own module lists (no block counts).
+
+
+@dataclass
+class SkipLayout:
+    """The UNet's modules in execution order, grouped by the skip connection they produce or use.
+
+    `down[k]` produces skip `k + 1` (skip 0 is `conv_in`'s output); `up[k]` consumes skip `k`;
+    `up_blocks[i]` lists the skip indices its layers consume, `down_blocks[i]` those its layers produce.
+    """
+
+    down: list[list[torch.nn.Module]] = field(default_factory=list)
+    up: list[list[torch.nn.Module]] = field(default_factory=list)
+    down_blocks: list[tuple[torch.nn.Module, list[int]]] = field(default_factory=list)
+    up_blocks: list[tuple[torch.nn.Module, list[int], list[torch.nn.Module]]] = field(default_factory=list)
+
+    @property
+    def num_skips(self) -> int:
+        return len(self.up)
+
+
+def _modules(block, name: str) -> list[torch.nn.Module]:
+    return list(getattr(block, name, None) or [])
+
+
+def skip_layout(unet) -> SkipLayout:
+    """Map every down-side layer to the skip it produces and every up-side layer to the skip it reads.
+
+    Follows `UNet2DConditionModel.forward`: skips are pushed per layer (and once after a block's
+    downsamplers) and popped from the end by the up blocks, one per resnet.
+    """
+    layout = SkipLayout()
+    for block in unet.down_blocks:
+        resnets, attentions = _modules(block, "resnets"), _modules(block, "attentions")
+        if attentions and len(attentions) != len(resnets):
+            raise UnsupportedPipelineError(f"{type(block).__name__} pairs {len(resnets)} resnets with {len(attentions)} attentions")
+        produced = []
+        for j, resnet in enumerate(resnets):
+            layout.down.append([resnet] + ([attentions[j]] if attentions else []))
+            produced.append(len(layout.down))
+        downsamplers = _modules(block, "downsamplers")
+        if downsamplers:
+            layout.down.append(downsamplers)
+            produced.append(len(layout.down))
+        layout.down_blocks.append((block, produced))
+    skips = len(layout.down) + 1
+    consumed_total = sum(len(_modules(b, "resnets")) for b in unet.up_blocks)
+    if consumed_total != skips:
+        raise UnsupportedPipelineError(
+            f"the up blocks read {consumed_total} skip connections but the down side makes {skips}; layout not understood"
+        )
+    up_in_order = []
+    next_skip = skips - 1
+    for block in unet.up_blocks:
+        resnets, attentions = _modules(block, "resnets"), _modules(block, "attentions")
+        if attentions and len(attentions) != len(resnets):
+            raise UnsupportedPipelineError(f"{type(block).__name__} pairs {len(resnets)} resnets with {len(attentions)} attentions")
+        consumed = []
+        for j, resnet in enumerate(resnets):
+            up_in_order.append((next_skip, [resnet] + ([attentions[j]] if attentions else [])))
+            consumed.append(next_skip)
+            next_skip -= 1
+        layout.up_blocks.append((block, consumed, _modules(block, "upsamplers")))
+    layout.up = [modules for _, modules in sorted(up_in_order, key=lambda item: item[0])]
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-call state, one slot per UNet call of a step (cond / uncond when a pipeline calls twice).
+
+
+class Slot:
+    """The features of one UNet call position within a step, for one input shape."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.filled = False  # a full call has run on this slot during the current pipeline call
+
+
+class FeatureCacheState:
+    """What the reuse hooks read: the mode and slot of the UNet call in progress."""
+
+    def __init__(self):
+        self.mode = OFF
+        self.slot: Slot | None = None
+        self.slots: dict[tuple, Slot] = {}  # never emptied while applied: captured graphs hold the buffers
+        self.schedule: frozenset[int] | None = None
+        self.step: int | None = None
+        self.call_in_step = 0
+        self.full_calls = 0
+        self.cached_calls = 0
+
+    def reset(self) -> None:
+        """Start of a pipeline call: no slot holds features of this call yet."""
+        for slot in self.slots.values():
+            slot.filled = False
+        self.mode, self.slot, self.schedule, self.step, self.call_in_step = OFF, None, None, None, 0
+        self.full_calls = self.cached_calls = 0
+
+    def slot_for(self, sample: torch.Tensor) -> Slot:
+        key = (self.call_in_step, tuple(sample.shape), sample.dtype, sample.device)
+        if key not in self.slots:
+            self.slots[key] = Slot(len(self.slots))
+        return self.slots[key]
+
+
+class ReuseHook(ModelHook):
+    """Full call: run and copy the outputs into this slot's buffers. Cached call: return the buffers."""
+
+    def __init__(self, state: FeatureCacheState):
+        super().__init__()
+        self.state = state
+        # No counters here: torch.compile guards on hook attributes, and a changing one recompiles.
+        self.buffers: dict[int, tuple[list[torch.Tensor], object]] = {}
+
+    def new_forward(self, module, *args, **kwargs):
+        state = self.state
+        if state.mode == CACHED:
+            stored = self.buffers.get(state.slot.index)
+            if stored is not None:
+                return pytree.tree_unflatten(*stored)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if state.mode == FULL:
+            self._store(state.slot.index, output)
+        return output
+
+    def _store(self, index: int, output) -> None:
+        leaves, spec = pytree.tree_flatten(output)
+        stored = self.buffers.get(index)
+        fits = stored is not None and stored[1] == spec and all(
+            not isinstance(b, torch.Tensor) or (b.shape == x.shape and b.dtype == x.dtype and b.device == x.device)
+            for b, x in zip(stored[0], leaves)
+        )
+        if not fits:
+            # Allocated once per slot and kept: a captured graph reads these addresses on replay.
+            stored = ([torch.empty_like(x) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+            self.buffers[index] = stored
+        for buffer, leaf in zip(stored[0], leaves):
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(leaf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying: hooks on the chosen modules, a pre-hook on the UNet that decides each call's mode.
+
+
+class FeatureCache:
+    """One applied feature cache on a pipeline's UNet; `remove()` undoes it exactly."""
+
+    def __init__(self, pipe, hook_name: str, modules: list[torch.nn.Module],
+                 full_steps: Callable[[int], frozenset[int]]):
+        session = get_session(pipe)
+        if session is None:
+            raise RuntimeError("feature caches need the step index of an accelerated pipeline; use accel.accelerate")
+        self.unet = pipe.unet
+        self.hook_name = hook_name
+        self.state = FeatureCacheState()
+        self.full_steps = full_steps
+        self._pipe = weakref.ref(pipe)
+        self._session = session
+        self.hooks: dict[int, ReuseHook] = {}
+        self.modules = modules
+        for module in modules:
+            if _has_hook(module, hook_name):
+                raise RuntimeError(f"{hook_name} is already applied to this UNet")
+        try:
+            for module in modules:
+                hook = ReuseHook(self.state)
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, hook_name)
+                self.hooks[id(module)] = hook
+            self._handle = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+        except BaseException:
+            self._remove_hooks()
+            raise
+        session.add_call_listener(self._on_call)
+
+    def _on_call(self, session) -> None:
+        self.state.reset()
+
+    def _num_steps(self) -> int:
+        # Set by diffusers pipelines before their loop, after img2img strength has cut the schedule.
+        pipe = self._pipe()
+        steps = getattr(pipe, "_num_timesteps", None) if pipe is not None else None
+        return int(steps or self._session.num_inference_steps or 1)
+
+    def _before_unet(self, module, args, kwargs):
+        state, step = self.state, self._session.step_index
+        sample = args[0] if args else kwargs.get("sample")
+        graph = get_cuda_graph_hook(self.unet)
+        if step is None or not isinstance(sample, torch.Tensor) or torch.is_grad_enabled():
+            state.mode, state.slot = OFF, None
+            if graph is not None:
+                graph.branch = None
+            return None
+        if state.schedule is None:
+            state.schedule = self.full_steps(self._num_steps())
+        if step != state.step:
+            state.step, state.call_in_step = step, 0
+        else:
+            state.call_in_step += 1
+        if state.call_in_step >= MAX_CALLS_PER_STEP:
+            if state.call_in_step == MAX_CALLS_PER_STEP:
+                logger.warning("accel: %d UNet calls at step %d; the step index is not advancing, so %s is off "
+                               "for the rest of this call", state.call_in_step, step, self.hook_name)
+            state.mode, state.slot = OFF, None
+            if graph is not None:
+                graph.branch = None
+            return None
+        slot = state.slot_for(sample)
+        full = step in state.schedule or not slot.filled
+        state.mode, state.slot = (FULL if full else CACHED), slot
+        slot.filled = True
+        if full:
+            state.full_calls += 1
+        else:
+            state.cached_calls += 1
+        if graph is not None:
+            graph.branch = (self.hook_name, state.mode, slot.index)
+        return None
+
+    def _remove_hooks(self) -> None:
+        for module in self.modules:
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and self.hook_name in registry.hooks:
+                registry.remove_hook(self.hook_name, recurse=False)
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._session.remove_call_listener(self._on_call)
+        self._remove_hooks()
+        graph = get_cuda_graph_hook(self.unet)
+        if graph is not None:
+            graph.branch = None
+        self.hooks.clear()
+        self.state.slots.clear()
+
+
+def _has_hook(module: torch.nn.Module, name: str) -> bool:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and name in registry.hooks
