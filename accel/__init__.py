@@ -2,38 +2,48 @@
 
     pipe = accel.accelerate(pipe, preset="fast")   # or an AccelConfig
     accel.restore(pipe)                             # bit-identical outputs again
+
+Names load on first use (PEP 562), so `import accel.embedded` or the CLI's plain generation
+does not pay for the hook, compile and cache machinery.
 """
 
-from .cache import BlockCacheConfig, DeepCacheConfig, EncoderPropagationConfig
-from .api import accelerate, changes, from_pretrained, is_accelerated, resolve_config, restore
-from .config import AccelConfig
-from .errors import AlreadyAcceleratedError, NotAcceleratedError, UnsupportedPipelineError
-from .presets import describe_presets, get_preset, preset_names
-from .registry import Technique, register_technique
-from .runtime import RuntimeConfig
-from .sampler import SamplerConfig
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AccelConfig",
-    "AlreadyAcceleratedError",
-    "BlockCacheConfig",
-    "DeepCacheConfig",
-    "EncoderPropagationConfig",
-    "NotAcceleratedError",
-    "RuntimeConfig",
-    "SamplerConfig",
-    "Technique",
-    "UnsupportedPipelineError",
-    "accelerate",
-    "changes",
-    "describe_presets",
-    "from_pretrained",
-    "get_preset",
-    "is_accelerated",
-    "preset_names",
-    "register_technique",
-    "resolve_config",
-    "restore",
-]
+_EXPORTS = {
+    "accelerate": "api",
+    "changes": "api",
+    "from_pretrained": "api",
+    "is_accelerated": "api",
+    "resolve_config": "api",
+    "restore": "api",
+    "AccelConfig": "config",
+    "AlreadyAcceleratedError": "errors",
+    "NotAcceleratedError": "errors",
+    "UnsupportedPipelineError": "errors",
+    "describe_presets": "presets",
+    "get_preset": "presets",
+    "preset_names": "presets",
+    "Technique": "registry",
+    "register_technique": "registry",
+    "RuntimeConfig": "runtime",
+    "SamplerConfig": "sampler",
+    "BlockCacheConfig": "cache",
+    "DeepCacheConfig": "cache",
+    "EncoderPropagationConfig": "cache",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'accel' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -294,22 +294,8 @@ def write_report(report: dict, out: str | Path) -> list[Path]:
     return written
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark stock diffusers against accelerated configs on this GPU")
-    p.add_argument("--arch", default="sd15", help="sd15, sd21, sdxl (random weights) or embedded")
-    p.add_argument("--configs", default="stock,graph,compile+graph", help="comma-separated; see bench_configs()")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--scheduler", default="dpmpp_2m", help=f"stock scheduler: {', '.join(SCHEDULERS)}")
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--unet-step", action="store_true", help="also time the UNet step alone at CFG batch 2")
-    p.add_argument("--out", default="benchmarks/results/bench")
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args) -> int:
+def main(args) -> int:
+    """`accel bench`: the parser lives in apps.cli so that other commands start without torch."""
     if args.runs < 5:
         print("[bench] note: fewer than 5 timed runs", file=sys.stderr)
     report = run_benchmark(args.arch, args.configs.split(","), steps=args.steps, scheduler=args.scheduler,

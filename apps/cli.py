@@ -7,6 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+# The embedded model's defaults: its quality was measured at DPM-Solver++ 20 steps, guidance 4.
+EMBEDDED_STEPS = 20
+EMBEDDED_GUIDANCE = 4.0
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded CIFAR-10 model)")
@@ -18,12 +22,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def cmd_generate(args) -> int:
     import torch
 
-    import accel
     from apps.loading import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.preset:
+        import accel
+
         accel.accelerate(pipe, preset=args.preset)
+    embedded = args.model is None
+    if args.steps is None and embedded and not args.preset:
+        args.steps = EMBEDDED_STEPS
+    if args.guidance is None:
+        args.guidance = EMBEDDED_GUIDANCE if embedded else 7.5
     call = {"prompt": args.prompt, "guidance_scale": args.guidance, "num_images_per_prompt": args.num_images}
     if args.negative_prompt:
         call["negative_prompt"] = args.negative_prompt
@@ -62,6 +72,8 @@ def cmd_eval(args) -> int:
     from apps.loading import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    if args.guidance is None:
+        args.guidance = EMBEDDED_GUIDANCE if args.model is None else 7.5
     result = evaluate(
         pipe,
         preset=args.preset,
@@ -85,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's, else the pipeline's)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    gen.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (default: 4 on the embedded model, else 7.5)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
@@ -101,16 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(ev)
     ev.add_argument("--n", type=int, default=1000, help="number of images")
     ev.add_argument("--steps", type=int, default=20)
-    ev.add_argument("--guidance", type=float, default=7.5)
+    ev.add_argument("--guidance", type=float, default=None, help="default: 4 on the embedded model, else 7.5")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=100)
     ev.add_argument("--out", default="eval-results", help="folder for the JSON and markdown report")
     ev.set_defaults(func=cmd_eval)
 
-    from apps import bench
-
-    bench.add_parser(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark stock diffusers against accelerated configs on this GPU")
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, sdxl (random weights) or embedded")
+    p.add_argument("--configs", default="stock,graph,compiled", help="comma-separated names from apps.bench.bench_configs()")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--scheduler", default="dpmpp_2m", help="stock scheduler: ddim, dpmpp_2m, euler, unipc")
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--unet-step", action="store_true", help="also time the UNet step alone at CFG batch 2")
+    p.add_argument("--out", default="benchmarks/results/bench")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from apps.bench import main as bench_main
+
+    return bench_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

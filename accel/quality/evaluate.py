@@ -136,6 +136,7 @@ def evaluate(
     classifier=None,
     reference_images: torch.Tensor | None = None,
     return_images: bool = False,
+    baseline: dict | None = None,
 ) -> dict:
     """Baseline, then (given ``config`` or ``preset``) accelerated generation of the same prompts and seeds.
 
@@ -143,7 +144,9 @@ def evaluate(
     For 32x32 outputs the CIFAR-10 ``classifier`` (default: the shipped one) gives adherence (CIFAR
     prompts only) and the Frechet distance to ``reference_images`` (uint8, default: the CIFAR-10 test
     set). Returns a dict for ``write_report`` (with the uint8 baseline images under ``"images"`` if
-    ``return_images``); the pipeline is restored before it returns.
+    ``return_images``); the pipeline is restored before it returns. ``baseline``: an earlier result
+    of the same settings with ``return_images=True``, whose baseline images are reused instead of
+    generated again (several configs against one baseline).
     """
     labels = None
     if prompts is None:
@@ -152,7 +155,12 @@ def evaluate(
         prompts = list(prompts)[:n] if len(prompts) >= n else [prompts[i % len(prompts)] for i in range(n)]
     options = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size)
 
-    baseline_images, baseline_seconds = generate(pipe, prompts, **options)
+    if baseline is not None:
+        if baseline["n"] != len(prompts) or any(baseline[k] != v for k, v in options.items()):
+            raise ValueError("the reused baseline was generated with other settings (n, steps, guidance, seed, batch)")
+        baseline_images, baseline_seconds = baseline["images"]["baseline"], baseline["baseline"]["seconds"]
+    else:
+        baseline_images, baseline_seconds = generate(pipe, prompts, **options)
     cifar_domain = tuple(baseline_images.shape[-2:]) == (32, 32)
     reference_features = None
     result = {
