@@ -7,24 +7,13 @@ from pathlib import Path
 
 import torch
 
-
-def _bytes_to_unicode() -> list[str]:
-    # CLIP's byte-level alphabet: printable bytes map to themselves, the rest above 255.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+from apps.make_tokenizer import bytes_to_unicode
 
 
 def write_tiny_tokenizer(folder: Path, merges: tuple[str, ...] = ("o f</w>", "p h", "ph o")) -> Path:
     """A valid CLIP BPE tokenizer folder: byte alphabet, a few merges, the two special tokens."""
     folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _bytes_to_unicode()
+    alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet] + [m.replace(" ", "") for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(tokens))}))
