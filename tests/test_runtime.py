@@ -129,3 +129,34 @@ def test_graph_hook_passes_var_keywords_through(sdxl_pipe, monkeypatch):
     accel.restore(sdxl_pipe)
     assert np.array_equal(out, before)
     assert any("output_hidden_states" in str(spec) and "'kwargs'" not in str(spec) for spec in seen)
+
+
+def test_lora_loaded_before_acceleration_survives_round_trip(sd_pipe):
+    """A LoRA loaded before accelerate stays active under the runtime and after restore."""
+    peft = pytest.importorskip("peft")
+    before_lora = run(sd_pipe)
+    torch.manual_seed(0)
+    sd_pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with_lora = run(sd_pipe)
+    assert not np.allclose(with_lora, before_lora, atol=1e-3)  # the adapter really changes the output
+    accel.accelerate(sd_pipe, AccelConfig(runtime=RuntimeConfig(attention="math", channels_last=True, cuda_graph=True)))
+    np.testing.assert_allclose(run(sd_pipe), with_lora, atol=1e-4)
+    accel.restore(sd_pipe)
+    assert np.array_equal(run(sd_pipe), with_lora)
+
+
+@pytest.mark.gpu
+def test_lora_and_sdxl_conditioning_under_cuda_graphs_on_gpu(sdxl_pipe):
+    """SDXL's added conditioning and a LoRA loaded first, through graphs of UNet and text encoders."""
+    peft = pytest.importorskip("peft")
+    pipe = sdxl_pipe.to("cuda")
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    before = run(pipe)
+    accel.accelerate(pipe, AccelConfig(runtime=RuntimeConfig(cuda_graph=True, components=("unet", "text_encoder"))))
+    out = run(pipe)
+    assert any(g is not None for g in get_cuda_graph_hook(pipe.unet).graphs.values())
+    np.testing.assert_allclose(out, before, atol=1e-4)
+    accel.restore(pipe)
+    assert np.array_equal(run(pipe), before)
