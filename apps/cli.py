@@ -1,4 +1,4 @@
-"""The `accel` command: generate, presets, eval, bench."""
+"""The `accel` command: generate, presets, eval, bench, batch."""
 
 from __future__ import annotations
 
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     _add_bench_parser(sub)
+    _add_batch_parser(sub)
     return parser
 
 
@@ -143,6 +144,29 @@ def cmd_bench(args) -> int:
     from apps.bench import main as bench_main
 
     return bench_main(args)
+
+
+def _add_batch_parser(sub) -> None:
+    p = sub.add_parser("batch", help="generate images for every line of a prompt file, on every process launched")
+    p.add_argument("prompts", help="prompt file: text (one per line), .jsonl or .csv (see apps/batch_generate.py)")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="folder for the images and manifest.jsonl")
+    p.add_argument("--format", default=None, choices=["txt", "jsonl", "csv"], help="default: from the file extension")
+    p.add_argument("--batch-size", type=int, default=1, help="items of equal settings per pipeline call")
+    p.add_argument("--seed", type=int, default=0, help="item i gets seed + i unless it sets its own")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None, help="default: 20 on the embedded model, else the preset's or pipeline's")
+    p.add_argument("--guidance", type=float, default=None, help="default: 4 on the embedded model, else 7.5")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_batch)
+
+
+def cmd_batch(args) -> int:
+    from apps.batch_generate import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

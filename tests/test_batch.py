@@ -1,0 +1,212 @@
+"""`accel batch` on a tiny pipeline saved to disk: data parallel over gloo, resumable, manifest, errors."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from apps.batch_generate import ShardWriter, batches, generate, read_prompts, shard_path
+from apps.cli import main
+from tiny import tiny_sd_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--steps", "1", "--height", "32", "--width", "32", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def saved_pipe(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    tiny_sd_pipeline(tmp).save_pretrained(tmp / "tiny")
+    return tmp / "tiny"
+
+
+def batch(*args) -> int:
+    return main(["batch", *map(str, args)])
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def shard_records(out: Path) -> list[dict]:
+    records = []
+    for path in sorted(out.glob("manifest.rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return records
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def subprocess_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_make_the_same_images_as_one(saved_pipe, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n\na green bird\na horse\na ship\n")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert batch(prompts, "--model", saved_pipe, "--out", one, "--batch-size", 2, *TINY) == 0
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "apps.cli", "batch",
+           str(prompts), "--model", str(saved_pipe), "--out", str(two), "--batch-size", "2", *TINY]
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 process(es)" in done.stdout
+
+    first, second = manifest(one), manifest(two)
+    assert [r["index"] for r in first] == [r["index"] for r in second] == [0, 1, 2, 3, 4]
+    assert all(r["status"] == "ok" for r in first + second)
+    assert {r["rank"] for r in second} == {0, 1}  # the work really was split
+    assert [r["seed"] for r in second] == [0, 1, 2, 3, 4]
+    for r in first:
+        np.testing.assert_array_equal(pixels(one / r["file"]), pixels(two / r["file"]))
+    # Different seeds give different images, so equality above is not vacuous.
+    assert not np.array_equal(pixels(one / first[0]["file"]), pixels(one / first[1]["file"]))
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(saved_pipe, tmp_path):
+    n = 40
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(n)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "apps.cli", "batch", str(prompts), "--model", str(saved_pipe), "--out", str(out), *TINY]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = shard_path(out, 0)
+    try:
+        deadline = time.monotonic() + 100
+        while not (shard.exists() and '"ok"' in shard.read_text()):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no item finished in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    before = [r for r in shard_records(out) if r["status"] == "ok"]
+    assert 1 <= len(before) < n, "the kill must land midway"
+    # What a kill can leave: a manifest line cut short and an image never renamed into place.
+    with open(shard, "a") as f:
+        f.write('{"index": 39, "key": "x", "status": "ok", "fi')
+    (out / f".{n - 1:06d}.png.tmp-99999").write_bytes(b"\x89PNG half")
+
+    assert batch(prompts, "--model", saved_pipe, "--out", out, *TINY) == 0
+    merged = manifest(out)
+    assert [r["index"] for r in merged] == list(range(n))
+    assert all(r["status"] == "ok" for r in merged)
+    assert all(Image.open(out / r["file"]).size == (32, 32) for r in merged)
+    ok_records = [r for r in shard_records(out) if r["status"] == "ok"]
+    assert sorted(r["index"] for r in ok_records) == list(range(n))  # each item generated exactly once
+    assert ok_records[: len(before)] == before  # the items done before the kill were skipped, not redone
+    assert not list(out.glob(".*tmp*"))
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("p.jsonl", '{"prompt": "a cat"}\n\n{"prompt": "a dog",\n', r"line 3: not valid JSON"),
+        ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog", "steps": "many"}\n', r"line 2: steps must be an integer"),
+        ("p.jsonl", '{"prompt": "a cat", "sead": 3}\n', r"line 1: unknown field 'sead'"),
+        ("p.jsonl", '{"prompt": "a cat"}\n["a dog"]\n', r"line 2: expected a JSON object"),
+        ("p.csv", "text,seed\na cat,1\n", r"line 1: the CSV header has no 'prompt' column"),
+        ("p.csv", "prompt,seed\na cat,1\na dog,two\n", r"line 3: seed must be an integer"),
+        ("p.csv", "prompt,seed\na cat,1,9\n", r"line 2: more cells than the header"),
+    ],
+)
+def test_malformed_line_stops_the_run_before_any_work(tmp_path, name, text, message):
+    prompts = tmp_path / name
+    prompts.write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message):
+        batch(prompts, "--model", tmp_path / "never-loaded", "--out", out, *TINY)
+    assert not out.exists()
+
+
+def test_bad_input_is_a_clear_error(saved_pipe, tmp_path):
+    good = tmp_path / "good.txt"
+    good.write_text("a cat\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match="does not exist"):
+        batch(tmp_path / "missing.txt", "--out", tmp_path / "out", *TINY)
+    with pytest.raises(SystemExit, match="has no prompts"):
+        batch(tmp_path / "empty.txt", "--out", tmp_path / "out", *TINY)
+    with pytest.raises(SystemExit, match="unknown preset 'warp'; valid presets: quality"):
+        batch(good, "--preset", "warp", "--out", tmp_path / "out", *TINY)
+    with pytest.raises(SystemExit, match="is not writable"):
+        batch(good, "--model", saved_pipe, "--out", tmp_path / "a-file" / "out", *TINY)
+
+
+def test_failing_item_is_recorded_and_the_rest_complete(saved_pipe, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "a cat"}\n'
+        '{"prompt": "a dog", "height": 30}\n'  # not a multiple of 8: the pipeline raises
+        '{"prompt": "a bird", "seed": 7, "negative_prompt": "blurry"}\n'
+    )
+    out = tmp_path / "out"
+    assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 3, *TINY) == 0
+    merged = manifest(out)
+    assert [r["status"] for r in merged] == ["ok", "error", "ok"]
+    assert "divisible by 8" in merged[1]["error"] and merged[1]["line"] == 2
+    assert not (out / merged[1]["file"]).exists()
+    assert [r["seed"] for r in merged] == [0, 1, 7] and merged[2]["negative_prompt"] == "blurry"
+    assert all((out / r["file"]).is_file() for r in merged if r["status"] == "ok")
+
+
+class FlakyPipe:
+    """Stands in for a pipeline: raises on a batch holding "boom", returns NaN pixels for "nan"."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompt, generator, **kwargs):
+        self.calls.append(list(prompt))
+        if "boom" in prompt:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        images = np.stack([np.full((8, 8, 3), g.initial_seed() / 10, dtype=np.float32) for g in generator])
+        images[[p == "nan" for p in prompt]] = np.nan
+        return type("Output", (), {"images": images})()
+
+
+def test_a_failing_batch_is_retried_item_by_item(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\nboom\nnan\nfour\n")
+    items = read_prompts(prompts, steps=1)
+    pipe, writer = FlakyPipe(), ShardWriter(shard_path(tmp_path, 0))
+    stats = generate(pipe, batches(items, 4), tmp_path, writer)
+    writer.close()
+    records = {r["index"]: r for r in shard_records(tmp_path)}
+    assert pipe.calls == [["one", "boom", "nan", "four"], ["one"], ["boom"], ["nan"], ["four"]]
+    assert [records[i]["status"] for i in range(4)] == ["ok", "error", "error", "ok"]
+    assert "out of memory" in records[1]["error"] and "NaN" in records[2]["error"]
+    assert stats["ok"] == 2 and stats["error"] == 2
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000000.png", "000003.png"]
+
+
+def test_seeds_follow_the_item_not_the_batch(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "steps": 4}\n{"prompt": "c", "seed": 42}\n{"prompt": "d"}\n')
+    items = read_prompts(prompts, seed=100, steps=2)
+    assert [i.seed for i in items] == [100, 101, 42, 103]
+    assert [i.line for i in items] == [1, 2, 3, 4]
+    assert [[i.index for i in b] for b in batches(items, 2)] == [[0, 2], [3], [1]]
