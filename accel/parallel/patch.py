@@ -1,0 +1,369 @@
+"""Patch parallelism for UNets (DistriFusion, Li et al., CVPR 2024) and CFG parallelism.
+
+One image on several GPUs. A hook on the UNet gives each rank a band of the latent's rows (its
+*patch*) and all-gathers the output rows, so every rank ends each step with the whole output and
+runs the scheduler on identical latents. Inside the UNet, wrapped layers (`layers.py`) exchange
+what a band needs from the others through one comm manager (`comm.py`): conv halos, GroupNorm
+statistics, self-attention keys and values.
+
+- Bands are cut in units of 2**(number of downsamplers) latent rows, so every level's rows stay
+  aligned; units are shared as evenly as the world size allows, the first ranks taking one more,
+  and a height that is not a whole number of units leaves the last band short. Any world size
+  works as long as every rank gets at least one unit.
+- Synchronous calls exchange fresh data and equal the single-process result; `sync=True` makes
+  every step synchronous. Otherwise the first `warmup_steps` steps of every pipeline call are
+  synchronous (the first always is: nothing is stale yet), and later steps use the other patches'
+  data of the previous step while this step's is sent in the background (displaced patch
+  parallelism), which hides the communication behind compute.
+- `partial_conditioning` (PCPP, Zhang et al., 2024, "Partially Conditioned Patch Parallelism"):
+  self-attention sees only that fraction of each adjacent patch's rows, nearest the boundary,
+  which cuts the key/value traffic by the same fraction.
+- CFG parallelism: the pipeline calls the UNet with the batch [uncond; cond]; two rank groups each
+  compute one half and the halves are all-gathered, so the pipeline's guidance combine is
+  unchanged. An odd batch is computed whole by both groups. "patch+cfg" on 2P ranks is 2 groups of
+  P patches (needs an even world size of at least 4).
+
+The launcher creates the process group (NCCL on GPUs, gloo on CPU) and `group` picks one (default:
+the WORLD group); sub-groups of "patch+cfg" are created here, collectively, and destroyed on remove.
+Every rank must use the same seed. Without torch.distributed (one process) everything is a
+pass-through, so the single-process path and `restore` run anywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils import _pytree as pytree
+
+from ..errors import UnsupportedPipelineError, check_choice
+from ..session import get_session
+from .comm import CommManager, _all_gather_flat
+from .layers import unwrap_layers, wrap_layers
+
+MODES = ("patch", "cfg", "patch+cfg")
+HOOK_NAME = "accel.patch_parallel"
+_STATE = "_accel_patch_parallel"
+# More UNet calls than this within one step: the step index is not advancing; run synchronously.
+MAX_CALLS_PER_STEP = 8
+_CONTROL_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
+                      "down_intrablock_additional_residuals")
+
+
+@dataclass(frozen=True)
+class PatchParallelConfig:
+    """mode: "patch" (rows split over every rank), "cfg" (the CFG batch split over 2 ranks) or
+        "patch+cfg" (2 CFG groups of world/2 patches).
+    warmup_steps: synchronous steps at the start of every pipeline call before the asynchronous
+        (one step stale) exchange starts; the first step is always synchronous.
+    sync: every step synchronous: the output equals one process's (up to float rounding).
+    partial_conditioning: None (attend to the whole image) or a fraction in (0, 1] of each
+        adjacent patch's rows that self-attention sees (PCPP).
+    group: the torch.distributed process group to run on; None is the launcher's WORLD group.
+    """
+
+    mode: str = "patch"
+    warmup_steps: int = 4
+    sync: bool = False
+    partial_conditioning: float | None = None
+    group: object = None
+
+    def __post_init__(self):
+        check_choice("PatchParallelConfig.mode", self.mode, MODES)
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ValueError(f"PatchParallelConfig.warmup_steps={self.warmup_steps!r} is not supported; valid: an int >= 0")
+        if not isinstance(self.sync, bool):
+            raise ValueError(f"PatchParallelConfig.sync={self.sync!r} is not supported; valid choices: True, False")
+        fraction = self.partial_conditioning
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise ValueError(f"PatchParallelConfig.partial_conditioning={fraction!r} is not supported; valid: None "
+                                 "or a fraction in (0, 1] of each neighbouring patch's rows")
+            if self.mode == "cfg":
+                raise ValueError("PatchParallelConfig.partial_conditioning needs a patch mode ('patch' or 'patch+cfg'); "
+                                 "mode 'cfg' exchanges no patches")
+        if self.group is not None and not (dist.is_available() and isinstance(self.group, dist.ProcessGroup)):
+            raise ValueError(f"PatchParallelConfig.group={self.group!r} is not supported; valid: None (the WORLD "
+                             "group) or a torch.distributed ProcessGroup")
+
+
+def num_downsamplers(unet) -> int:
+    return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
+
+def split_rows(height: int, unit: int, parts: int, pixels_per_row: int | None = None) -> list[tuple[int, int]]:
+    """The [start, end) latent rows of each of `parts` bands: whole units, the first bands one more."""
+    units = math.ceil(height / unit)
+    if units < parts:
+        smallest = (parts - 1) * unit + 1
+        px = "" if pixels_per_row is None else f" ({height * pixels_per_row} px)"
+        smallest_px = "" if pixels_per_row is None else f" ({math.ceil(smallest * pixels_per_row / 8) * 8} px)"
+        raise ValueError(
+            f"patch parallelism cannot split a latent {height} rows high{px} over {parts} patches: bands are cut in "
+            f"units of {unit} latent rows (2 ** the UNet's downsamplers) and every patch needs at least one unit; "
+            f"the smallest accepted height at world size {parts} is {smallest} latent rows{smallest_px}"
+        )
+    base, extra = divmod(units, parts)
+    bands, start = [], 0
+    for index in range(parts):
+        end = min(height, start + (base + (index < extra)) * unit)
+        bands.append((start, end))
+        start = end
+    return bands
+
+
+class PatchParallel:
+    """The applied state on one pipeline: groups, comm manager, wrapped layers, the UNet hook."""
+
+    def __init__(self, pipe, config: PatchParallelConfig):
+        self.config = config
+        self.unet = pipe.unet
+        self.session = get_session(pipe)
+        self.vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
+        self.group, self.rank, self.world = self._resolve_group(config)
+        self.cfg_groups, self.patches = self._layout(config.mode, self.world)
+        self.cfg_index, self.patch_index = divmod(self.rank, self.patches)
+        self.unit = 2 ** num_downsamplers(self.unet)
+        self.comm: CommManager | None = None
+        self.records: list = []
+        self.created_groups: list = []
+        self.calls = 0  # split UNet calls, and the bytes each rank sent gathering their outputs
+        self.output_bytes = 0
+        self._local: tuple[int, int] = (0, 0)
+        self._step: int | None = None
+        self._call_in_step = 0
+
+    # ---- set-up -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_group(config):
+        if not (dist.is_available() and dist.is_initialized()):
+            launched = int(os.environ.get("WORLD_SIZE", "1"))
+            if launched > 1 or config.group is not None:
+                raise RuntimeError(
+                    f"patch parallelism was asked for under a launcher (WORLD_SIZE={launched}) but torch.distributed "
+                    "is not initialized; call torch.distributed.init_process_group ('nccl' on GPUs, 'gloo' on CPU) "
+                    "or accel.parallel.init_distributed() before accelerate"
+                )
+            return None, 0, 1
+        group = config.group if config.group is not None else dist.group.WORLD
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("PatchParallelConfig.group does not contain this process")
+        return group, rank, dist.get_world_size(group)
+
+    @staticmethod
+    def _layout(mode: str, world: int) -> tuple[int, int]:
+        """(CFG groups, patches per group) for `mode` on `world` ranks."""
+        if world == 1:
+            return 1, 1
+        if mode == "patch":
+            return 1, world
+        if mode == "cfg":
+            if world != 2:
+                raise ValueError(f"mode 'cfg' splits the CFG batch over 2 processes, but the world size is {world}; "
+                                 "use 'patch+cfg' (an even world size >= 4) or 'patch' (any world size)")
+            return 2, 1
+        if world % 2 or world < 4:
+            raise ValueError(f"mode 'patch+cfg' needs an even world size of at least 4 (2 CFG groups x >= 2 patches), "
+                             f"but the world size is {world}; use 'cfg' (2 processes) or 'patch' (any world size)")
+        return 2, world // 2
+
+    def apply(self) -> None:
+        unet = self.unet
+        if not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
+            raise UnsupportedPipelineError(f"patch parallelism needs a UNet with down and up blocks, got {type(unet).__name__}")
+        registry = HookRegistry.check_if_exists_or_initialize(unet)
+        if HOOK_NAME in registry.hooks:
+            raise RuntimeError("patch parallelism is already applied to this UNet")
+        try:
+            if "patch" in self.config.mode:
+                self.records = wrap_layers(unet, self)
+            if self.patches > 1:
+                patch_group = self.group
+                if self.cfg_groups > 1:
+                    ranks = dist.get_process_group_ranks(self.group)
+                    for index in range(self.cfg_groups):  # every rank creates every group, in order
+                        created = dist.new_group(ranks[index * self.patches:(index + 1) * self.patches])
+                        self.created_groups.append(created)
+                        if index == self.cfg_index:
+                            patch_group = created
+                self.comm = CommManager(patch_group, self.patch_index, self.patches)
+            registry.register_hook(PatchParallelHook(self), HOOK_NAME)
+        except BaseException:
+            self.remove()
+            raise
+        if self.session is not None:
+            self.session.add_call_listener(self._on_call)
+
+    def remove(self) -> None:
+        registry = getattr(self.unet, "_diffusers_hook", None)
+        if registry is not None and HOOK_NAME in registry.hooks:
+            registry.remove_hook(HOOK_NAME, recurse=False)
+        if self.session is not None:
+            self.session.remove_call_listener(self._on_call)
+        unwrap_layers(self.records)
+        self.records = []
+        if self.comm is not None:
+            self.comm.close()
+            self.comm = None
+        for group in self.created_groups:
+            dist.destroy_process_group(group)
+        self.created_groups = []
+
+    def _on_call(self, session) -> None:
+        self._step, self._call_in_step = None, 0
+        if self.comm is not None:
+            self.comm.reset()
+
+    # ---- a UNet call ------------------------------------------------------------------------
+
+    def token_width(self, tokens: int) -> int:
+        """The width of the feature map at the level where this band has `tokens` tokens."""
+        rows, width = self._local
+        for _ in range(num_downsamplers(self.unet) + 1):
+            if rows * width == tokens:
+                return width
+            rows, width = math.ceil(rows / 2), math.ceil(width / 2)
+        raise RuntimeError(f"patch parallelism: no level of a {self._local} band has {tokens} tokens")
+
+    def _slot(self, sample: torch.Tensor) -> tuple[tuple | None, bool]:
+        """(comm slot key, asynchronous?) of this call, from the pipeline loop's step index."""
+        step = None if self.session is None else self.session.step_index
+        if step is None:
+            return None, False
+        if step != self._step:
+            self._step, self._call_in_step = step, 0
+        else:
+            self._call_in_step += 1
+        if self._call_in_step >= MAX_CALLS_PER_STEP:
+            return None, False
+        key = (self._call_in_step, tuple(sample.shape), sample.dtype, sample.device)
+        return key, not self.config.sync and step >= self.config.warmup_steps
+
+    def _check_runtime(self) -> None:
+        from ..runtime.compile import HOOK_NAME as COMPILE_HOOK
+        from ..runtime.cuda_graph import HOOK_NAME as GRAPH_HOOK
+
+        hooks = getattr(self.unet, "_diffusers_hook", None)
+        if hooks is not None and (GRAPH_HOOK in hooks.hooks or COMPILE_HOOK in hooks.hooks):
+            raise UnsupportedPipelineError(
+                "patch/CFG parallelism over several processes does not compose with CUDA graphs or torch.compile of "
+                "the UNet yet; use a RuntimeConfig without cuda_graph/compile for the UNet")
+
+    def forward(self, forward, signature: inspect.Signature, args, kwargs):
+        if self.world == 1:
+            return forward(*args, **kwargs)
+        self._check_runtime()
+        self.calls += 1
+        arguments = _bind(signature, args, kwargs)
+        sample = arguments["sample"]
+        batch, _, height, _ = sample.shape
+        split_batch = self.cfg_groups > 1 and batch % 2 == 0
+        if split_batch:
+            half, start = batch // 2, self.cfg_index * (batch // 2)
+            arguments = {name: pytree.tree_map(lambda x: _batch_slice(x, batch, start, half), value)
+                         for name, value in arguments.items()}
+        bands = [(0, height)]
+        if self.patches > 1:
+            for name in _CONTROL_RESIDUALS:
+                if arguments.get(name) is not None:
+                    raise UnsupportedPipelineError(f"patch parallelism does not split {name} (ControlNet / T2I-Adapter "
+                                                   "residuals); use PatchParallelConfig(mode='cfg')")
+            bands = split_rows(height, self.unit, self.patches, self.vae_scale_factor)
+            start, end = bands[self.patch_index]
+            arguments["sample"] = arguments["sample"][:, :, start:end]
+            self._local = (end - start, sample.shape[3])
+            key, asynchronous = self._slot(sample)
+            self.comm.begin_call(key, asynchronous)
+            try:
+                output = forward(**arguments)
+            finally:
+                self.comm.end_call()
+        else:
+            output = forward(**arguments)
+        return self._gather_output(output, bands, 2 if split_batch else 1)
+
+    def _gather_output(self, output, bands, batch_groups: int):
+        local = output[0] if isinstance(output, tuple) else output.sample
+        most = max(end - start for start, end in bands)
+        rows = local.shape[2]
+        padded = local if rows == most else torch.cat(
+            [local, local.new_zeros(*local.shape[:2], most - rows, *local.shape[3:])], dim=2)
+        padded = padded.contiguous()
+        gathered = torch.empty(self.world * padded.numel(), dtype=padded.dtype, device=padded.device)
+        _all_gather_flat(gathered, padded.view(-1), self.group)
+        self.output_bytes += padded.numel() * padded.element_size()
+        gathered = gathered.view(self.world, *padded.shape)
+        full = torch.cat([
+            torch.cat([gathered[c * self.patches + p][:, :, :end - start] for p, (start, end) in enumerate(bands)], dim=2)
+            for c in range(batch_groups)
+        ], dim=0)
+        if isinstance(output, tuple):
+            return (full,) + tuple(output[1:])
+        return type(output)(sample=full)
+
+
+class PatchParallelHook(ModelHook):
+    """Split each UNet call over the ranks and gather its output (see `PatchParallel.forward`)."""
+
+    def __init__(self, plan: PatchParallel):
+        super().__init__()
+        self.plan = plan
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module):
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        return self.plan.forward(self.fn_ref.original_forward, self._signature, args, kwargs)
+
+
+def _bind(signature: inspect.Signature, args, kwargs) -> dict:
+    bound = signature.bind(*args, **kwargs)
+    arguments = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError("patch parallelism cannot split a UNet call with extra positional arguments")
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        else:
+            arguments[name] = value
+    return arguments
+
+
+def _batch_slice(x, batch: int, start: int, size: int):
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == batch:
+        return x[start:start + size]
+    return x
+
+
+# ---- the technique ------------------------------------------------------------------------------
+
+
+def apply_patch_parallel(pipe, config: PatchParallelConfig) -> PatchParallel:
+    if _STATE in pipe.__dict__:
+        raise RuntimeError("patch parallelism is already applied to this pipeline; call remove_patch_parallel first")
+    plan = PatchParallel(pipe, config)
+    plan.apply()
+    pipe.__dict__[_STATE] = plan
+    return plan
+
+
+def remove_patch_parallel(pipe) -> None:
+    plan = pipe.__dict__.pop(_STATE, None)
+    if plan is None:
+        raise RuntimeError("patch parallelism was not applied to this pipeline")
+    plan.remove()
+
+
+def get_patch_parallel(pipe) -> PatchParallel | None:
+    """The applied state: `.comm.read_stats()` (bytes, collectives, wait time), `.output_bytes`, ranks."""
+    return pipe.__dict__.get(_STATE)
