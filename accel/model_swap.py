@@ -1,0 +1,82 @@
+"""UNet swap: run the pipeline with a smaller UNet (a BK-SDM or LAPTOP-Diff student from ``pruning``).
+
+The student replaces ``pipe.unet`` through ``pipe.register_modules``, as diffusers sets pipeline components, on
+the original UNet's device and dtype; removal registers the original object again, so outputs are bit-identical
+afterwards. Later techniques (sampler, caches, runtime) see the student: DeepCache reads the block layout from
+it, so a student without a mid block caches through its skip connections (its deepest ``cache_branch`` is one
+less than the teacher's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+_ORIGINAL = "_accel_original_unet"
+
+
+@dataclass(frozen=True)
+class UNetSwapConfig:
+    """path: a folder saved by ``pruning.save_unet`` / ``save_pretrained`` (safetensors), or
+    unet: a ``UNet2DConditionModel`` object (moved to the pipeline's device and dtype when applied)."""
+
+    path: str | None = None
+    unet: object | None = None
+
+    def __post_init__(self):
+        if (self.path is None) == (self.unet is None):
+            raise ValueError("UNetSwapConfig needs exactly one of path (a saved UNet folder) or unet (a module)")
+        if self.path is not None:
+            folder = Path(self.path)
+            if not (folder / "config.json").is_file():
+                raise ValueError(f"UNetSwapConfig.path={str(self.path)!r} is not a saved UNet folder (no config.json); "
+                                 "valid: a folder written by pruning.save_unet or UNet2DConditionModel.save_pretrained")
+        else:
+            from diffusers import UNet2DConditionModel
+
+            if not isinstance(self.unet, UNet2DConditionModel):
+                raise ValueError(f"UNetSwapConfig.unet must be a UNet2DConditionModel, got {type(self.unet).__name__}")
+
+
+def _check_compatible(student, teacher) -> None:
+    def cross_dim(config):
+        dim = config.cross_attention_dim
+        return dim[0] if isinstance(dim, (list, tuple)) else dim
+
+    checks = {
+        "in_channels": (student.config.in_channels, teacher.config.in_channels),
+        "out_channels": (student.config.out_channels, teacher.config.out_channels),
+        "cross_attention_dim": (cross_dim(student.config), cross_dim(teacher.config)),
+        "addition_embed_type": (student.config.addition_embed_type, teacher.config.addition_embed_type),
+        "projection_class_embeddings_input_dim": (student.config.projection_class_embeddings_input_dim,
+                                                  teacher.config.projection_class_embeddings_input_dim),
+    }
+    wrong = [f"{k}: student {s!r}, pipeline {t!r}" for k, (s, t) in checks.items() if s != t]
+    if wrong:
+        raise ValueError("the swapped-in UNet does not fit this pipeline (" + "; ".join(wrong) + ")")
+
+
+def apply_unet_swap(pipe, config: UNetSwapConfig) -> None:
+    if _ORIGINAL in pipe.__dict__:
+        raise RuntimeError("a UNet swap is already applied to this pipeline; call remove_unet_swap first")
+    if config.unet is not None:
+        student = config.unet
+    else:
+        from pruning import load_unet
+
+        student = load_unet(config.path)
+    original = pipe.unet
+    _check_compatible(student, original)
+    if student.device != original.device:
+        student = student.to(original.device)
+    if student.dtype != original.dtype:
+        student = student.to(original.dtype)
+    student.eval()
+    pipe.__dict__[_ORIGINAL] = original
+    pipe.register_modules(unet=student)
+
+
+def remove_unet_swap(pipe) -> None:
+    if _ORIGINAL not in pipe.__dict__:
+        raise RuntimeError("no UNet swap was applied to this pipeline")
+    pipe.register_modules(unet=pipe.__dict__.pop(_ORIGINAL))
