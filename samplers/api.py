@@ -30,6 +30,7 @@ COMMON_OPTIONS = (
     "backend",
     "tuned",
     "model_dir",
+    "original_inference_steps",
 )
 
 _DPM = ("lower_order_final",)
@@ -53,7 +54,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "deis": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM),
     "pndm": SamplerSpec(orders=(4,), default_order=4),
     "ipndm": SamplerSpec(orders=(1, 2, 3, 4), default_order=4),
-    "lcm": SamplerSpec(),
+    "lcm": SamplerSpec(options=("timestep_scaling",)),
 }
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
@@ -67,6 +68,7 @@ SCHEDULE_NAMES: tuple[str, ...] = (
     "logsnr",
     "explicit",
     "tuned",
+    "lcm",
 )
 BACKENDS = ("samplers", "diffusers")
 _DEFAULT_BACKEND = "samplers"
@@ -77,6 +79,12 @@ def _choices(values) -> str:
     return ", ".join(repr(v) for v in values)
 
 
+def resolve_schedule(name: str, schedule: str) -> str:
+    """The schedule a sampler runs: "default" is LCM's own schedule for "lcm" (a consistency model is
+    distilled on those timesteps), and uniform in t for every other sampler."""
+    return "lcm" if name == "lcm" and schedule == "default" else schedule
+
+
 def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, Any]) -> SamplerSpec:
     """Raise `ValueError` (listing the valid choices) for a bad name, step count, schedule or option."""
     if name not in SAMPLERS:
@@ -84,6 +92,15 @@ def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, A
     spec = SAMPLERS[name]
     if schedule not in SCHEDULE_NAMES:
         raise ValueError(f"schedule {schedule!r} is not supported; valid choices: {_choices(SCHEDULE_NAMES)}")
+    original = options.get("original_inference_steps")
+    if original is not None:
+        if resolve_schedule(name, schedule) != "lcm":
+            raise ValueError("the option 'original_inference_steps' shapes the LCM schedule; pass schedule='lcm' with it")
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ValueError(f"original_inference_steps must be a positive int, got {original!r}")
+        if num_steps is not None and num_steps > original:
+            raise ValueError(f"num_steps={num_steps} exceeds original_inference_steps={original}: the LCM schedule "
+                             "takes its steps from the distillation schedule")
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps must be a positive int or None, got {num_steps!r}")
     valid = ("order",) + COMMON_OPTIONS + spec.options
@@ -131,8 +148,10 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
         schedule: one of `SCHEDULE_NAMES`. "default" is uniform in t with `base`'s
             `timestep_spacing` where its config sets one explicitly, else "linspace": the steps
             diffusers' own `from_config(base.config)` would give (SD 1.x's PNDM config gives
-            "linspace"). "explicit" takes the option `timesteps=[...]` (descending train
-            timesteps) or `sigmas=[...]` (descending; a trailing 0 is added when missing).
+            "linspace"); for "lcm" it is "lcm": `LCMScheduler`'s timesteps, evenly spaced
+            entries of the distillation schedule of `original_inference_steps` (default 50)
+            steps (see `samplers.lcm.lcm_timesteps`). "explicit" takes the option
+            `timesteps=[...]` (descending train timesteps) or `sigmas=[...]` (descending; a trailing 0 is added when missing).
             "tuned" takes `tuned=<name>` with `model_dir=<dir>` or `tuned=<json path>`
             (see `samplers.tuned`).
         base: the pipeline's current scheduler; its config gives betas, prediction type,
@@ -140,6 +159,8 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
         options: `order` (UniPC, DEIS: 1-3; iPNDM: 1-4), `eta` (DDIM, SDE samplers),
             `use_corrector` (UniPC), `lower_order_final`, `solver_type` ("midpoint"/"heun"),
             `r` (dpmpp_sde), `diffusers_3m` (3M as diffusers computes it), `rho` (Karras),
+            `timestep_scaling` (LCM's boundary condition, default 10), `original_inference_steps`
+            (the "lcm" schedule),
             `thresholding`, `dynamic_thresholding_ratio`, `sample_max_value` (pixel models),
             and `backend`: "samplers" (the default, a `SamplerScheduler`) or "diffusers"
             (diffusers' own scheduler class for the name, where there is one).
@@ -149,6 +170,7 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
             valid choices.
     """
     options = dict(options)
+    schedule = resolve_schedule(name, schedule)
     check_sampler_args(name, num_steps, schedule, options)
     if schedule == "tuned":
         from .tuned import load_tuned_schedule
@@ -180,5 +202,6 @@ def sample(name: str, denoiser, x, sigmas, *, extra_args=None, callback=None, di
     from .registry import solver_steps
 
     check_sampler_args(name, None, "default", options)
-    steps = solver_steps(name, x, sigmas, options, noise_sampler=noise_sampler, generator=generator)
+    steps = solver_steps(name, x, sigmas, options, noise_sampler=noise_sampler, generator=generator,
+                         noise_schedule=getattr(denoiser, "schedule", None))
     return drive(steps, denoiser, x, extra_args=extra_args, callback=callback, disable=disable)

@@ -55,6 +55,7 @@ _SCHEDULE_CONFIG = {
     "exponential": {"use_exponential_sigmas": True},
     # uniform in log-SNR is uniform in log(sigma): exponential sigmas (DPM-Solver's lu lambdas too)
     "logsnr": {"use_exponential_sigmas": True},
+    "lcm": {},  # LCMScheduler's own timesteps
 }
 
 # options passed straight into the diffusers config
@@ -65,6 +66,8 @@ _OPTION_TO_CONFIG = {
     "sample_max_value": "sample_max_value",
     "lower_order_final": "lower_order_final",
     "solver_type": "solver_type",
+    "timestep_scaling": "timestep_scaling",
+    "original_inference_steps": "original_inference_steps",
 }
 
 
@@ -75,6 +78,8 @@ def make_diffusers_scheduler(name: str, schedule: str, base, options: dict[str, 
         raise ValueError(
             f"sampler {name!r} has no diffusers equivalent; valid choices for backend='diffusers': {valid}"
         )
+    if schedule == "lcm" and name != "lcm":
+        raise ValueError("schedule='lcm' is only supported by backend='samplers' for samplers other than 'lcm'")
     cls, fixed = DIFFUSERS_EQUIVALENT[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     config = dict(base.config) if base is not None else {}

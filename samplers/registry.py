@@ -57,11 +57,16 @@ SCHEDULE_OPTIONS = (
     "dynamic_thresholding_ratio",
     "sample_max_value",
     "backend",
+    "original_inference_steps",
 )
 
 
-def solver_steps(name: str, x, sigmas, options: dict, *, noise_sampler=None, generator=None, begin: bool = True):
+def solver_steps(name: str, x, sigmas, options: dict, *, noise_sampler=None, generator=None, begin: bool = True,
+                 noise_schedule=None):
     """The solver generator of sampler `name` (see `samplers._loop`) with its options.
+
+    `noise_schedule` (a `NoiseSchedule`) is for samplers that need train timesteps (LCM's
+    boundary condition).
 
     `begin=False` marks a run that starts part-way (img2img): solvers whose warm-up costs extra
     denoiser calls (PNDM) warm up with lower-order steps instead, so every step costs the same.
@@ -96,5 +101,6 @@ def solver_steps(name: str, x, sigmas, options: dict, *, noise_sampler=None, gen
     if name == "ipndm":
         return ipndm_steps(x, sigmas, o.get("order", 4))
     if name == "lcm":
-        return lcm_steps(x, sigmas, **noise)
+        return lcm_steps(x, sigmas, **noise, timestep_scaling=o.get("timestep_scaling", 10.0),
+                         noise_schedule=noise_schedule)
     raise ValueError(f"sampler {name!r} is not supported; valid choices: {tuple(SAMPLER_FUNCTIONS)}")

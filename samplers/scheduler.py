@@ -17,7 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._loop import trace, zero_noise
-from .api import check_sampler_args
+from .api import check_sampler_args, resolve_schedule
 from .denoiser import PREDICTION_TYPES, NoiseSchedule, alpha_from_sigma, dynamic_threshold, model_output_to_x0
 from .registry import solver_steps
 from .schedules import get_sigmas
@@ -138,7 +138,7 @@ class SamplerScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None):
         """Build the schedule and the list of model calls the sampler makes on it."""
         options = dict(self.options)
-        schedule = self.config.schedule
+        schedule = resolve_schedule(self.config.sampler, self.config.schedule)
         if timesteps is not None or sigmas is not None:
             schedule = "explicit"
             options["timesteps"] = None if timesteps is None else [float(t) for t in timesteps]
@@ -164,6 +164,7 @@ class SamplerScheduler(SchedulerMixin, ConfigMixin):
             rho=options.get("rho", 7.0),
             timesteps=options.get("timesteps"),
             sigmas=options.get("sigmas"),
+            original_inference_steps=options.get("original_inference_steps", 50),
         )
         self._schedule_sigmas = schedule_sigmas
         self._plan = self._trace(schedule_sigmas, begin=True)
@@ -177,7 +178,7 @@ class SamplerScheduler(SchedulerMixin, ConfigMixin):
     def _trace(self, sigmas, begin):
         probe = torch.zeros(1, dtype=torch.float64)
         return trace(solver_steps(self.config.sampler, probe, sigmas, self.options, noise_sampler=zero_noise,
-                                  begin=begin))
+                                  begin=begin, noise_schedule=self.noise_schedule))
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
@@ -257,7 +258,8 @@ class SamplerScheduler(SchedulerMixin, ConfigMixin):
             if not begin and len(self._trace(sigmas, begin=False)) != len(self._plan) - index:
                 raise RuntimeError("the sampler's calls from this begin_index do not match the pipeline's timesteps")
             self._solver = solver_steps(self.config.sampler, x, sigmas, self.options,
-                                        noise_sampler=self._noise_sampler(x), begin=begin)
+                                        noise_sampler=self._noise_sampler(x), begin=begin,
+                                        noise_schedule=self.noise_schedule)
             next(self._solver)
         try:
             x_next, sigma_next, _ = self._solver.send((x, x0))

@@ -2,7 +2,8 @@
 
 Uniform in t (linspace / leading / trailing spacing, Lin et al. 2024 Table 2), Karras et al.
 2022 (rho = 7), exponential (uniform in log sigma), uniform in log-SNR (DPM-Solver's uniform
-lambda, Lu et al. 2022), and explicit timestep or sigma lists.
+lambda, Lu et al. 2022), LCM's (Luo et al. 2023, `samplers.lcm.lcm_timesteps`), and explicit
+timestep or sigma lists.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def get_sigmas(
     rho: float = 7.0,
     timesteps: Sequence[float] | None = None,
     sigmas: Sequence[float] | None = None,
+    original_inference_steps: int = 50,
 ) -> torch.Tensor:
     """The sigmas (descending, ending in 0) of a named schedule on a model's noise schedule."""
     if schedule == "explicit":
@@ -104,6 +106,11 @@ def get_sigmas(
     if schedule in TIMESTEP_SPACINGS:
         timesteps = get_timesteps_uniform(n, noise_schedule.num_train_timesteps, schedule, steps_offset)
         return sigmas_from_timesteps(timesteps, noise_schedule)
+    if schedule == "lcm":
+        from .lcm import lcm_timesteps
+
+        timesteps = lcm_timesteps(n, noise_schedule.num_train_timesteps, original_inference_steps)
+        return sigmas_from_timesteps(timesteps, noise_schedule)
     lo, hi = noise_schedule.sigma_min, noise_schedule.sigma_max
     if schedule == "karras":
         return get_sigmas_karras(n, lo, hi, rho)
@@ -113,5 +120,5 @@ def get_sigmas(
         return get_sigmas_logsnr(n, lo, hi)
     raise ValueError(
         f"schedule {schedule!r} is not supported; valid choices: 'default', 'linspace', 'leading', 'trailing',"
-        " 'karras', 'exponential', 'logsnr', 'explicit'"
+        " 'karras', 'exponential', 'logsnr', 'explicit', 'lcm'"
     )
