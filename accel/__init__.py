@@ -29,9 +29,12 @@ _EXPORTS = {
     "register_technique": "registry",
     "RuntimeConfig": "runtime",
     "SamplerConfig": "sampler",
+    "UNetSwapConfig": "model_swap",
+    "LCMLoRAConfig": "lcm",
     "BlockCacheConfig": "cache",
     "DeepCacheConfig": "cache",
     "EncoderPropagationConfig": "cache",
+    "PatchParallelConfig": "parallel",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,16 +22,23 @@ class Technique:
 
 def _builtin_techniques() -> list[Technique]:
     from . import cache
+    from .lcm import LCMLoRAConfig, apply_lcm_lora, remove_lcm_lora
+    from .model_swap import UNetSwapConfig, apply_unet_swap, remove_unet_swap
+    from .parallel.patch import PatchParallelConfig, apply_patch_parallel, remove_patch_parallel
     from .runtime import RuntimeConfig, apply_runtime, remove_runtime
     from .sampler import SamplerConfig, apply_sampler, remove_sampler
 
     return [
+        Technique("lcm_lora", "model", LCMLoRAConfig, apply_lcm_lora, remove_lcm_lora, order=10),
+        Technique("unet_swap", "model", UNetSwapConfig, apply_unet_swap, remove_unet_swap, order=5),
         Technique("sampler", "sampler", SamplerConfig, apply_sampler, remove_sampler, order=20),
         Technique("deepcache", "cache", cache.DeepCacheConfig, cache.apply_deepcache, cache.remove_deepcache, order=50),
         Technique("encoder_propagation", "cache", cache.EncoderPropagationConfig, cache.apply_encoder_propagation,
                   cache.remove_encoder_propagation, order=50),
         Technique("block_cache", "cache", cache.BlockCacheConfig, cache.apply_block_cache, cache.remove_block_cache,
                   order=50),
+        Technique("patch_parallel", "parallel", PatchParallelConfig, apply_patch_parallel, remove_patch_parallel,
+                  order=70),
         Technique("runtime", "runtime", RuntimeConfig, apply_runtime, remove_runtime, order=90),
     ]
 

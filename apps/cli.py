@@ -24,11 +24,13 @@ def cmd_generate(args) -> int:
 
     from apps.loading import load_pipeline
 
+    rank, parallel = _parallel_config(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    if args.preset:
+    if args.preset or parallel is not None:
         import accel
 
-        accel.accelerate(pipe, preset=args.preset)
+        config = accel.resolve_config(preset=args.preset)
+        accel.accelerate(pipe, config if parallel is None else config.replace(parallel=parallel))
     embedded = args.model is None
     if args.steps is None and embedded and not args.preset:
         args.steps = EMBEDDED_STEPS
@@ -47,6 +49,8 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     images = pipe(**call).images
     seconds = time.perf_counter() - start
+    if rank != 0:  # every rank holds the same images; rank 0 saves them
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
@@ -55,6 +59,25 @@ def cmd_generate(args) -> int:
     where = ", ".join(str(p) for p in paths)
     print(f"generated {len(images)} image(s) in {seconds:.2f} s on {pipe.device} ({args.preset or 'no preset'}): {where}")
     return 0
+
+
+def _parallel_config(args):
+    """(rank, PatchParallelConfig or None); under a launcher, joins its process group and picks this rank's GPU."""
+    if not getattr(args, "parallel", None):
+        return 0, None
+    import accel
+    from accel.parallel import PatchParallelConfig, init_distributed
+
+    runtime = accel.resolve_config(preset=args.preset).runtime if args.preset else None
+    if runtime is not None and (runtime.compile or runtime.cuda_graph):
+        raise SystemExit(f"--parallel does not compose with the compiled runtime of preset {args.preset!r} yet; "
+                         "use --preset quality or no preset")
+    try:
+        config = PatchParallelConfig(mode=args.parallel, warmup_steps=args.parallel_warmup, sync=args.parallel_sync)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    rank, _, args.device = init_distributed(args.device)
+    return rank, config
 
 
 def cmd_presets(args) -> int:
@@ -104,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--out", default="out.png")
+    gen.add_argument("--parallel", default=None, choices=["patch", "cfg", "patch+cfg"],
+                     help="one image on every process of a launcher (torchrun --nproc-per-node N / accelerate launch): "
+                          "rows split over the processes (patch), the CFG batch over 2 (cfg), or both (4+ processes); "
+                          "every process uses the same --seed")
+    gen.add_argument("--parallel-warmup", type=int, default=4, help="synchronous steps before patches exchange "
+                     "one-step-stale activations (default: 4)")
+    gen.add_argument("--parallel-sync", action="store_true", help="every step synchronous: equals one GPU's output")
     gen.set_defaults(func=cmd_generate)
 
     pre = sub.add_parser("presets", help="list the named presets")
@@ -122,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_bench_parser(sub)
     _add_batch_parser(sub)
+    _add_distill_lcm_parser(sub)
+    _add_prune_parsers(sub)
+    _add_app_parser(sub)
     return parser
 
 
@@ -167,6 +200,178 @@ def cmd_batch(args) -> int:
     from apps.batch_generate import run
 
     return run(args)
+
+
+def _add_app_parser(sub) -> None:
+    p = sub.add_parser("app", help="the Gradio app: baseline and accelerated side by side, and the speed/quality plot")
+    p.add_argument("--model", default=None, help="diffusers folder or Hub id, chosen at start (default: the embedded model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--results", default=None, help="benchmark JSON folder for the plot (default: benchmarks/results)")
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_app(args) -> int:
+    from apps.gradio_app import run
+
+    return run(args)
+
+
+def _add_distill_lcm_parser(sub) -> None:
+    p = sub.add_parser("distill-lcm", help="distil a teacher into a few-step latent consistency model (LCM / LCM-LoRA)")
+    p.add_argument("--teacher", default=None, help="Stable Diffusion 1.x/2.x folder or Hub id (default: the embedded model)")
+    p.add_argument("--data", default="cifar10", help="'cifar10' (archives from ACCEL_CIFAR10_DIR) or a folder of images with same-stem .txt captions")
+    p.add_argument("--out", required=True, help="folder for the LoRA (or student pipeline), checkpoint and lcm_distill.json")
+    p.add_argument("--variant", default="lora", choices=["lora", "full"], help="LoRA (fixed guidance) or full UNet (guidance embedded)")
+    p.add_argument("--lora-rank", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps in all (a resumed run continues to this)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 (lora), 2e-5 (full)")
+    p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: 4 on the embedded model, else 7.5)")
+    p.add_argument("--guidance-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="draw the teacher's CFG scale per sample from [LOW, HIGH] (the full student embeds it)")
+    p.add_argument("--solver", default="ddim", help="teacher ODE solver: ddim or any sampler name of samplers/")
+    p.add_argument("--original-inference-steps", type=int, default=50, help="distillation schedule length (skip k = 1000 / this)")
+    p.add_argument("--loss", default="huber", choices=["huber", "l2"])
+    p.add_argument("--ema-decay", type=float, default=None, help="target network EMA (default: 0.95 full, 0 lora)")
+    p.add_argument("--time-budget", type=float, default=None, help="stop and save after this many seconds")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"], help="default: bf16 on CUDA, else no")
+    p.add_argument("--resolution", type=int, default=None, help="image size of a caption folder (default: the model's)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT/checkpoint exists")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
+    p.set_defaults(func=cmd_distill_lcm)
+
+
+def cmd_distill_lcm(args) -> int:
+    import json
+
+    from apps.loading import load_pipeline
+    from distill.data import load_captioned_images
+    from distill.lcm import LCMDistillConfig, distill_lcm
+
+    pipe = load_pipeline(args.teacher, device=args.device, dtype=None)
+    guidance = args.guidance if args.guidance is not None else (EMBEDDED_GUIDANCE if args.teacher is None else 7.5)
+    config = LCMDistillConfig(
+        variant=args.variant, lora_rank=args.lora_rank, max_steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.lr, guidance_scale=guidance,
+        guidance_range=tuple(args.guidance_range) if args.guidance_range else None, solver=args.solver,
+        original_inference_steps=args.original_inference_steps, loss=args.loss, ema_decay=args.ema_decay,
+        time_budget=args.time_budget, checkpoint_every=args.checkpoint_every, seed=args.seed,
+        mixed_precision=args.mixed_precision or ("bf16" if pipe.device.type == "cuda" else "no"),
+    )
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = load_captioned_images(args.data, resolution, limit=args.limit)
+    summary = distill_lcm(pipe, data, args.out, config, resume=not args.no_resume)
+    print(json.dumps({k: summary[k] for k in ("variant", "steps", "train_seconds", "loss_first", "loss_last", "saved")}))
+    return 0
+
+
+def _add_prune_parsers(sub) -> None:
+    p = sub.add_parser("prune", help="remove UNet blocks (BK-SDM variants or LAPTOP-Diff one-shot selection)")
+    p.add_argument("--model", default=None, help="diffusers pipeline folder (default: the embedded CIFAR-10 model)")
+    p.add_argument("--method", required=True, help="bk-base, bk-small, bk-tiny or laptop")
+    p.add_argument("--ratio", type=float, default=0.4, help="laptop: share of the UNet's --target to remove")
+    p.add_argument("--target", default="params", help="laptop: params, macs or latency")
+    p.add_argument("--calibration-prompts", type=int, default=16, help="laptop: prompts (CIFAR-10 classes) per timestep")
+    p.add_argument("--max-transformer-depth", type=int, default=None, help="bk-*: keep at most this many transformer blocks per layer (KOALA)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="folder for the pruned UNet (save_pretrained) and pruning_report.json/.md")
+    p.set_defaults(func=cmd_prune)
+
+    d = sub.add_parser("distill", help="retrain a pruned UNet by knowledge distillation from its teacher")
+    d.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the embedded CIFAR-10 model)")
+    d.add_argument("--student", required=True, help="pruned UNet folder from `accel prune`")
+    d.add_argument("--data", default="cifar10", help="cifar10[:train|:test] or an image folder with same-stem .txt captions")
+    d.add_argument("--steps", type=int, default=1000)
+    d.add_argument("--time-budget", type=float, default=None, help="stop (and save) after this many seconds")
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    d.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    d.add_argument("--gradient-checkpointing", action="store_true")
+    d.add_argument("--checkpoint-every", type=int, default=500)
+    d.add_argument("--device", default="auto")
+    d.add_argument("--out", required=True, help="folder: checkpoint/ (resumed if present) and unet/ (the EMA student)")
+    d.set_defaults(func=cmd_distill)
+
+
+def _teacher_pipeline(model, device):
+    from apps.loading import load_pipeline
+
+    return load_pipeline(model, device=device)
+
+
+def cmd_prune(args) -> int:
+    import json
+
+    import pruning
+
+    from accel.errors import check_choice
+
+    try:
+        check_choice("--method", args.method, pruning.METHODS)
+        check_choice("--target", args.target, pruning.LAPTOP_TARGETS)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    pipe = _teacher_pipeline(args.model, args.device)
+    teacher = pipe.unet.eval()
+    if args.method == "laptop":
+        from accel.embedded import CIFAR10_CLASSES, eval_prompt
+
+        import torch
+
+        if teacher.config.addition_embed_type is not None:
+            raise SystemExit("--method laptop calibrates with text states only (SD 1.x / 2.x); use bk-* for SDXL")
+        prompts = [eval_prompt(CIFAR10_CLASSES[i % 10]) for i in range(args.calibration_prompts)]
+        with torch.no_grad():
+            states = pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
+        calibration = pruning.calibration_inputs(teacher, states, pipe.scheduler.config)
+        student, info = pruning.laptop_unet(teacher, calibration, args.ratio, target=args.target)
+        removed, extra = info["removed_blocks"], {"target": args.target, "ratio": args.ratio, "saved": info["saved"]}
+    else:
+        student, _ = pruning.bk_sdm_unet(teacher, args.method[3:], max_transformer_depth=args.max_transformer_depth)
+        removed, extra = [], {}
+    report = pruning.pruning_report(teacher, student, method=args.method, removed_blocks=removed, extra=extra)
+    pruning.save_unet(student, args.out, report)
+    print(json.dumps({k: report[k] for k in ("method", "params_ratio", "macs_ratio", "latency_ratio")}))
+    print(f"saved the pruned UNet and pruning_report.json/.md to {args.out}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    import json
+
+    import pruning
+    from distill.data import encode_captions, encode_latents, load_captioned_images
+    from distill.kd import KDConfig, distill_unet
+
+    pipe = _teacher_pipeline(args.teacher, args.device)
+    if not hasattr(pipe, "text_encoder") or getattr(pipe, "text_encoder_2", None) is not None:
+        raise SystemExit("accel distill supports single-text-encoder pipelines (SD 1.x / 2.x, the embedded model)")
+    try:
+        student = pruning.load_unet(args.student).to(pipe.device)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from None
+    config = KDConfig(max_steps=args.steps, time_budget=args.time_budget, batch_size=args.batch_size,
+                      learning_rate=args.lr, mixed_precision=args.mixed_precision,
+                      gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    data = load_captioned_images(args.data, resolution, limit=args.limit)
+    latents = encode_latents(pipe.vae, data)
+    captions = encode_captions(pipe.text_encoder, pipe.tokenizer, data.captions)
+    result = distill_unet(pipe.unet, student, latents, captions, pipe.scheduler.config, config, args.out)
+    student = result.pop("student")
+    pruning.save_unet(student, Path(args.out) / "unet")
+    (Path(args.out) / "distill_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("steps", "train_seconds", "batch_size")}))
+    print(f"saved the distilled student to {Path(args.out) / 'unet'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
