@@ -78,6 +78,8 @@ def bench_configs() -> dict[str, AccelConfig | PeerConfig | None]:
             runtime=RuntimeConfig(compile="full", cuda_graph=True, channels_last=True, components=ALL_COMPONENTS)
         ),
         "deepcache": AccelConfig(cache=DeepCacheConfig(cache_interval=3, cache_branch=0)),
+        "deepcache-i4": AccelConfig(cache=DeepCacheConfig(cache_interval=4, cache_branch=0)),
+        "deepcache-i5": AccelConfig(cache=DeepCacheConfig(cache_interval=5, cache_branch=0)),
         "deepcache-nonuniform": AccelConfig(cache=DeepCacheConfig(cache_interval=3, cache_branch=0, uniform=False)),
         "deepcache+graph": AccelConfig(cache=DeepCacheConfig(cache_interval=3), runtime=RuntimeConfig(cuda_graph=True)),
         "deepcache+compile+graph": AccelConfig(cache=DeepCacheConfig(cache_interval=3), runtime=graph_compiled),

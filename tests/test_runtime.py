@@ -160,3 +160,29 @@ def test_lora_and_sdxl_conditioning_under_cuda_graphs_on_gpu(sdxl_pipe):
     np.testing.assert_allclose(out, before, atol=1e-4)
     accel.restore(pipe)
     assert np.array_equal(run(pipe), before)
+
+
+@pytest.mark.gpu
+def test_controlnet_under_cuda_graphs_matches_eager_on_gpu(tmp_path):
+    """ControlNet is captured beside the UNet; its residuals feed the UNet's graph."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+    from tiny import tiny_sd_pipeline
+
+    base = tiny_sd_pipeline(tmp_path)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    components = {k: v for k, v in base.components.items() if k != "image_encoder"}
+    pipe = StableDiffusionControlNetPipeline(**components, controlnet=controlnet).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    before = run(pipe, image=image)
+    accel.accelerate(pipe, AccelConfig(runtime=RuntimeConfig(cuda_graph=True)))
+    out = run(pipe, image=image)
+    again = run(pipe, image=image)
+    assert any(g is not None for g in get_cuda_graph_hook(pipe.controlnet).graphs.values())
+    assert any(g is not None for g in get_cuda_graph_hook(pipe.unet).graphs.values())
+    np.testing.assert_allclose(out, before, atol=1e-4)
+    np.testing.assert_allclose(again, before, atol=1e-4)
+    accel.restore(pipe)
+    assert np.array_equal(run(pipe, image=image), before)
