@@ -57,3 +57,32 @@ def test_console_script_runs():
 def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "apps.cli", "presets"], capture_output=True, text=True, check=True)
     assert "fast" in done.stdout
+
+
+def test_prune_then_distill_commands(saved_pipe, tmp_path):
+    """`accel prune` writes a loadable smaller UNet and its report; `accel distill` retrains it and saves the student."""
+    import numpy as np
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(saved_pipe / "unet")
+    pruned = tmp_path / "small"
+    assert main(["prune", "--model", str(saved_pipe), "--method", "bk-small", "--device", "cpu", "--out", str(pruned)]) == 0
+    student = UNet2DConditionModel.from_pretrained(pruned)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert student.mid_block is None and count(student) < count(teacher)
+    assert list(pruned.glob("pruning_report.*"))
+
+    data = tmp_path / "captions"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a red car", "a black cat", "a ship"]):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    out = tmp_path / "kd"
+    assert main(["distill", "--teacher", str(saved_pipe), "--student", str(pruned), "--data", str(data), "--steps", "2",
+                 "--batch-size", "2", "--device", "cpu", "--out", str(out)]) == 0
+    trained = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert trained.config.block_out_channels == student.config.block_out_channels
+    changed = any(not np.array_equal(a.detach().numpy(), b.detach().numpy())
+                  for a, b in zip(trained.parameters(), student.parameters()))
+    assert changed  # two optimizer steps moved the weights
