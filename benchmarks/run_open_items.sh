@@ -16,7 +16,7 @@ stamp "GPU tests"
 timeout 150 python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$R/gpu-tests.log" | tail -n 5
 
 stamp "tuned schedules (embedded model)"
-timeout 120 python3 benchmarks/tuned_embedded.py --device cuda --per-class 10 --calibration 40 \
+timeout 120 python3 benchmarks/tuned_embedded.py --device cuda --calibration 40 \
   --out "$R/tuned-embedded" 2>&1 | tail -n 16
 
 stamp "SDXL DeepCache intervals"
