@@ -6,7 +6,8 @@
 SDXL architecture (random weights, fp16) at each size: `1gpu` (stock pipeline on rank 0 while the
 other ranks wait), `cfg` (CFG batch split over 2 GPUs), `patch-sync` (rows split, every step
 synchronous), `patch-async` (DistriFusion: warm-up steps, then one-step-stale neighbours),
-`patch-pcpp` (asynchronous, self-attention sees half of each neighbour's rows). Timed: the
+`patch-pcpp` (asynchronous, self-attention sees half of each neighbour's rows), and each of these
+again with the UNet as CUDA graphs (`+graph`, `--graphs also`, the default on GPUs). Timed: the
 denoising call with prompt encoding, output_type="latent" (no VAE decode), per-step times from
 CUDA events in `callback_on_step_end`; per-CFG-step medians over the steps after warm-up.
 Also: peak memory per GPU, bytes each rank sends per step (in steady state: asynchronous steps
@@ -115,17 +116,20 @@ def gather(obj):
     return out
 
 
-def run_config(pipe, name: str, config, args, size: int, rank: int, device: str) -> dict:
-    """Time one config at one size on every rank (1gpu: rank 0 alone); returns rank 0's record."""
+def run_config(pipe, name: str, config, args, size: int, rank: int, device: str, graph: bool = False) -> dict:
+    """Time one config at one size on every rank (config None: one GPU, rank 0 alone); with `graph`
+    the UNet runs as CUDA graphs. Returns rank 0's record."""
     alone = config is None
     active = not alone or rank == 0
-    record = {"config": name, "size": size}
+    record = {"config": name, "size": size, "cuda_graph": graph}
     latents = None
     dist.barrier()
     plan = None
     if active:
-        if not alone:
-            accel.accelerate(pipe, accel.AccelConfig(parallel=config))  # a layout error raises on every rank
+        runtime = accel.RuntimeConfig(cuda_graph=True) if graph else None
+        applied = not alone or graph
+        if applied:  # a layout error raises on every rank
+            accel.accelerate(pipe, accel.AccelConfig(parallel=config, runtime=runtime))
         try:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -155,7 +159,8 @@ def run_config(pipe, name: str, config, args, size: int, rank: int, device: str)
                 record.update(
                     comm_kind=kind,
                     comm_mb_per_step=stats[f"bytes_sent_{kind}"] / calls / 2**20,
-                    comm_wait_ms_per_step=stats[f"wait_ms_{kind}"] / calls,
+                    # A replayed graph's waits cannot be timed from the host.
+                    comm_wait_ms_per_step=None if graph else stats[f"wait_ms_{kind}"] / calls,
                     sync_calls=stats["sync_calls"], async_calls=stats["async_calls"],
                     collectives_per_call=stats["collectives"] / max(1, stats["calls"]),
                     stats=stats,
@@ -165,9 +170,9 @@ def run_config(pipe, name: str, config, args, size: int, rank: int, device: str)
             if device.startswith("cuda"):
                 record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         finally:
-            if not alone:
-                if plan is not None and plan.comm is not None:
-                    record["async_step_unoverlapped_ms"] = plan.comm.time_collectives()
+            if plan is not None and plan.comm is not None:
+                record["async_step_unoverlapped_ms"] = plan.comm.time_collectives()
+            if applied:
                 accel.restore(pipe)
     dist.barrier()
     peaks = gather(record.get("peak_gib"))
@@ -190,11 +195,16 @@ def embedded_fidelity(args, rank: int, device: str) -> dict:
 
     reference = images()
     result = {}
-    for name, config in (("patch-sync", PatchParallelConfig(sync=True)),
-                         ("patch-async", PatchParallelConfig(warmup_steps=4)),
-                         ("patch-pcpp", PatchParallelConfig(warmup_steps=4, partial_conditioning=0.5))):
-        accel.accelerate(pipe, accel.AccelConfig(parallel=config))
+    runs = [("patch-sync", PatchParallelConfig(sync=True)),
+            ("patch-async", PatchParallelConfig(warmup_steps=4)),
+            ("patch-pcpp", PatchParallelConfig(warmup_steps=4, partial_conditioning=0.5))]
+    if device.startswith("cuda") and args.graphs != "no":
+        runs += [(name + "+graph", config) for name, config in runs]
+    for name, config in runs:
+        runtime = accel.RuntimeConfig(cuda_graph=True) if name.endswith("+graph") else None
+        accel.accelerate(pipe, accel.AccelConfig(parallel=config, runtime=runtime))
         try:
+            images()  # the first call captures the graphs
             result[name] = psnr(images(), reference).mean().item()
         finally:
             accel.restore(pipe)
@@ -207,13 +217,15 @@ def markdown(report: dict) -> str:
              f"{report['guidance']}, async configs: {report['warmup_steps']} synchronous warm-up steps; "
              "per-CFG-step medians over the steps after warm-up; `call` = prompt encoding + denoising "
              "(no VAE decode).", "",
-             "| size | config | step ms | speed-up | call ms | peak GiB per GPU | MiB sent/step (patches + output) | "
-             "comm wait ms/step | "
+             "`+graph`: the UNet runs as CUDA graphs (`RuntimeConfig(cuda_graph=True)`); speed-up against 1 GPU "
+             "eager, and against 1 GPU with the same runtime.", "",
+             "| size | config | step ms | speed-up (vs 1 GPU eager) | vs 1 GPU same runtime | call ms | peak GiB per GPU | "
+             "MiB sent/step (patches + output) | comm wait ms/step | "
              "async step comm, unoverlapped ms | latent PSNR to patch-sync |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['config']} | - | - | - | - | - | - | - | {r['error']} |")
+            lines.append(f"| {r['size']} | {r['config']} | - | - | - | - | - | - | - | - | {r['error']} |")
             continue
 
         def f(key, fmt="{:.1f}"):
@@ -222,6 +234,7 @@ def markdown(report: dict) -> str:
 
         peaks = "/".join("-" if p is None else f"{p:.1f}" for p in r.get("peak_gib_per_rank", []))
         lines.append(f"| {r['size']} | {r['config']} | {f('step_ms', '{:.2f}')} | {f('speedup', '{:.2f}x')} | "
+                     f"{f('speedup_same_runtime', '{:.2f}x')} | "
                      f"{f('call_ms')} | {peaks} | {f('comm_mb_per_step')} + {f('output_mb_per_step')} | "
                      f"{f('comm_wait_ms_per_step', '{:.2f}')} | "
                      f"{f('async_step_unoverlapped_ms', '{:.2f}')} | {f('psnr_to_sync', '{:.1f} dB')} |")
@@ -240,6 +253,10 @@ def main() -> int:
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--graphs", choices=("no", "also", "only"), default="also",
+                        help="also time every config with the UNet as CUDA graphs (RuntimeConfig(cuda_graph=True)); "
+                             "graphs need CUDA, so smoke runs skip them")
+    parser.add_argument("--configs", default=None, help="comma-separated subset of the config names")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     args = parser.parse_args()
     args.sizes = [int(s) for s in (args.sizes or ("64,32" if args.smoke else "2048,1024")).split(",")]
@@ -263,25 +280,38 @@ def main() -> int:
         "patch-pcpp": PatchParallelConfig(warmup_steps=args.warmup_steps, partial_conditioning=0.5),
         "patch+cfg": PatchParallelConfig(mode="patch+cfg", warmup_steps=args.warmup_steps),
     }
+    runs = []  # (name, config, CUDA graphs?)
+    graph_modes = {"no": (False,), "also": (False, True), "only": (True,)}[args.graphs]
+    if args.smoke or not device.startswith("cuda"):
+        graph_modes = (False,)
+    for graph in graph_modes:
+        runs += [(name + ("+graph" if graph else ""), config, graph) for name, config in configs.items()]
+    if args.configs:
+        wanted = set(args.configs.split(","))
+        runs = [r for r in runs if r[0] in wanted]
     results = []
     for size in args.sizes:
-        latents, base_ms = {}, None
-        for name, config in configs.items():
+        latents, base_ms = {}, {}
+        for name, config, graph in runs:
             t0 = time.perf_counter()
             try:
-                record, final = run_config(pipe, name, config, args, size, rank, device)
+                record, final = run_config(pipe, name, config, args, size, rank, device, graph)
             except ValueError as err:  # a layout this world size cannot host (patch+cfg on 2 GPUs)
                 results.append({"config": name, "size": size, "error": str(err).split(";")[0]})
                 log(rank, f"{size}px {name}: {err}")
                 continue
             if final is not None:
                 latents[name] = final
-            if name == "1gpu":
-                base_ms = record["step_ms"] if rank == 0 else None
-            base_ms = gather(base_ms)[0]
-            record["speedup"] = base_ms / record["step_ms"] if record.get("step_ms") else None
+            if config is None:
+                base_ms[graph] = gather(record["step_ms"] if rank == 0 else None)[0]
+            eager_ms, same_ms = base_ms.get(False), base_ms.get(graph)
+            if record.get("step_ms"):
+                # Against one GPU in eager mode, and against one GPU with the same runtime (graphs or not).
+                record["speedup"] = eager_ms / record["step_ms"] if eager_ms else None
+                record["speedup_same_runtime"] = same_ms / record["step_ms"] if same_ms else None
             results.append(record)
-            log(rank, f"{size}px {name}: {record.get('step_ms', 0):.2f} ms/step ({record.get('speedup') or 0:.2f}x), "
+            log(rank, f"{size}px {name}: {record.get('step_ms', 0):.2f} ms/step ({record.get('speedup') or 0:.2f}x eager "
+                      f"1 GPU, {record.get('speedup_same_runtime') or 0:.2f}x 1 GPU same runtime), "
                       f"peak {record['peak_gib_per_rank']} GiB, {time.perf_counter() - t0:.0f} s")
         if rank == 0 and "patch-sync" in latents:
             for record in results:

@@ -97,7 +97,7 @@ def _unet_call(pipe, sample, context):
 def _error(fn) -> str:
     try:
         fn()
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, accel.UnsupportedPipelineError) as err:
         return f"{type(err).__name__}: {err}"
     return ""
 
@@ -142,6 +142,7 @@ def _worker_cases(rank: int, world: int, tmp: Path) -> dict:
     restored = pipe.unet.state_dict()
     out["state_identical"] = np.array(list(restored) == list(state) and all(torch.equal(restored[k], v) for k, v in state.items()))
     patched("async", PatchParallelConfig(warmup_steps=1))
+    _graph_cases(pipe, out)
     patched("pcpp", PatchParallelConfig(sync=True, partial_conditioning=0.5))
     if world == 2:
         out["image_cfg"] = with_config(PatchParallelConfig(mode="cfg"), lambda: run(pipe, steps=STEPS))
@@ -151,6 +152,31 @@ def _worker_cases(rank: int, world: int, tmp: Path) -> dict:
     sample, context = _unet_inputs(tiny_height, 16)
     out["error_small"] = np.array(_error(lambda: with_config(PatchParallelConfig(), lambda: _unet_call(pipe, sample, context))))
     return out
+
+
+def _graph_cases(pipe, out: dict) -> None:
+    """Patch parallelism under the CUDA-graph hook (on the CPU the hook runs every call eagerly): the
+    tag each call puts into the graph key, two pipeline calls in a row."""
+    from accel.parallel.patch import HOOK_NAME
+    from accel.runtime.cuda_graph import get_cuda_graph_hook
+
+    config = accel.AccelConfig(parallel=PatchParallelConfig(warmup_steps=2), runtime=accel.RuntimeConfig(cuda_graph=True))
+    accel.accelerate(pipe, config)
+    tags = []
+    graph = get_cuda_graph_hook(pipe.unet)
+    handle = pipe.unet.register_forward_hook(lambda module, args, output: tags.append(repr(graph.tags.get(HOOK_NAME))))
+    try:
+        out["image_graph_first"] = run(pipe, steps=STEPS)
+        out["image_graph_second"] = run(pipe, steps=STEPS)
+        stats = get_patch_parallel(pipe).comm.read_stats()
+        out["graph_calls"] = np.array([stats["sync_calls"], stats["async_calls"]])
+    finally:
+        handle.remove()
+        accel.restore(pipe)
+    out["graph_tags"] = np.array(tags)
+    out["graph_hook_after_restore"] = np.array(get_cuda_graph_hook(pipe.unet) is None and not pipe.unet._forward_pre_hooks)
+    compiled = accel.AccelConfig(parallel=PatchParallelConfig(), runtime=accel.RuntimeConfig(compile="regional"))
+    out["error_compile"] = np.array(_error(lambda: accel.accelerate(pipe, compiled)))
 
 
 def _spawn(world: int, tmp: Path, timeout: float = 150.0) -> list[dict]:
@@ -203,6 +229,25 @@ def test_asynchronous_mode_stays_close_after_warmup(results):
     assert psnr(out["image_async"], out["image_sync"]) > ASYNC_MIN_PSNR
 
 
+def test_cuda_graph_keys_follow_each_calls_exchange_and_first_calls_run_eagerly(results):
+    world, ranks = results
+    out = ranks[0]
+    key = f"(0, (2, 4, 16, 16), torch.float32, device(type='cpu'))"
+    first = ["'accel.run_eagerly'", repr(("fresh", eval(key, {"torch": torch, "device": torch.device})))]
+    stale = repr(("stale", eval(key, {"torch": torch, "device": torch.device})))
+    fresh = first[1]
+    # Call 1: the slot's first call registers its exchanges (eager), step 1 is a synchronous warm-up
+    # step, steps 2.. are asynchronous. Call 2: the slot is laid out, so every call has a graph key.
+    assert list(out["graph_tags"]) == first + [stale] * (STEPS - 2) + [fresh, fresh] + [stale] * (STEPS - 2)
+    assert list(out["graph_calls"]) == [4, 2 * (STEPS - 2)]
+    assert out["graph_hook_after_restore"]  # restore removed the graph hook and the planning pre-hook
+    # Joining each call's all-gathers at its end (as a graph must) computes what the eager overlap does.
+    np.testing.assert_array_equal(out["image_graph_first"], out["image_graph_second"])
+    np.testing.assert_allclose(out["image_graph_first"], out["image_sync"], atol=ASYNC_MAX_ABS, rtol=0)
+    assert "does not compose with torch.compile of the UNet" in str(out["error_compile"])
+    assert "RuntimeConfig(cuda_graph=True)" in str(out["error_compile"])
+
+
 def test_partial_conditioning_cuts_traffic_and_approximates(results):
     world, ranks = results
     out = ranks[0]
@@ -249,5 +294,5 @@ def test_cli_generate_parallel_runs_as_one_process_without_a_launcher(sd_pipe, t
             "--width", "32", "--device", "cpu", "--out", str(out)]
     assert main(args + ["--parallel", "patch"]) == 0
     assert out.is_file()
-    with pytest.raises(SystemExit, match="--parallel does not compose with the compiled runtime of preset 'fast'"):
+    with pytest.raises(SystemExit, match=r"--parallel does not compose with torch.compile of the UNet \(preset 'fast'"):
         main(args + ["--parallel", "cfg", "--preset", "fast"])

@@ -16,6 +16,13 @@ the bucket. Entries of mixed dtypes share a bucket as 16-byte aligned byte range
 Each entry's views into the buffers are made once, at lay-out, so an asynchronous exchange costs
 one copy (or one cat, for a tensor handed over as pieces) and no view ops.
 
+Under CUDA graphs (`RuntimeConfig(cuda_graph=True)`) the host-side choice of a call - its slot and
+whether it is synchronous - is made by `prepare`, before the graph hook picks (or captures) the graph
+for that choice; inside the call nothing depends on the host. A graph cannot leave work running
+when it ends, so with `join_each_call` every launched all-gather is waited for at the end of its own
+call: the exchange still overlaps the rest of that call's UNet, as in DistriFusion's graphs.
+The first call of each slot registers its entries (a host sync) and runs eagerly.
+
 The caller's launcher (torchrun / accelerate) creates the process group; `init_distributed` is the
 small helper programs use to create it from the launcher's environment.
 """
@@ -116,23 +123,38 @@ class CommManager:
         self.fresh = True
         self.active = False
         self.timing = False  # benchmarks: time communication with CUDA events (reading them syncs)
+        self.join_each_call = False  # wait for every launched all-gather at the end of its call (CUDA graphs)
+        self._prepared: tuple[Slot, bool] | None = None
         self._ready: list[Bucket] = []
         self._events: list[tuple] = []
         self.reset_stats()
 
     # ---- calls ------------------------------------------------------------------------------
 
-    def begin_call(self, key: tuple | None, asynchronous: bool) -> bool:
-        """Start a UNet call on slot `key` (None: a throw-away slot); returns whether it is fresh."""
+    def prepare(self, key: tuple | None, asynchronous: bool) -> tuple[bool, bool]:
+        """Host-side bookkeeping of the next call on slot `key` (None: a throw-away slot), once per
+        call, before it runs (or its CUDA graph replays). Returns (fresh, laid out): a call whose
+        slot is not laid out yet registers its entries and must run eagerly."""
         slot = self.slots.setdefault(key, Slot()) if key is not None else Slot()
-        self.fresh = not (asynchronous and slot.buckets is not None and slot.calls_this_run > 0)
-        if self.fresh:
-            self._wait_all(slot)  # a fresh call overwrites the receive buffers
+        fresh = not (asynchronous and slot.buckets is not None and slot.calls_this_run > 0)
         slot.calls_this_run += 1
-        self.slot, self.active = slot, True
+        self._prepared = (slot, fresh)
         self.stats["calls"] += 1
-        self.stats["sync_calls" if self.fresh else "async_calls"] += 1
-        return self.fresh
+        self.stats["sync_calls" if fresh else "async_calls"] += 1
+        if slot.buckets is not None:  # what this call sends, counted here so graph replays count too
+            sizes = [e.nbytes for e in slot.entries.values()] if fresh else [b.nbytes for b in slot.buckets]
+            for nbytes in sizes:
+                self._count(nbytes, "sync" if fresh else "async")
+        return fresh, slot.buckets is not None
+
+    def begin_call(self) -> None:
+        """Start the prepared call (every execution of it: eager, graph warm-up and capture)."""
+        if self._prepared is None:
+            raise RuntimeError("patch parallelism: CommManager.begin_call without prepare")
+        self.slot, self.fresh = self._prepared
+        if self.fresh:
+            self._wait_all(self.slot)  # a fresh call overwrites the receive buffers
+        self.active = True
 
     def end_call(self) -> None:
         slot, self.active = self.slot, False
@@ -147,6 +169,8 @@ class CommManager:
             if bucket.work is None and bucket.queued:
                 self._ready.append(bucket)  # a layer that did not run this step keeps its old data
         self._launch_ready()
+        if self.join_each_call:
+            self._wait_all(slot)
 
     def reset(self) -> None:
         """Start of a pipeline call: every slot's first call is synchronous again."""
@@ -234,7 +258,8 @@ class CommManager:
         start = self._mark()
         _all_gather_flat(out, padded.view(-1).view(torch.uint8), self.group)
         self._record(start)
-        self._count(entry.nbytes)
+        if self.slot.buckets is None:  # laid-out slots were counted by `prepare`
+            self._count(entry.nbytes, "sync")
         return out.view(self.size, entry.nbytes)
 
     # ---- buffers ----------------------------------------------------------------------------
@@ -281,7 +306,6 @@ class CommManager:
         for bucket in ready:
             bucket.work = _all_gather_flat(bucket.recv.view(-1), bucket.send, self.group, async_op=True)
             bucket.queued = 0
-            self._count(bucket.nbytes)
 
     def _wait(self, bucket: Bucket) -> None:
         start = self._mark()
@@ -308,15 +332,15 @@ class CommManager:
     def _kind(self) -> str:
         return "sync" if self.fresh else "async"
 
-    def _count(self, nbytes: int) -> None:
+    def _count(self, nbytes: int, kind: str) -> None:
         self.stats["collectives"] += 1
         self.stats["bytes_sent"] += nbytes
-        self.stats[f"bytes_sent_{self._kind()}"] += nbytes
+        self.stats[f"bytes_sent_{kind}"] += nbytes
         self.stats["bytes_received"] += (self.size - 1) * nbytes
 
     def _mark(self):
-        if not self.timing:
-            return None
+        if not self.timing or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return None  # a graph's waits cannot be timed with events read on the host
         if torch.cuda.is_available() and torch.cuda.is_initialized() and self.group is not None and \
                 dist.get_backend(self.group) == "nccl":
             event = torch.cuda.Event(enable_timing=True)

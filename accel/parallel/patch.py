@@ -23,6 +23,13 @@ statistics, self-attention keys and values.
   unchanged. An odd batch is computed whole by both groups. "patch+cfg" on 2P ranks is 2 groups of
   P patches (needs an even world size of at least 4).
 
+Composes with CUDA graphs (`RuntimeConfig(cuda_graph=True)`): a forward pre-hook on the UNet makes
+each call's host-side choices (its comm slot, synchronous or asynchronous) before the graph hook
+runs, and tags the graph key with them, so a synchronous and an asynchronous step replay different
+graphs, and a slot's first call (which registers its exchanges with a host sync) runs eagerly. The
+collectives are captured in the graphs; see `comm.py`. torch.compile of the UNet is refused: its
+compiled regions would contain the exchanges.
+
 The launcher creates the process group (NCCL on GPUs, gloo on CPU) and `group` picks one (default:
 the WORLD group); sub-groups of "patch+cfg" are created here, collectively, and destroyed on remove.
 Every rank must use the same seed. Without torch.distributed (one process) everything is a
@@ -42,6 +49,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError, check_choice
+from ..runtime.cuda_graph import RUN_EAGERLY, get_cuda_graph_hook
 from ..session import get_session
 from .comm import CommManager, _all_gather_flat
 from .layers import unwrap_layers, wrap_layers
@@ -51,6 +59,9 @@ HOOK_NAME = "accel.patch_parallel"
 _STATE = "_accel_patch_parallel"
 # More UNet calls than this within one step: the step index is not advancing; run synchronously.
 MAX_CALLS_PER_STEP = 8
+_COMPILE_REFUSED = ("patch/CFG parallelism over several processes does not compose with torch.compile of the UNet "
+                    "(its compiled regions would contain the exchanges); use RuntimeConfig(cuda_graph=True) without "
+                    "compile for the UNet (CUDA graphs compose), or compile only components=('vae',)")
 _CONTROL_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
                       "down_intrablock_additional_residuals")
 
@@ -137,6 +148,7 @@ class PatchParallel:
         self._local: tuple[int, int] = (0, 0)
         self._step: int | None = None
         self._call_in_step = 0
+        self._handle = None  # the UNet forward pre-hook that plans each call
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -178,6 +190,9 @@ class PatchParallel:
         unet = self.unet
         if not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
             raise UnsupportedPipelineError(f"patch parallelism needs a UNet with down and up blocks, got {type(unet).__name__}")
+        runtime = None if self.session is None else getattr(self.session.config, "runtime", None)
+        if self.world > 1 and getattr(runtime, "compile", None) and "unet" in runtime.components:
+            raise UnsupportedPipelineError(_COMPILE_REFUSED)
         registry = HookRegistry.check_if_exists_or_initialize(unet)
         if HOOK_NAME in registry.hooks:
             raise RuntimeError("patch parallelism is already applied to this UNet")
@@ -195,6 +210,8 @@ class PatchParallel:
                             patch_group = created
                 self.comm = CommManager(patch_group, self.patch_index, self.patches)
             registry.register_hook(PatchParallelHook(self), HOOK_NAME)
+            if self.world > 1:
+                self._handle = unet.register_forward_pre_hook(self._before_call, with_kwargs=True)
         except BaseException:
             self.remove()
             raise
@@ -205,6 +222,12 @@ class PatchParallel:
         registry = getattr(self.unet, "_diffusers_hook", None)
         if registry is not None and HOOK_NAME in registry.hooks:
             registry.remove_hook(HOOK_NAME, recurse=False)
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        graph = get_cuda_graph_hook(self.unet)
+        if graph is not None:
+            graph.tags.pop(HOOK_NAME, None)
         if self.session is not None:
             self.session.remove_call_listener(self._on_call)
         unwrap_layers(self.records)
@@ -248,19 +271,41 @@ class PatchParallel:
 
     def _check_runtime(self) -> None:
         from ..runtime.compile import HOOK_NAME as COMPILE_HOOK
-        from ..runtime.cuda_graph import HOOK_NAME as GRAPH_HOOK
 
         hooks = getattr(self.unet, "_diffusers_hook", None)
-        if hooks is not None and (GRAPH_HOOK in hooks.hooks or COMPILE_HOOK in hooks.hooks):
-            raise UnsupportedPipelineError(
-                "patch/CFG parallelism over several processes does not compose with CUDA graphs or torch.compile of "
-                "the UNet yet; use a RuntimeConfig without cuda_graph/compile for the UNet")
+        if hooks is not None and COMPILE_HOOK in hooks.hooks:
+            raise UnsupportedPipelineError(_COMPILE_REFUSED)
+
+    def _before_call(self, module, args, kwargs):
+        """Forward pre-hook: the host-side plan of this UNet call, made once per call even when a CUDA
+        graph replays it; the graph key is tagged with it."""
+        self._check_runtime()
+        sample = args[0] if args else kwargs.get("sample")
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            return None  # forward raises the clear error
+        self.calls += 1
+        batch, channels, height, width = sample.shape
+        tag: object = "whole"
+        if self.patches > 1:
+            bands = split_rows(height, self.unit, self.patches, self.vae_scale_factor)
+            key, asynchronous = self._slot(sample)
+            fresh, laid_out = self.comm.prepare(key, asynchronous)
+            tag = ("fresh" if fresh else "stale", key) if laid_out else RUN_EAGERLY
+            self.comm.join_each_call = get_cuda_graph_hook(self.unet) is not None
+        else:
+            bands = [(0, height)]
+        groups = 2 if self.cfg_groups > 1 and batch % 2 == 0 else 1
+        rows = max(end - start for start, end in bands)
+        out_channels = getattr(self.unet.config, "out_channels", channels)
+        self.output_bytes += batch // groups * out_channels * rows * width * sample.element_size()
+        graph = get_cuda_graph_hook(self.unet)
+        if graph is not None:
+            graph.tags[HOOK_NAME] = tag
+        return None
 
     def forward(self, forward, signature: inspect.Signature, args, kwargs):
         if self.world == 1:
             return forward(*args, **kwargs)
-        self._check_runtime()
-        self.calls += 1
         arguments = _bind(signature, args, kwargs)
         sample = arguments["sample"]
         batch, _, height, _ = sample.shape
@@ -279,8 +324,7 @@ class PatchParallel:
             start, end = bands[self.patch_index]
             arguments["sample"] = arguments["sample"][:, :, start:end]
             self._local = (end - start, sample.shape[3])
-            key, asynchronous = self._slot(sample)
-            self.comm.begin_call(key, asynchronous)
+            self.comm.begin_call()
             try:
                 output = forward(**arguments)
             finally:
@@ -298,7 +342,6 @@ class PatchParallel:
         padded = padded.contiguous()
         gathered = torch.empty(self.world * padded.numel(), dtype=padded.dtype, device=padded.device)
         _all_gather_flat(gathered, padded.view(-1), self.group)
-        self.output_bytes += padded.numel() * padded.element_size()
         gathered = gathered.view(self.world, *padded.shape)
         full = torch.cat([
             torch.cat([gathered[c * self.patches + p][:, :, :end - start] for p, (start, end) in enumerate(bands)], dim=2)

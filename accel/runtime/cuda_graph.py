@@ -17,6 +17,8 @@ from torch.utils import _pytree as pytree
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "accel.cuda_graph"
+# A tag value that makes the hook run the current call eagerly (e.g. a call that syncs with the host).
+RUN_EAGERLY = "accel.run_eagerly"
 
 
 class _Graph:
@@ -34,6 +36,9 @@ class CUDAGraphHook(ModelHook):
         self.warmup_iters = warmup_iters
         self.graphs: dict[tuple, _Graph | None] = {}  # None marks a signature that could not be captured
         self.branch: object = None  # set by caching techniques so each branch gets its own graph
+        # Per-technique parts of the key, set before each call by techniques whose host-side state picks
+        # what the call does (patch parallelism: synchronous or asynchronous exchange); RUN_EAGERLY: no graph.
+        self.tags: dict[str, object] = {}
         self.pool = None
         self._signature: inspect.Signature | None = None
         self._warned = False
@@ -68,8 +73,10 @@ class CUDAGraphHook(ModelHook):
         arguments = self._normalise(args, kwargs)
         if arguments is None:
             return forward(*args, **kwargs)
+        if RUN_EAGERLY in self.tags.values():
+            return forward(**arguments)
         leaves, spec = pytree.tree_flatten(arguments)
-        key = signature_key(leaves, spec, self.branch)
+        key = signature_key(leaves, spec, (self.branch, *sorted(self.tags.items())) if self.tags else self.branch)
         if key is None:
             if not self._warned:
                 logger.warning("accel: CUDA graphs need the inputs on one CUDA device; running eagerly")
