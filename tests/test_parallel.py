@@ -94,6 +94,25 @@ def _unet_call(pipe, sample, context):
         return pipe.unet(sample, 10, context).sample.numpy()
 
 
+def _control_residuals(pipe, sample, context):
+    """ControlNet residuals (a ControlNet made from the UNet, fixed seed) for a UNet call on `sample`."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(pipe.unet)
+    for param in controlnet.parameters():  # from_unet zero-initialises the output convs: make them count
+        torch.nn.init.normal_(param, std=0.05) if param.dim() > 1 else None
+    image = torch.rand(sample.shape[0], 3, sample.shape[2] * 8, sample.shape[3] * 8)
+    with torch.no_grad():
+        down, mid = controlnet(sample, 10, context, controlnet_cond=image, return_dict=False)
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+
+def _control_call(pipe, sample, context, residuals):
+    with torch.no_grad():
+        return pipe.unet(sample, 10, context, **residuals).sample.numpy()
+
+
 def _error(fn) -> str:
     try:
         fn()
@@ -118,6 +137,8 @@ def _worker_cases(rank: int, world: int, tmp: Path) -> dict:
     out = {"baseline": run(pipe, steps=STEPS)}
     for name, (sample, context) in inputs.items():
         out[f"unet_{name}_single"] = _unet_call(pipe, sample, context)
+    control = _control_residuals(pipe, *inputs["remainder"])
+    out["unet_control_single"] = _control_call(pipe, *inputs["remainder"], control)
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
 
     def with_config(config, fn):
@@ -131,6 +152,7 @@ def _worker_cases(rank: int, world: int, tmp: Path) -> dict:
         def calls():
             for name, (sample, context) in inputs.items():
                 out[f"unet_{name}_{tag}"] = _unet_call(pipe, sample, context)
+            out[f"unet_control_{tag}"] = _control_call(pipe, *inputs["remainder"], control)
             out[f"image_{tag}"] = run(pipe, steps=STEPS)
             stats = get_patch_parallel(pipe).comm.read_stats()
             for key in ("sync_calls", "async_calls", "bytes_sent"):
@@ -212,10 +234,11 @@ def test_synchronous_mode_equals_one_process(results):
     world, ranks = results
     out = ranks[0]
     # 16 rows over 3 ranks is 6/6/4; 15 rows leaves the last band 3 rows, not a whole unit.
-    for name in ("even", "remainder"):
+    for name in ("even", "remainder", "control"):  # control: ControlNet residuals cut to each band
         np.testing.assert_allclose(out[f"unet_{name}_sync"], out[f"unet_{name}_single"], atol=1e-4, rtol=0)
+    assert np.abs(out["unet_control_single"] - out["unet_remainder_single"]).max() > 1e-3  # the residuals count
     np.testing.assert_allclose(out["image_sync"], out["baseline"], atol=1e-4, rtol=0)
-    assert out["sync_calls_sync"] == 2 + STEPS and out["async_calls_sync"] == 0
+    assert out["sync_calls_sync"] == 3 + STEPS and out["async_calls_sync"] == 0
 
 
 def test_asynchronous_mode_stays_close_after_warmup(results):

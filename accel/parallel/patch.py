@@ -18,6 +18,8 @@ statistics, self-attention keys and values.
 - `partial_conditioning` (PCPP, Zhang et al., 2024, "Partially Conditioned Patch Parallelism"):
   self-attention sees only that fraction of each adjacent patch's rows, nearest the boundary,
   which cuts the key/value traffic by the same fraction.
+- ControlNet / T2I-Adapter residuals passed to the UNet are cut to each band's rows at their level
+  (the ControlNet itself runs on the whole latent on every rank).
 - CFG parallelism: the pipeline calls the UNet with the batch [uncond; cond]; two rank groups each
   compute one half and the halves are all-gathered, so the pipeline's guidance combine is
   unchanged. An odd batch is computed whole by both groups. "patch+cfg" on 2P ranks is 2 groups of
@@ -316,13 +318,12 @@ class PatchParallel:
                          for name, value in arguments.items()}
         bands = [(0, height)]
         if self.patches > 1:
-            for name in _CONTROL_RESIDUALS:
-                if arguments.get(name) is not None:
-                    raise UnsupportedPipelineError(f"patch parallelism does not split {name} (ControlNet / T2I-Adapter "
-                                                   "residuals); use PatchParallelConfig(mode='cfg')")
             bands = split_rows(height, self.unit, self.patches, self.vae_scale_factor)
             start, end = bands[self.patch_index]
             arguments["sample"] = arguments["sample"][:, :, start:end]
+            for name in _CONTROL_RESIDUALS:  # ControlNet / T2I-Adapter residuals: this band's rows at each level
+                if arguments.get(name) is not None:
+                    arguments[name] = pytree.tree_map(lambda r: _band_of(r, height, start, end, name), arguments[name])
             self._local = (end - start, sample.shape[3])
             self.comm.begin_call()
             try:
@@ -380,6 +381,18 @@ def _bind(signature: inspect.Signature, args, kwargs) -> dict:
         else:
             arguments[name] = value
     return arguments
+
+
+def _band_of(residual, height: int, start: int, end: int, name: str):
+    """Rows [start, end) of the latent, at the resolution of `residual` (a feature map 2**k times smaller)."""
+    if not isinstance(residual, torch.Tensor):
+        return residual
+    rows = residual.shape[-2]
+    factor = 2 ** round(math.log2(max(1, height / rows)))
+    if math.ceil(height / factor) != rows or start % factor:
+        raise UnsupportedPipelineError(f"patch parallelism: a {name} tensor has {rows} rows, which is not the latent's "
+                                       f"{height} rows at a power-of-two scale; it cannot be split into bands")
+    return residual[..., start // factor:math.ceil(end / factor), :]
 
 
 def _batch_slice(x, batch: int, start: int, size: int):
