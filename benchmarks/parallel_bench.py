@@ -313,10 +313,12 @@ def main() -> int:
             log(rank, f"{size}px {name}: {record.get('step_ms', 0):.2f} ms/step ({record.get('speedup') or 0:.2f}x eager "
                       f"1 GPU, {record.get('speedup_same_runtime') or 0:.2f}x 1 GPU same runtime), "
                       f"peak {record['peak_gib_per_rank']} GiB, {time.perf_counter() - t0:.0f} s")
-        if rank == 0 and "patch-sync" in latents:
+        reference = next((name for name in ("patch-sync", "patch-sync+graph") if name in latents), None)
+        if rank == 0 and reference is not None:
             for record in results:
                 if record.get("size") == size and record["config"] in latents:
-                    record["psnr_to_sync"] = latent_psnr(latents[record["config"]], latents["patch-sync"])
+                    record["psnr_to_sync"] = latent_psnr(latents[record["config"]], latents[reference])
+                    record["psnr_reference"] = reference
         log(rank, f"done {size}px at {time.perf_counter() - start:.0f} s")
         if rank == 0:  # kept if a later size is cut short by the time limit
             out.mkdir(parents=True, exist_ok=True)
