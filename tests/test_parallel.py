@@ -165,6 +165,7 @@ def _worker_cases(rank: int, world: int, tmp: Path) -> dict:
     out["state_identical"] = np.array(list(restored) == list(state) and all(torch.equal(restored[k], v) for k, v in state.items()))
     patched("async", PatchParallelConfig(warmup_steps=1))
     _graph_cases(pipe, out)
+    _lora_cases(tmp / f"lora{rank}", inputs["remainder"], out)
     patched("pcpp", PatchParallelConfig(sync=True, partial_conditioning=0.5))
     if world == 2:
         out["image_cfg"] = with_config(PatchParallelConfig(mode="cfg"), lambda: run(pipe, steps=STEPS))
@@ -174,6 +175,25 @@ def _worker_cases(rank: int, world: int, tmp: Path) -> dict:
     sample, context = _unet_inputs(tiny_height, 16)
     out["error_small"] = np.array(_error(lambda: with_config(PatchParallelConfig(), lambda: _unet_call(pipe, sample, context))))
     return out
+
+
+def _lora_cases(folder: Path, inputs, out: dict) -> None:
+    """A peft LoRA on the UNet's attention projections and 3x3 convs (unfused: its lora_A convs get
+    halos too): synchronous patch parallelism equals one process."""
+    from peft import LoraConfig
+
+    pipe = tiny_sd_pipeline(folder)
+    before = _unet_call(pipe, *inputs)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]))
+    out["unet_lora_single"] = _unet_call(pipe, *inputs)
+    out["lora_changes_output"] = np.array(np.abs(out["unet_lora_single"] - before).max() > 1e-3)
+    accel.accelerate(pipe, accel.AccelConfig(parallel=PatchParallelConfig(sync=True)))
+    try:
+        out["unet_lora_sync"] = _unet_call(pipe, *inputs)
+    finally:
+        accel.restore(pipe)
 
 
 def _graph_cases(pipe, out: dict) -> None:
@@ -234,7 +254,8 @@ def test_synchronous_mode_equals_one_process(results):
     world, ranks = results
     out = ranks[0]
     # 16 rows over 3 ranks is 6/6/4; 15 rows leaves the last band 3 rows, not a whole unit.
-    for name in ("even", "remainder", "control"):  # control: ControlNet residuals cut to each band
+    assert out["lora_changes_output"]
+    for name in ("even", "remainder", "control", "lora"):  # control: ControlNet residuals cut to each band
         np.testing.assert_allclose(out[f"unet_{name}_sync"], out[f"unet_{name}_single"], atol=1e-4, rtol=0)
     assert np.abs(out["unet_control_single"] - out["unet_remainder_single"]).max() > 1e-3  # the residuals count
     np.testing.assert_allclose(out["image_sync"], out["baseline"], atol=1e-4, rtol=0)

@@ -49,6 +49,13 @@ class PatchLayer(torch.nn.Module):
         self.key = name
         self.__dict__["_plan"] = plan  # not a submodule: the plan is shared by every wrapper
 
+    def __getattr__(self, name: str):
+        # Code that inspects the layer it calls (peft reads `lora_A.weight.dtype`) sees the original's attributes.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
     @property
     def comm(self):
         return self._plan.comm
