@@ -81,3 +81,15 @@ def as_floats(sigmas) -> list[float]:
     if isinstance(sigmas, torch.Tensor):
         return [float(s) for s in sigmas.detach().to("cpu", torch.float64)]
     return [float(s) for s in sigmas]
+
+
+def step_order(order: int, history: int, i: int, n: int, sigma_next: float, lower_order_final: bool = True) -> int:
+    """The order a multistep solver uses at step `i` of `n`: at most `order`, at most the `history` of
+    model outputs it has, first order into sigma 0, and (diffusers' `lower_order_final`: fewer than
+    15 steps are stabler with a low order at the end) at most 1 on the last step and 2 on the one before."""
+    k = min(order, history)
+    if sigma_next == 0 or (lower_order_final and n < 15 and i == n - 1):
+        return 1
+    if lower_order_final and n < 15 and i == n - 2:
+        return min(k, 2)
+    return k

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from ._loop import Steps, as_floats, drive
+from ._loop import Steps, as_floats, drive, step_order
 
 
 def _ind2(t, b, c):
@@ -33,11 +33,7 @@ def deis_steps(x, sigmas, order: int = 2, lower_order_final: bool = True) -> Ste
         s, t = sig[i], sig[i + 1]
         x, denoised = yield x, s, i
         eps, rhos = (eps + [(x - denoised) / s])[-order:], (rhos + [s])[-order:]
-        k = min(order, len(eps))
-        if t == 0 or (lower_order_final and n < 15 and i == n - 1):
-            k = 1
-        elif lower_order_final and n < 15 and i == n - 2:
-            k = min(k, 2)
+        k = step_order(order, len(eps), i, n, t, lower_order_final)
         if k == 1:
             x = x - (s - t) * eps[-1]
         elif k == 2:

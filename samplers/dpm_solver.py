@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ._loop import Steps, as_floats, default_noise_sampler, drive
+from ._loop import Steps, as_floats, default_noise_sampler, drive, step_order
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -79,12 +79,7 @@ def dpm_solver_multistep_steps(
         x, denoised = yield x, s, i
         m = denoised if predict_x0 else (x - denoised) / s
         ms, lams = (ms + [m])[-order:], (lams + [_lam(s)])[-order:]
-        k = min(order, len(ms))
-        # diffusers' lower_order_final: fewer than 15 steps are stabler with low order at the end
-        if t == 0 or (lower_order_final and n < 15 and i == n - 1):
-            k = 1
-        elif lower_order_final and n < 15 and i == n - 2:
-            k = min(k, 2)
+        k = step_order(order, len(ms), i, n, t, lower_order_final)
         if k == 1:
             x = _first_order(x, s, t, m, predict_x0)
             continue
