@@ -8,7 +8,8 @@ fine-tuned model of that base and next to other LoRAs. By default it is then fus
 weights (`fuse_lora`): unfused peft layers cost extra kernel launches in every adapted layer, which
 dominates a small, launch-bound UNet. `remove_lcm_lora` copies back the original tensors of the
 fused layers (unfusing subtracts in floating point, which is not exact), unloads the LoRA and puts
-the original scheduler back: the weights and modules are those of before, bit for bit.
+the original scheduler back: the weights and modules are those of before, bit for bit. LoRAs the
+user had loaded stay loaded, each layer with the active adapters and scales it had before.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def apply_lcm_lora(pipe, config: LCMLoRAConfig) -> None:
         original_inference_steps=config.original_inference_steps,
         timestep_scaling=config.timestep_scaling,
     )
+    user_layers = _adapter_state(pipe) if loaded else []
     pipe.load_lora_weights(str(weight_file.parent), weight_name=weight_file.name, adapter_name=config.adapter_name)
     if active or config.lora_scale != 1.0:
         pipe.set_adapters(active + [config.adapter_name], adapter_weights=[1.0] * len(active) + [config.lora_scale])
@@ -127,8 +129,8 @@ def apply_lcm_lora(pipe, config: LCMLoRAConfig) -> None:
                           "unfused so that they keep working (slower: extra kernels in every adapted layer)")
         else:
             originals = _fuse(pipe, config.adapter_name)
-    pipe.__dict__[_STATE] = {"scheduler": pipe.scheduler, "active": active, "adapter_name": config.adapter_name,
-                             "originals": originals}
+    pipe.__dict__[_STATE] = {"scheduler": pipe.scheduler, "user_layers": user_layers,
+                             "adapter_name": config.adapter_name, "originals": originals}
     pipe.scheduler = scheduler
     if session is not None:
         session.call_defaults["num_inference_steps"] = config.num_steps
@@ -139,10 +141,7 @@ def _adapted_layers(pipe, adapter_name: str):
     """(component name, peft layer) of every layer that holds adapter `adapter_name`."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for name in pipe._lora_loadable_modules:
-        model = getattr(pipe, name, None)
-        if model is None:
-            continue
+    for name, model in _lora_components(pipe):
         for module in model.modules():
             if isinstance(module, BaseTunerLayer) and (
                     adapter_name in getattr(module, "lora_A", {}) or adapter_name in getattr(module, "lora_embedding_A", {})):
@@ -174,6 +173,41 @@ def _unfuse(pipe, originals: dict) -> None:
         tensor.copy_(original)
 
 
+def _lora_components(pipe):
+    """(name, model) of every component the pipeline's LoRA loader adapts."""
+    for name in pipe._lora_loadable_modules:
+        model = getattr(pipe, name, None)
+        if model is not None:
+            yield name, model
+
+
+def _adapter_state(pipe) -> list:
+    """Per peft layer the user's adapters put there: the layer, its active adapters and its scales."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(module, list(module.active_adapters), dict(getattr(module, "scaling", {})))
+            for _, model in _lora_components(pipe) for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _restore_user_adapters(pipe, adapter_name: str, user_layers: list) -> None:
+    """Delete the LCM adapter and give every layer back its former active adapters and scales; layers
+    that only the LCM-LoRA wrapped get their original module back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe.delete_adapters(adapter_name)
+    kept = {id(layer) for layer, _, _ in user_layers}
+    for _, model in _lora_components(pipe):
+        wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and id(m) not in kept]
+        for path, layer in wrapped:
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, layer.get_base_layer())
+    # peft activates a remaining adapter when the active one is deleted: put the user's choice back
+    for layer, active, scaling in user_layers:
+        layer.set_adapter(active)
+        if scaling:
+            layer.scaling.update(scaling)
+
+
 def _has_adapters(pipe) -> bool:
     unet = getattr(pipe, "unet", None)
     return bool(getattr(unet, "peft_config", None))
@@ -186,9 +220,8 @@ def remove_lcm_lora(pipe) -> None:
     pipe.scheduler = state["scheduler"]
     if state["originals"] is not None:
         _unfuse(pipe, state["originals"])
-    if state["active"]:
-        pipe.delete_adapters(state["adapter_name"])
-        pipe.set_adapters(state["active"])
+    if state["user_layers"]:
+        _restore_user_adapters(pipe, state["adapter_name"], state["user_layers"])
     else:
         # no other adapter: take the LoRA layers out entirely, leaving the original modules
         pipe.unload_lora_weights()

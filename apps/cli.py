@@ -69,9 +69,9 @@ def _parallel_config(args):
     from accel.parallel import PatchParallelConfig, init_distributed
 
     runtime = accel.resolve_config(preset=args.preset).runtime if args.preset else None
-    if runtime is not None and (runtime.compile or runtime.cuda_graph):
-        raise SystemExit(f"--parallel does not compose with the compiled runtime of preset {args.preset!r} yet; "
-                         "use --preset quality or no preset")
+    if runtime is not None and runtime.compile and "unet" in runtime.components:
+        raise SystemExit(f"--parallel does not compose with torch.compile of the UNet (preset {args.preset!r} compiles "
+                         "it); use a preset without compile, or no preset (CUDA graphs do compose)")
     try:
         config = PatchParallelConfig(mode=args.parallel, warmup_steps=args.parallel_warmup, sync=args.parallel_sync)
     except ValueError as err:
@@ -97,6 +97,11 @@ def cmd_eval(args) -> int:
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.guidance is None:
         args.guidance = EMBEDDED_GUIDANCE if args.model is None else 7.5
+    classifier = None
+    if args.classifier is not None:
+        from accel.quality.classifier import load_classifier
+
+        classifier = load_classifier(args.classifier, device=pipe.device)
     result = evaluate(
         pipe,
         preset=args.preset,
@@ -105,6 +110,7 @@ def cmd_eval(args) -> int:
         guidance_scale=args.guidance,
         seed=args.seed,
         batch_size=args.batch_size,
+        classifier=classifier,
     )
     paths = write_report(result, args.out)
     print(f"wrote {', '.join(str(p) for p in paths)}")
@@ -147,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=None, help="default: 4 on the embedded model, else 7.5")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--classifier", default=None,
+                    help="adherence classifier folder (default: the shipped accel/models/cifar10-classifier)")
     ev.add_argument("--out", default="eval-results", help="folder for the JSON and markdown report")
     ev.set_defaults(func=cmd_eval)
 
@@ -222,7 +230,7 @@ def cmd_app(args) -> int:
 
 def _add_distill_lcm_parser(sub) -> None:
     p = sub.add_parser("distill-lcm", help="distil a teacher into a few-step latent consistency model (LCM / LCM-LoRA)")
-    p.add_argument("--teacher", default=None, help="Stable Diffusion 1.x/2.x folder or Hub id (default: the embedded model)")
+    p.add_argument("--teacher", default=None, help="Stable Diffusion 1.x/2.x or SDXL folder or Hub id (default: the embedded model)")
     p.add_argument("--data", default="cifar10", help="'cifar10' (archives from ACCEL_CIFAR10_DIR) or a folder of images with same-stem .txt captions")
     p.add_argument("--out", required=True, help="folder for the LoRA (or student pipeline), checkpoint and lcm_distill.json")
     p.add_argument("--variant", default="lora", choices=["lora", "full"], help="LoRA (fixed guidance) or full UNet (guidance embedded)")
@@ -240,6 +248,7 @@ def _add_distill_lcm_parser(sub) -> None:
     p.add_argument("--time-budget", type=float, default=None, help="stop and save after this many seconds")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"], help="default: bf16 on CUDA, else no")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute student activations (SDXL at 1024 px)")
     p.add_argument("--resolution", type=int, default=None, help="image size of a caption folder (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="use the first N images only")
     p.add_argument("--seed", type=int, default=0)
@@ -264,6 +273,7 @@ def cmd_distill_lcm(args) -> int:
         original_inference_steps=args.original_inference_steps, loss=args.loss, ema_decay=args.ema_decay,
         time_budget=args.time_budget, checkpoint_every=args.checkpoint_every, seed=args.seed,
         mixed_precision=args.mixed_precision or ("bf16" if pipe.device.type == "cuda" else "no"),
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = load_captioned_images(args.data, resolution, limit=args.limit)
@@ -279,6 +289,7 @@ def _add_prune_parsers(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.4, help="laptop: share of the UNet's --target to remove")
     p.add_argument("--target", default="params", help="laptop: params, macs or latency")
     p.add_argument("--calibration-prompts", type=int, default=16, help="laptop: prompts (CIFAR-10 classes) per timestep")
+    p.add_argument("--calibration-timesteps", type=int, default=8, help="laptop: timesteps, evenly spread over training")
     p.add_argument("--max-transformer-depth", type=int, default=None, help="bk-*: keep at most this many transformer blocks per layer (KOALA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="folder for the pruned UNet (save_pretrained) and pruning_report.json/.md")
@@ -323,15 +334,15 @@ def cmd_prune(args) -> int:
     teacher = pipe.unet.eval()
     if args.method == "laptop":
         from accel.embedded import CIFAR10_CLASSES, eval_prompt
+        from distill.conditioning import encode_conditioning
 
-        import torch
-
-        if teacher.config.addition_embed_type is not None:
-            raise SystemExit("--method laptop calibrates with text states only (SD 1.x / 2.x); use bk-* for SDXL")
         prompts = [eval_prompt(CIFAR10_CLASSES[i % 10]) for i in range(args.calibration_prompts)]
-        with torch.no_grad():
-            states = pipe.encode_prompt(prompts, pipe.device, 1, False)[0]
-        calibration = pruning.calibration_inputs(teacher, states, pipe.scheduler.config)
+        try:  # text states (SD 1.x/2.x), plus pooled text embeds and time ids (SDXL)
+            conditioning = encode_conditioning(pipe, prompts, unconditional=False)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        calibration = pruning.calibration_inputs(teacher, conditioning, pipe.scheduler.config,
+                                                 num_timesteps=args.calibration_timesteps)
         student, info = pruning.laptop_unet(teacher, calibration, args.ratio, target=args.target)
         removed, extra = info["removed_blocks"], {"target": args.target, "ratio": args.ratio, "saved": info["saved"]}
     else:
@@ -348,12 +359,13 @@ def cmd_distill(args) -> int:
     import json
 
     import pruning
-    from distill.data import encode_captions, encode_latents, load_captioned_images
+    from distill.conditioning import encode_conditioning
+    from distill.data import encode_latents, load_captioned_images
     from distill.kd import KDConfig, distill_unet
 
     pipe = _teacher_pipeline(args.teacher, args.device)
-    if not hasattr(pipe, "text_encoder") or getattr(pipe, "text_encoder_2", None) is not None:
-        raise SystemExit("accel distill supports single-text-encoder pipelines (SD 1.x / 2.x, the embedded model)")
+    if not hasattr(pipe, "encode_prompt"):
+        raise SystemExit(f"accel distill needs a Stable Diffusion 1.x/2.x or SDXL pipeline, got {type(pipe).__name__}")
     try:
         student = pruning.load_unet(args.student).to(pipe.device)
     except (FileNotFoundError, ValueError) as err:
@@ -364,7 +376,7 @@ def cmd_distill(args) -> int:
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     data = load_captioned_images(args.data, resolution, limit=args.limit)
     latents = encode_latents(pipe.vae, data)
-    captions = encode_captions(pipe.text_encoder, pipe.tokenizer, data.captions)
+    captions = encode_conditioning(pipe, data.captions, resolution=resolution)  # SDXL: pooled embeds, time ids
     result = distill_unet(pipe.unet, student, latents, captions, pipe.scheduler.config, config, args.out)
     student = result.pop("student")
     pruning.save_unet(student, Path(args.out) / "unet")

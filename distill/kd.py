@@ -8,7 +8,8 @@ feature, so that deep, large-magnitude stages do not drown the others (LAPTOP-Di
 
 ``distill_unet`` trains with ``accelerate`` (one or several GPUs, bf16 autocast), keeps an EMA of the student
 (``diffusers.training_utils.EMAModel``), can checkpoint activations, writes resumable checkpoints with
-``Accelerator.save_state`` and picks them up again with ``load_state``.
+``Accelerator.save_state`` and picks them up again with ``load_state``. Teacher and student are SD 1.x/2.x UNets
+(text states) or SDXL UNets (text states plus pooled text embeds and time ids, ``distill.conditioning``).
 """
 
 from __future__ import annotations
@@ -146,24 +147,33 @@ class _Progress:
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
 
 
-def distill_unet(teacher, student, latents, caption_embeddings: torch.Tensor, scheduler_config, config: KDConfig,
+def distill_unet(teacher, student, latents, caption_embeddings, scheduler_config, config: KDConfig,
                  out_dir: str | Path, *, accelerator=None, progress: bool = True) -> dict:
     """Retrain ``student`` against ``teacher`` on pre-encoded data; returns a result dict.
 
-    ``latents``: a ``distill.data.LatentSet``; ``caption_embeddings``: text-encoder states of its captions plus
-    the empty caption last (``distill.data.encode_captions``). Checkpoints go to ``out_dir/checkpoint`` and are
-    resumed from there; at the end the student holds the EMA weights. UNets conditioned on pooled text and
-    time ids (SDXL) are not supported here.
+    ``latents``: a ``distill.data.LatentSet``; ``caption_embeddings``: the conditioning of its captions plus the
+    unconditional one last - a ``distill.conditioning.Conditioning`` from ``encode_conditioning(pipe, captions)``
+    (any SD-family pipeline, SDXL included), or for SD 1.x/2.x a tensor of text states
+    (``distill.data.encode_captions``). Checkpoints go to ``out_dir/checkpoint`` and are resumed from there; at
+    the end the student holds the EMA weights.
     """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    from .conditioning import as_conditioning, check_unet_conditioning
     from .data import sample_latent_batch
 
-    if getattr(teacher.config, "addition_embed_type", None) is not None:
-        raise ValueError("distill_unet supports UNets conditioned on text states only (SD 1.x / 2.x), not "
-                         f"addition_embed_type={teacher.config.addition_embed_type!r} (SDXL)")
+    conditioning = as_conditioning(caption_embeddings)
+    check_unet_conditioning(teacher, conditioning, role="teacher UNet")
+    check_unet_conditioning(student, conditioning, role="student UNet")
+    if teacher.config.addition_embed_type != student.config.addition_embed_type:
+        raise ValueError(f"teacher (addition_embed_type={teacher.config.addition_embed_type!r}) and student "
+                         f"({student.config.addition_embed_type!r}) take different conditioning; prune the student "
+                         "from this teacher (pruning.bk_sdm_unet / laptop_unet)")
+    if len(conditioning) != len(latents.captions) + 1:
+        raise ValueError(f"caption_embeddings has {len(conditioning)} rows; expected one per caption "
+                         f"({len(latents.captions)}) plus the unconditional one last")
     out_dir = Path(out_dir)
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
     device = accelerator.device
@@ -186,7 +196,7 @@ def distill_unet(teacher, student, latents, caption_embeddings: torch.Tensor, sc
         accelerator.print(f"resumed KD from {ckpt_dir} at step {state.step}")
 
     schedule = NoiseSchedule(scheduler_config, device)
-    caption_embeddings = caption_embeddings.to(device)
+    conditioning = conditioning.to(device)
     data = replace(latents, mean=latents.mean.to(device), std=latents.std.to(device), choices=latents.choices.to(device))
     # Each process draws its own batches: seeded by (seed, step, rank), so a resumed run repeats an unbroken one.
     rank, per_process = accelerator.process_index, config.batch_size
@@ -207,8 +217,10 @@ def distill_unet(teacher, student, latents, caption_embeddings: torch.Tensor, sc
         scale = min(1.0, (state.step + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * state.step / config.max_steps))
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * max(scale, 0.05)
+        cond = conditioning[caption]
         with accelerator.autocast():
-            loss, parts = kd_loss(prepared, teacher, pairs, noisy, timesteps, caption_embeddings[caption], target, weights, config)
+            loss, parts = kd_loss(prepared, teacher, pairs, noisy, timesteps, cond.encoder_hidden_states, target, weights,
+                                  config, cond.added_cond_kwargs)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(prepared.parameters(), 1.0)

@@ -18,6 +18,10 @@ Two students:
   at a fixed guidance scale (or an unembedded range) and saved so that
   `pipe.load_lora_weights(folder)` loads it into any pipeline of the same base.
 
+The teacher is a Stable Diffusion 1.x/2.x or SDXL pipeline; for SDXL every teacher, student and target
+call also gets the pooled text embeds and time ids (`distill.conditioning`), and the LoRA is saved for
+`StableDiffusionXLPipeline.load_lora_weights`.
+
 Runs under `accelerate` (mixed precision, `save_state` / `load_state` for resume; batches are drawn
 from a generator seeded by the step, so a resumed run sees the batches an unbroken one would).
 """
@@ -35,6 +39,8 @@ import torch
 
 from samplers.denoiser import PREDICTION_TYPES, NoiseSchedule, UNetDenoiser
 from samplers.lcm import DEFAULT_TIMESTEP_SCALING, lcm_boundary_scalings
+
+from .conditioning import Conditioning, as_conditioning, check_unet_conditioning, takes_added_conditions
 
 VARIANTS = ("lora", "full")
 LOSSES = ("huber", "l2")
@@ -71,6 +77,8 @@ class LCMDistillConfig:
             without gradient) for "lora".
         timestep_scaling: the boundary condition's timestep scaling (`LCMScheduler`'s).
         learning_rate: None: 1e-4 for "lora", 2e-5 for "full".
+        gradient_checkpointing: recompute the student's activations in the backward pass (SDXL at
+            1024 px on one GPU).
     """
 
     variant: str = "lora"
@@ -93,6 +101,7 @@ class LCMDistillConfig:
     time_budget: float | None = None
     checkpoint_every: int = 500
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -126,6 +135,8 @@ class LCMDistillConfig:
             raise ValueError("LCMDistillConfig.huber_c and timestep_scaling must be positive")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise ValueError(f"LCMDistillConfig.learning_rate must be positive, got {self.learning_rate!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"LCMDistillConfig.gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
 
     @property
     def target_decay(self) -> float:
@@ -149,14 +160,21 @@ def _check_teacher(pipe) -> None:
     from diffusers import UNet2DConditionModel
 
     unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, UNet2DConditionModel) or getattr(pipe, "text_encoder_2", None) is not None:
+    if not isinstance(unet, UNet2DConditionModel) or not hasattr(pipe, "encode_prompt"):
         raise TypeError(
             f"{type(pipe).__name__} is not supported as an LCM teacher; supported: Stable Diffusion 1.x / 2.x "
-            "pipelines (a UNet2DConditionModel, one text encoder, a VAE)"
+            "and SDXL pipelines (a UNet2DConditionModel, their text encoders, a VAE)"
         )
-    if unet.config.addition_embed_type is not None or unet.config.time_cond_proj_dim is not None:
-        raise TypeError("the teacher UNet takes extra conditioning (added embeddings or timestep_cond); "
-                        "supported: plain Stable Diffusion 1.x / 2.x UNets")
+    try:
+        check_unet_conditioning(unet, role="teacher UNet")
+    except ValueError as err:
+        raise TypeError(str(err)) from None
+    if takes_added_conditions(unet) and getattr(pipe, "text_encoder_2", None) is None:
+        raise TypeError(f"{type(pipe).__name__} has an SDXL UNet but no text_encoder_2; supported: "
+                        "StableDiffusionXLPipeline (base, both text encoders)")
+    if unet.config.time_cond_proj_dim is not None:
+        raise TypeError("the teacher UNet already embeds a guidance scale (time_cond_proj_dim is set): it is a "
+                        "distilled student, not a teacher; supported: plain Stable Diffusion 1.x / 2.x / SDXL UNets")
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"teacher prediction_type={prediction!r} is not supported; valid choices: {PREDICTION_TYPES}")
@@ -218,6 +236,8 @@ class LCMDistiller:
         self.skip = num_train_timesteps // config.original_inference_steps
         self.sigmas = self.noise_schedule.sigmas.to(self.device, torch.float32)
         self.student = make_student(self.teacher, config).to(self.device)
+        if config.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
         params = trainable_parameters(self.student)
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=1e-2)
         self.model, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
@@ -237,11 +257,14 @@ class LCMDistiller:
         self._target_denoiser = UNetDenoiser(self.target, schedule_config)
 
     # ------------------------------------------------------------------ data
-    def draw_batch(self, latents, embeddings: torch.Tensor, step: int) -> dict:
-        """A batch for `step`, from generators seeded by (seed, step): latents, caption embeddings,
-        distillation-schedule indices, noise and guidance scales."""
+    def draw_batch(self, latents, embeddings, step: int) -> dict:
+        """A batch for `step`, from generators seeded by (seed, step): latents, caption conditioning,
+        distillation-schedule indices, noise and guidance scales. `embeddings`: a `Conditioning` of the
+        captions with the unconditional one last (`encode_conditioning`), or SD text states."""
         from .data import sample_latent_batch
 
+        embeddings = as_conditioning(embeddings)
+        check_unet_conditioning(self.teacher, embeddings, role="teacher UNet")
         config = self.config
         generator = torch.Generator(self.device).manual_seed(config.seed * 1_000_003 + step)
         host = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -256,25 +279,26 @@ class LCMDistiller:
             guidance = low + (high - low) * torch.rand(n, generator=host)
         return {
             "x0": x0,
-            "cond": embeddings[caption],
-            "uncond": embeddings[-1:].expand(n, *embeddings.shape[1:]),
+            "cond": embeddings[caption].to(self.device),
+            "uncond": embeddings[torch.full((n,), len(embeddings) - 1, dtype=torch.long)].to(self.device),
             "index": index.to(self.device),
             "noise": torch.randn(x0.shape, device=self.device, generator=generator),
             "guidance": guidance,
         }
 
     # ------------------------------------------------------------------ the consistency loss
-    def _consistency(self, denoiser, x, sigma, t, cond, guidance_cond):
+    def _consistency(self, denoiser, x, sigma, t, cond: Conditioning, guidance_cond):
         """`f(x, t) = c_skip * x_vp + c_out * x0` in the VE form of `samplers` (x = x_vp / alpha)."""
         extra = {} if guidance_cond is None else {"timestep_cond": guidance_cond}
-        x0 = denoiser(x, sigma, encoder_hidden_states=cond, **extra)
+        x0 = denoiser(x, sigma, **cond.unet_kwargs(), **extra)
         c_skip, c_out = lcm_boundary_scalings(t.to(torch.float32), self.config.timestep_scaling)
         alpha = (1 + sigma**2).rsqrt()
         shape = (-1, 1, 1, 1)
         return c_skip.view(shape) * alpha.view(shape) * x + c_out.view(shape) * x0.float()
 
-    def _teacher_x0(self, x, sigma, cond, uncond, guidance):
-        both = self._teacher_denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), encoder_hidden_states=torch.cat([uncond, cond]))
+    def _teacher_x0(self, x, sigma, cond: Conditioning, uncond: Conditioning, guidance):
+        both = Conditioning.cat([uncond, cond])
+        both = self._teacher_denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both.unet_kwargs())
         x0_uncond, x0_cond = both.float().chunk(2)
         return x0_uncond + guidance.view(-1, 1, 1, 1) * (x0_cond - x0_uncond)
 
@@ -339,20 +363,24 @@ class LCMDistiller:
 
     def save(self, out_dir: str | Path) -> Path:
         """"lora": `pytorch_lora_weights.safetensors` (loads with `pipe.load_lora_weights(out_dir)`);
-        "full": a `StableDiffusionPipeline` folder with the student UNet and an `LCMScheduler`."""
-        from diffusers import LCMScheduler, StableDiffusionPipeline
+        "full": a `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) folder with the student UNet
+        and an `LCMScheduler`."""
+        from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        sdxl = takes_added_conditions(self.teacher)
+        pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        student = self.export_student()
         if self.config.variant == "lora":
             from peft.utils import get_peft_model_state_dict
 
+            # only the adapter is written: read it in place rather than copying the whole UNet
+            student = self.target if self.target is not self.student else self.accelerator.unwrap_model(self.model)
             layers = get_peft_model_state_dict(student, adapter_name=ADAPTER_NAME)
             metadata = student.peft_config[ADAPTER_NAME].to_dict()
             metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
-            StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
-                                                      unet_lora_adapter_metadata=metadata)
+            pipeline_class.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
+                                             unet_lora_adapter_metadata=metadata)
             return out_dir / LORA_WEIGHT_NAME
         scheduler = LCMScheduler.from_config(
             self.pipe.scheduler.config,
@@ -360,8 +388,11 @@ class LCMDistiller:
             timestep_scaling=self.config.timestep_scaling,
         )
         components = {name: module for name, module in self.pipe.components.items()}
-        components.update(unet=student, scheduler=scheduler)
-        StableDiffusionPipeline(**components).save_pretrained(out_dir / "pipeline", safe_serialization=True)
+        components.update(unet=self.export_student(), scheduler=scheduler)
+        options = {}
+        if sdxl:  # keep the teacher's unconditional embedding (zeros or the empty prompt)
+            options["force_zeros_for_empty_prompt"] = self.pipe.config.get("force_zeros_for_empty_prompt", True)
+        pipeline_class(**components, **options).save_pretrained(out_dir / "pipeline", safe_serialization=True)
         return out_dir / "pipeline"
 
 
@@ -374,16 +405,18 @@ def distill_lcm(pipe, data, out_dir: str | Path, config: LCMDistillConfig | None
     """
     from tqdm.auto import tqdm
 
-    from .data import encode_captions, encode_latents
+    from .conditioning import encode_conditioning
+    from .data import encode_latents
 
     config = config or LCMDistillConfig()
     out_dir = Path(out_dir)
     distiller = LCMDistiller(pipe, config)
     accelerator, device = distiller.accelerator, distiller.device
-    vae = pipe.vae.to(device).eval()
-    text_encoder = pipe.text_encoder.to(device).eval()
-    latents = encode_latents(vae, data)
-    embeddings = encode_captions(text_encoder, pipe.tokenizer, latents.captions).float()
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(device).eval()
+    latents = encode_latents(pipe.vae, data)
+    embeddings = encode_conditioning(pipe, latents.captions, resolution=tuple(data.images.shape[-2:]))
 
     checkpoint = out_dir / "checkpoint"
     state_path = checkpoint / "lcm_state.json"

@@ -164,6 +164,10 @@ def laptop_scores(unet, calibration: list[dict], candidates: list[Candidate] | N
     the output's mean square, averaged over the calibration inputs. Sorted from most to least harmful."""
     if not calibration:
         raise ValueError("laptop_scores needs at least one calibration input")
+    if unet.config.addition_embed_type is not None and any("added_cond_kwargs" not in x for x in calibration):
+        raise ValueError(f"the UNet has addition_embed_type={unet.config.addition_embed_type!r} (SDXL) and every "
+                         "calibration input needs added_cond_kwargs (pooled text embeds and time ids); build them with "
+                         "calibration_inputs(unet, encode_conditioning(pipe, prompts, unconditional=False), ...)")
     candidates = removable_candidates(unet) if candidates is None else candidates
     references = [_output(unet, inputs) for inputs in calibration]
     scores = []
@@ -305,15 +309,25 @@ def laptop_unet(teacher, calibration: list[dict], ratio: float, *, target: str =
 
 
 @torch.no_grad()
-def calibration_inputs(unet, encoder_hidden_states: torch.Tensor, scheduler_config, *, x0: torch.Tensor | None = None,
+def calibration_inputs(unet, conditioning, scheduler_config, *, x0: torch.Tensor | None = None,
                        num_timesteps: int = 8, seed: int = 0) -> list[dict]:
     """One UNet input per timestep, evenly spread over training: ``x0`` (latents of real images, or standard
-    normal noise when ``None``) noised to that timestep with the teacher's schedule, with the given text states."""
+    normal noise when ``None``) noised to that timestep with the teacher's schedule, with the given conditioning.
+
+    ``conditioning``: one row per calibration sample - a ``distill.conditioning.Conditioning``
+    (``encode_conditioning(pipe, prompts, unconditional=False)``, SDXL's pooled text embeds and time ids
+    included), or for SD 1.x/2.x a tensor of text states.
+    """
     from diffusers import DDPMScheduler
 
+    from distill.conditioning import as_conditioning, check_unet_conditioning
+
+    conditioning = as_conditioning(conditioning)
+    check_unet_conditioning(unet, conditioning)
     scheduler = DDPMScheduler.from_config(scheduler_config)
-    batch = encoder_hidden_states.shape[0]
+    batch = len(conditioning)
     device, dtype = unet.device, unet.dtype
+    cond = conditioning.to(device, dtype).unet_kwargs()
     generator = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
     shape = (batch, unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
@@ -323,6 +337,5 @@ def calibration_inputs(unet, encoder_hidden_states: torch.Tensor, scheduler_conf
     for k in range(num_timesteps):
         t = torch.full((batch,), int((k + 0.5) * total / num_timesteps))
         noisy = scheduler.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
-        inputs.append({"sample": noisy.to(device, dtype), "timestep": t.to(device),
-                       "encoder_hidden_states": encoder_hidden_states.to(device, dtype)})
+        inputs.append({"sample": noisy.to(device, dtype), "timestep": t.to(device), **cond})
     return inputs

@@ -86,3 +86,31 @@ def test_prune_then_distill_commands(saved_pipe, tmp_path):
     changed = any(not np.array_equal(a.detach().numpy(), b.detach().numpy())
                   for a, b in zip(trained.parameters(), student.parameters()))
     assert changed  # two optimizer steps moved the weights
+
+
+def test_sdxl_prune_laptop_distill_and_distill_lcm_commands(sdxl_pipe, tmp_path):
+    """The same commands on an SDXL pipeline: pooled text embeds and time ids reach calibration, KD and LCM."""
+    import numpy as np
+    import torch
+
+    import pruning
+
+    sdxl_pipe.save_pretrained(tmp_path / "sdxl")
+    teacher, laptop = tmp_path / "sdxl", tmp_path / "laptop"
+    assert main(["prune", "--model", str(teacher), "--method", "laptop", "--ratio", "0.2", "--calibration-prompts", "1",
+                 "--calibration-timesteps", "2", "--device", "cpu", "--out", str(laptop)]) == 0
+    student = pruning.load_unet(laptop)
+    assert student.config.removed_blocks and student.config.addition_embed_type == "text_time"
+    data = tmp_path / "captions"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a red car", "a ship"]):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    assert main(["distill", "--teacher", str(teacher), "--student", str(laptop), "--data", str(data), "--steps", "1",
+                 "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "kd")]) == 0
+    trained = pruning.load_unet(tmp_path / "kd" / "unet")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), student.state_dict().values()))
+    assert main(["distill-lcm", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "lcm"),
+                 "--lora-rank", "2", "--steps", "1", "--batch-size", "2", "--gradient-checkpointing", "--device", "cpu"]) == 0
+    assert (tmp_path / "lcm" / "pytorch_lora_weights.safetensors").is_file()

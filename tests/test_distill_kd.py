@@ -89,11 +89,56 @@ def test_distill_unet_trains_checkpoints_and_resumes(tmp_path):
     assert resumed["steps"] == 3 and len(resumed["loss_history"]) == 0  # one step run after resuming at 2
 
 
-def test_distill_unet_rejects_sdxl_conditioning(tmp_path):
-    teacher = tiny_unet(sdxl=True)
-    latents = LatentSet(torch.zeros(1, 4, 16, 16), torch.zeros(1, 4, 16, 16), torch.zeros(1, 1, dtype=torch.long), ("a",))
-    with pytest.raises(ValueError, match="text states only"):
-        distill_unet(teacher, teacher, latents, torch.zeros(2, 7, 64), SCHEDULE, KDConfig(), tmp_path)
+def _sdxl_kd_setup(tmp_path):
+    from distill.conditioning import encode_conditioning
+    from tiny import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    conditioning = encode_conditioning(pipe, ["a red car", "a black cat"], resolution=32)
+    student, _ = pruning.bk_sdm_unet(pipe.unet, "small")
+    return pipe, conditioning, student
+
+
+def test_kd_steps_on_an_sdxl_teacher_and_bk_small_student_lower_the_loss(tmp_path):
+    pipe, conditioning, student = _sdxl_kd_setup(tmp_path)
+    teacher = pipe.unet
+    assert conditioning.text_embeds.shape == (3, 32) and conditioning.time_ids[0].tolist() == [32, 32, 0, 0, 32, 32]
+    assert conditioning.encoder_hidden_states[-1].abs().max() == 0  # SDXL's unconditional embedding: zeros
+    student.train()
+    pairs = stage_pairs(student, teacher)
+    noisy, timesteps, _, target, weights = _batch(teacher, n=3)
+    cond = conditioning[torch.tensor([0, 1, 2])]
+    args = (noisy, timesteps, cond.encoder_hidden_states, target, weights, KDConfig())
+    # the pooled text embeds and time ids reach both UNets: other time ids, other loss
+    other = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids * 4}
+    with torch.no_grad():
+        assert kd_loss(student, teacher, pairs, *args, other)[0] != kd_loss(student, teacher, pairs, *args, cond.added_cond_kwargs)[0]
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        loss, parts = kd_loss(student, teacher, pairs, *args, cond.added_cond_kwargs)
+        assert parts["feature_kd"] > 0 and parts["output_kd"] > 0
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_distill_unet_trains_an_sdxl_student_and_needs_its_added_conditions(tmp_path):
+    pipe, conditioning, student = _sdxl_kd_setup(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    latents = LatentSet(torch.randn(4, 4, 16, 16, generator=g), torch.full((4, 4, 16, 16), 0.1),
+                        torch.randint(0, 2, (4, 1), generator=g), ("a red car", "a black cat"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    config = KDConfig(max_steps=1, batch_size=2, ema_decay=0.0)
+    with pytest.raises(ValueError, match="needs pooled text embeds and time ids"):
+        distill_unet(pipe.unet, student, latents, conditioning.encoder_hidden_states, SCHEDULE, config, tmp_path / "a")
+    result = distill_unet(pipe.unet, student, latents, conditioning, SCHEDULE, config, tmp_path / "b", progress=False)
+    assert result["steps"] == 1 and result["loss_history"][0]["feature_kd"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in result["student"].state_dict().items())
+    with pytest.raises(ValueError, match="take different conditioning"):
+        distill_unet(pipe.unet, tiny_unet(), latents, conditioning, SCHEDULE, config, tmp_path / "c")
 
 
 def test_kd_config_validates():

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
-from tiny import run, tiny_sd_pipeline
+from tiny import run, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 import accel
 import samplers
@@ -170,6 +170,49 @@ def test_full_student_saves_a_pipeline_that_embeds_guidance(tmp_path):
     assert torch.equal(torch.from_numpy(out), torch.from_numpy(run(student, steps=2, guidance_scale=8.0)))
 
 
+@pytest.mark.parametrize("variant,lr", [("lora", 1e-3), ("full", 1e-5)])
+def test_one_sdxl_distillation_step_lowers_the_loss_on_a_fixed_batch(tmp_path, variant, lr):
+    from distill.conditioning import encode_conditioning
+
+    pipe = tiny_sdxl_pipeline(tmp_path)
+    config = LCMDistillConfig(variant=variant, batch_size=2, lora_rank=4, learning_rate=lr, warmup_steps=1,
+                              guidance_range=(2.0, 6.0), guidance_embed_dim=32)
+    distiller = LCMDistiller(pipe, config)
+    latents = encode_latents(pipe.vae, _data(2))
+    conditioning = encode_conditioning(pipe, latents.captions, resolution=32)
+    with pytest.raises(ValueError, match="needs pooled text embeds and time ids"):
+        distiller.draw_batch(latents, conditioning.encoder_hidden_states, 0)
+    batch = distiller.draw_batch(latents, conditioning, 0)
+    assert batch["uncond"].text_embeds.abs().max() == 0  # SDXL's zeroed unconditional embedding
+    assert batch["cond"].time_ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    with torch.no_grad():
+        before = distiller.loss(batch).item()
+    distiller.train_step(batch)
+    with torch.no_grad():
+        after = distiller.loss(batch).item()
+    assert after < before
+    if variant == "full":
+        student = StableDiffusionXLPipeline.from_pretrained(distiller.save(tmp_path / "out"))
+        assert student.unet.config.time_cond_proj_dim == 32 and isinstance(student.scheduler, LCMScheduler)
+        assert student.unet.time_embedding.cond_proj.weight.abs().max() > 0
+
+
+def test_sdxl_lora_loads_into_a_fresh_sdxl_pipeline(tmp_path):
+    pipe = tiny_sdxl_pipeline(tmp_path / "teacher")
+    config = LCMDistillConfig(batch_size=2, lora_rank=4, learning_rate=1e-2, warmup_steps=1, max_steps=1)
+    summary = distill_lcm(pipe, _data(2), tmp_path / "out", config, disable_progress=True)
+    assert summary["steps"] == 1 and summary["loss_first"] > 0
+    fresh = tiny_sdxl_pipeline(tmp_path / "fresh")
+    before = run(fresh, steps=2, guidance_scale=1.0)
+    fresh.load_lora_weights(str(tmp_path / "out"))
+    from safetensors.torch import load_file
+
+    loaded = [n for n, _ in fresh.unet.named_parameters() if "lora_" in n]
+    assert len(loaded) == len(load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")) > 0
+    assert any("attn2.to_k.lora_A" in n for n in loaded)  # every adapted layer loads, cross-attention included
+    assert abs(run(fresh, steps=2, guidance_scale=1.0) - before).max() > 1e-4
+
+
 def test_distill_config_rejects_bad_values():
     with pytest.raises(ValueError, match="valid choices: 'lora', 'full'"):
         LCMDistillConfig(variant="half")
@@ -277,3 +320,37 @@ def test_lcm_lora_config_errors(sd_pipe, lora_folder, tmp_path):
     with pytest.raises(ValueError, match="leave AccelConfig.sampler as None"):
         accel.accelerate(sd_pipe, config)
     assert not accel.is_accelerated(sd_pipe) and sd_pipe.scheduler is scheduler
+
+
+def _user_lora(pipe, folder):
+    """A user's LoRA on the attention queries only (fewer layers than the LCM-LoRA adapts)."""
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(pipe.unet)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]), adapter_name="style")
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet, adapter_name="style"))
+    return folder
+
+
+def test_restore_keeps_a_loaded_but_inactive_user_lora(sd_pipe, lora_folder, tmp_path):
+    sd_pipe.load_lora_weights(str(_user_lora(sd_pipe, tmp_path / "style")), adapter_name="style")
+    sd_pipe.unet.set_adapters([])  # the user's LoRA stays loaded, with no adapter active
+    baseline = run(sd_pipe, steps=4, guidance_scale=1.0)
+    weights = {k: v.clone() for k, v in sd_pipe.unet.state_dict().items()}
+    accel.accelerate(sd_pipe, accel.AccelConfig(model=accel.LCMLoRAConfig(path=lora_folder)))
+    assert sd_pipe.get_active_adapters() == ["lcm"]
+    assert abs(run(sd_pipe, steps=4, guidance_scale=1.0) - baseline).max() > 1e-3
+    accel.restore(sd_pipe)
+    assert sd_pipe.get_list_adapters() == {"unet": ["style"]} and sd_pipe.get_active_adapters() == []
+    restored = sd_pipe.unet.state_dict()
+    assert restored.keys() == weights.keys() and all(torch.equal(restored[k], weights[k]) for k in weights)
+    assert (run(sd_pipe, steps=4, guidance_scale=1.0) == baseline).all()
+    sd_pipe.unet.set_adapters(["style"])  # and the user's LoRA still works when switched on
+    assert abs(run(sd_pipe, steps=4, guidance_scale=1.0) - baseline).max() > 1e-3

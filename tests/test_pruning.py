@@ -64,6 +64,26 @@ def test_laptop_ranks_a_harmless_block_last():
     assert kinds == {"resnet", "attention", "pair"}
 
 
+def test_laptop_calibrates_an_sdxl_unet_and_ranks_a_harmless_block_last(sdxl_pipe):
+    from distill.conditioning import encode_conditioning
+
+    unet = sdxl_pipe.unet
+    harmless = unet.down_blocks[1].attentions[0]
+    with torch.no_grad():
+        harmless.proj_out.weight.zero_()
+        harmless.proj_out.bias.zero_()
+    conditioning = encode_conditioning(sdxl_pipe, ["a photo of a horse", "a ship"], unconditional=False)
+    calibration = pruning.calibration_inputs(unet, conditioning, sdxl_pipe.scheduler.config, num_timesteps=1)
+    assert calibration[0]["added_cond_kwargs"]["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+    scores = pruning.laptop_scores(unet, calibration)
+    assert scores[-1][0].name == "down_blocks.1.attentions.0"
+    assert scores[-1][1] < 1e-10 < scores[-2][1]
+    with pytest.raises(ValueError, match="needs pooled text embeds and time ids"):
+        pruning.calibration_inputs(unet, conditioning.encoder_hidden_states, sdxl_pipe.scheduler.config)
+    with pytest.raises(ValueError, match="every calibration input needs added_cond_kwargs"):
+        pruning.laptop_scores(unet, [{k: v for k, v in calibration[0].items() if k != "added_cond_kwargs"}])
+
+
 def test_select_blocks_solves_the_knapsack_one_option_per_layer():
     def cand(name, layer):
         return Candidate(name, "attention", layer, (name,))

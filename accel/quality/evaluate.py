@@ -7,12 +7,11 @@ reports latency, PSNR / SSIM of the accelerated images to the baseline and, wher
 classifier) and the Frechet distance, in that classifier's features, to the CIFAR-10 test set, next to
 the floor of 1,000 real test images against the other 9,000.
 
-    python -m accel.quality.evaluate --n 1000 --device cuda --out out/eval
+    accel eval --n 1000 --device cuda --out out/eval      # the command line (apps/cli.py)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -258,53 +257,3 @@ def write_report(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     md_path = out_dir / "eval.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="diffusers folder (default: the embedded mini SD)")
-    parser.add_argument("--preset", default=None)
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--classifier", type=Path, default=None, help="classifier folder (default: the shipped one)")
-    parser.add_argument("--out", type=Path, default=Path("out/eval"))
-    args = parser.parse_args(argv)
-
-    # float32 unless asked: the model card's numbers are float32 on every device.
-    dtype = getattr(torch, args.dtype or "float32")
-    if args.model is None:
-        from ..embedded import load_embedded_pipeline
-
-        pipe = load_embedded_pipeline(args.device, dtype)
-    else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(args.device)
-        pipe.set_progress_bar_config(disable=True)
-    classifier = None
-    if args.classifier is not None:
-        from .classifier import load_classifier
-
-        classifier = load_classifier(args.classifier, device=args.device)
-    result = evaluate(
-        pipe,
-        preset=args.preset,
-        n=args.n,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        classifier=classifier,
-    )
-    _, md_path = write_report(result, args.out)
-    print(md_path.read_text())
-    return result
-
-
-if __name__ == "__main__":
-    main()
