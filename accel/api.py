@@ -6,24 +6,54 @@ import logging
 
 from .config import AccelConfig
 from .errors import AlreadyAcceleratedError, NotAcceleratedError, UnsupportedPipelineError
-from .registry import technique_for
+from .registry import all_techniques, technique_for
 from .session import AccelSession, accelerated_class, get_session
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = (
     "diffusers pipelines whose denoiser `.unet` is a UNet2DConditionModel: StableDiffusion (1.x/2.x) and "
-    "StableDiffusionXL text-to-image, img2img, inpaint and their ControlNet variants"
+    "StableDiffusionXL text-to-image, img2img, inpaint and their ControlNet variants; and, for the configs that "
+    "work on DiT transformers, pipelines whose `.transformer` runs its blocks from `transformer_blocks` "
+    "(PixArt-Alpha/Sigma, Stable Diffusion 3, Flux)"
 )
+_DENOISERS = {"unet": "a UNet2DConditionModel `.unet`", "transformer": "a DiT `.transformer` with `transformer_blocks`"}
+
+
+def denoiser_kind(pipe) -> str | None:
+    """"unet", "transformer" (a DiT whose blocks are the ModuleList `transformer_blocks`), or None."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        return "unet"
+    transformer = getattr(pipe, "transformer", None)
+    if isinstance(transformer, torch.nn.Module) and isinstance(getattr(transformer, "transformer_blocks", None), torch.nn.ModuleList):
+        return "transformer"
+    return None
 
 
 def _check_supported(pipe) -> None:
-    from diffusers import UNet2DConditionModel
-
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, UNet2DConditionModel):
-        found = "no .unet" if unet is None else f".unet of type {type(unet).__name__}"
+    if denoiser_kind(pipe) is None:
+        unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
+        found = (f".unet of type {type(unet).__name__}" if unet is not None else
+                 f".transformer of type {type(transformer).__name__} without transformer_blocks" if transformer is not None else
+                 "no .unet or .transformer")
         raise UnsupportedPipelineError(f"{type(pipe).__name__} is not supported ({found}); supported: {SUPPORTED}")
+
+
+def _check_plan(pipe, plan) -> None:
+    """Every technique of the plan works on this pipeline's denoiser (and passes its own check)."""
+    kind = denoiser_kind(pipe)
+    for technique, _ in plan:
+        if kind not in technique.denoisers:
+            needs = " or ".join(_DENOISERS.get(d, d) for d in technique.denoisers)
+            accepted = ", ".join(t.config_type.__name__ for t in all_techniques() if kind in t.denoisers) or "none"
+            raise UnsupportedPipelineError(
+                f"{technique.config_type.__name__} needs a pipeline with {needs}; {type(pipe).__name__} has "
+                f"{_DENOISERS.get(kind, kind)}, on which the accepted configs are: {accepted}")
+        if technique.check is not None:
+            technique.check(pipe)
 
 
 def resolve_config(config: AccelConfig | None = None, preset: str | None = None) -> AccelConfig:
@@ -55,6 +85,7 @@ def accelerate(pipe, config: AccelConfig | None = None, *, preset: str | None = 
         )
     config = resolve_config(config, preset)
     plan = sorted(((technique_for(c), c) for _, c in config.items()), key=lambda tc: tc[0].order)
+    _check_plan(pipe, plan)
 
     session = AccelSession(config, type(pipe))
     pipe.__dict__["_accel_session"] = session

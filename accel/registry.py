@@ -18,6 +18,20 @@ class Technique:
     apply: Callable  # apply(pipe, config) -> None; raises before changing anything on bad input
     remove: Callable  # remove(pipe) -> None; undoes apply exactly
     order: int  # applied in ascending order, removed in descending order
+    # The denoisers it works on: "unet" (a UNet2DConditionModel `.unet`), "transformer" (a DiT `.transformer`).
+    denoisers: tuple[str, ...] = ("unet",)
+    check: Callable | None = None  # check(pipe) -> None; raises UnsupportedPipelineError before anything is applied
+
+
+def _check_betas_schedule(pipe) -> None:
+    """The samplers run on a discrete noise schedule given by betas (SD, SDXL, PixArt), not on flow matching."""
+    from .errors import UnsupportedPipelineError
+
+    scheduler = getattr(pipe, "scheduler", None)
+    if "beta_schedule" not in (getattr(scheduler, "config", None) or {}):
+        raise UnsupportedPipelineError(
+            f"SamplerConfig needs a scheduler with a betas noise schedule (DDIM, PNDM, Euler, DPM-Solver: SD, SDXL, "
+            f"PixArt); {type(pipe).__name__} uses {type(scheduler).__name__}, which has none (flow matching)")
 
 
 def _builtin_techniques() -> list[Technique]:
@@ -31,12 +45,13 @@ def _builtin_techniques() -> list[Technique]:
     return [
         Technique("lcm_lora", "model", LCMLoRAConfig, apply_lcm_lora, remove_lcm_lora, order=10),
         Technique("unet_swap", "model", UNetSwapConfig, apply_unet_swap, remove_unet_swap, order=5),
-        Technique("sampler", "sampler", SamplerConfig, apply_sampler, remove_sampler, order=20),
+        Technique("sampler", "sampler", SamplerConfig, apply_sampler, remove_sampler, order=20,
+                  denoisers=("unet", "transformer"), check=_check_betas_schedule),
         Technique("deepcache", "cache", cache.DeepCacheConfig, cache.apply_deepcache, cache.remove_deepcache, order=50),
         Technique("encoder_propagation", "cache", cache.EncoderPropagationConfig, cache.apply_encoder_propagation,
                   cache.remove_encoder_propagation, order=50),
         Technique("block_cache", "cache", cache.BlockCacheConfig, cache.apply_block_cache, cache.remove_block_cache,
-                  order=50),
+                  order=50, denoisers=("unet", "transformer")),
         Technique("patch_parallel", "parallel", PatchParallelConfig, apply_patch_parallel, remove_patch_parallel,
                   order=70),
         Technique("runtime", "runtime", RuntimeConfig, apply_runtime, remove_runtime, order=90),

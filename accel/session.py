@@ -61,6 +61,18 @@ def _step_counter(session: AccelSession, user_callback):
     return on_step_end
 
 
+def _legacy_step_counter(session: AccelSession, user_callback, every: int):
+    """The same for pipelines that report steps through `callback(step, timestep, latents)` (PixArt-Alpha):
+    called at every step, passing on to the user's callback every `every` steps as the pipeline would."""
+
+    def callback(step, timestep, latents):
+        session.step_index = step + 1
+        if user_callback is not None and step % every == 0:
+            user_callback(step, timestep, latents)
+
+    return callback
+
+
 class AcceleratedCall:
     """Mixin put in front of an accelerated pipeline's class.
 
@@ -84,6 +96,11 @@ class AcceleratedCall:
                 kwargs["callback_on_step_end_tensor_inputs"] = list(tensor_inputs)
             if "callback_on_step_end" in kwargs or user_callback is None:
                 kwargs["callback_on_step_end"] = _step_counter(session, user_callback)
+        elif "callback" in signature.parameters and "callback_steps" in signature.parameters:
+            if all(name in kwargs or name not in bound for name in ("callback", "callback_steps")):
+                every = bound.get("callback_steps") or signature.parameters["callback_steps"].default or 1
+                kwargs["callback"] = _legacy_step_counter(session, bound.get("callback"), every)
+                kwargs["callback_steps"] = 1
         steps = kwargs.get("num_inference_steps", bound.get("num_inference_steps"))
         if steps is None and "num_inference_steps" in signature.parameters:
             steps = signature.parameters["num_inference_steps"].default

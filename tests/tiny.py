@@ -109,3 +109,83 @@ def run(pipe, steps: int = 2, seed: int = 0, **kwargs):
     if steps is not None:
         kwargs["num_inference_steps"] = steps
     return pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
+
+
+# ---- DiT pipelines (PixArt-Alpha, Stable Diffusion 3, Flux): tiny transformers, the CLIP tokenizer above for
+# every text encoder (T5 included: its ids stay within the tiny vocabulary), a VAE with SD3/Flux latent scaling.
+
+
+def tiny_t5_encoder(d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=1000, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_flow_vae():
+    """`tiny_vae` with the shift and scale that SD3 / Flux pipelines read from the VAE config."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        shift_factor=0.0609, scaling_factor=1.5305,
+    ).eval()
+
+
+def tiny_pixart_pipeline(tmp: Path, num_layers: int = 4, pipeline_class=None):
+    """PixArt-Alpha (or `pipeline_class`: PixArt-Sigma) with a tiny transformer; call it with
+    `use_resolution_binning=False` at 32 px."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=num_layers, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=32, in_channels=4, cross_attention_dim=16, out_channels=8, norm_num_groups=32,
+    ).eval()
+    pipe = (pipeline_class or PixArtAlphaPipeline)(
+        tokenizer=tiny_tokenizer(tmp / "tokenizer"), text_encoder=tiny_t5_encoder(), vae=tiny_vae(), transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(tmp: Path, num_layers: int = 4):
+    """Stable Diffusion 3 with two tiny CLIP encoders and no T5 (the pipeline pads with zeros)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=num_layers, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4, pos_embed_max_size=32,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flow_vae(),
+        text_encoder=tiny_text_encoder(with_projection=True), tokenizer=tiny_tokenizer(tmp / "tokenizer"),
+        text_encoder_2=tiny_text_encoder(with_projection=True), tokenizer_2=tiny_tokenizer(tmp / "tokenizer_2"),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(tmp: Path):
+    """Flux with two dual-stream and two single-stream blocks; call it with a small `max_sequence_length`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+    ).eval()
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_flow_vae(),
+        text_encoder=tiny_text_encoder(), tokenizer=tiny_tokenizer(tmp / "tokenizer"),
+        text_encoder_2=tiny_t5_encoder(), tokenizer_2=tiny_tokenizer(tmp / "tokenizer_2"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,11 +1,13 @@
-"""Feature caching and step skipping for UNet pipelines, as reversible hooks.
+"""Feature caching and step skipping, as reversible hooks (UNet pipelines; the block cache on DiTs too).
 
 - `DeepCacheConfig`: reuse the deep branch across steps, recompute the shallow one (DeepCache).
 - `EncoderPropagationConfig`: skip the encoder at non-key steps, reuse its features (Faster Diffusion).
-- `BlockCacheConfig`: skip the rest of the UNet when the first block's output barely moved.
+- `BlockCacheConfig`: skip the rest of the UNet (or DiT: PixArt, SD3, Flux) when the first block's
+  output barely moved.
 
 Each is a config for the `cache` slot of `AccelConfig`; they compose with the compiled runtime's
-CUDA graphs by tagging every UNet call as a full or a cached one before the graph hook sees it.
+CUDA graphs: DeepCache and encoder propagation tag every UNet call as a full or a cached one before
+the graph hook sees it; the block cache captures its decision as CUDA-graph conditional nodes.
 """
 
 from .block_cache import BlockCacheConfig, apply_block_cache, get_block_cache, remove_block_cache

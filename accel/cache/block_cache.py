@@ -1,35 +1,53 @@
-"""Adaptive first-block cache for UNets (after ParaAttention's First-Block Cache and TeaCache, 2024).
+"""Adaptive first-block cache for UNets and DiT transformers (after ParaAttention's First-Block Cache and TeaCache, 2024).
 
-Every call runs `conv_in` and the first down block. When the first block's output moved less than
-`threshold` (relative L1) since the last fully computed step, the rest of the UNet is skipped: the
-last up block returns the current `conv_in` output plus the residual (last up block output minus
-`conv_in` output) kept from that step, and only the output head runs.
+Every call runs the network's head: `conv_in` and the first down block of a UNet, the first transformer block
+of a DiT. When the first block's output (UNet; its down block changes the shape) or residual (DiT: output
+minus input) moved less than `threshold` (relative L1) since the last fully computed step, the remaining
+blocks are skipped: the last block returns the head's output plus the residual (last block output minus head
+output) kept from that step, and only the output layers run.
 
-The decision reads a tensor value, so it costs one host synchronisation per step and cannot be
-taken inside a captured CUDA graph: combining it with `RuntimeConfig(cuda_graph=True)` is refused
-(use DeepCache there, whose decision comes from the step index).
+The decision is a device tensor (`should_compute`). Eagerly it is read once per step, the one host sync of
+this technique. Under the runtime's CUDA graphs each call position is captured once with two CUDA-graph
+conditional nodes, "run the remaining blocks" and its negation, so the replayed graph decides on the GPU and
+never waits for the host. Everything a call changes goes to `next_*` buffers that the next call of the same
+position commits before it runs: the graph hook's warm-up runs and its capture, which execute one call
+several times, then leave the same state as a single replay.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError
-from ..runtime.cuda_graph import get_cuda_graph_hook
+from ..runtime.cuda_graph import RUN_EAGERLY, get_cuda_graph_hook
 from ..session import get_session
-from ._reuse import CACHED, FULL, MAX_CALLS_PER_STEP, OFF, FeatureCacheState, ReuseHook
+
+logger = logging.getLogger(__name__)
 
 HOOK_NAME = "accel.block_cache"
 _STATE = "_accel_block_cache"
+# DiT block lists in the order the transformer runs them (Flux: dual-stream blocks, then single-stream ones).
+DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+# More denoiser calls than this within one step means the step index is not advancing: caching turns off.
+MAX_CALLS_PER_STEP = 8
+
+# How a call runs: OFF (untouched), HOST (eager, decided on the host) or DEVICE (decided on the GPU, for a
+# CUDA graph). A DEVICE call executes as BLEND (eager, both branches, selected with `torch.where`: the graph
+# hook's warm-up) or GRAPH (being captured: both branches recorded as conditional nodes).
+OFF, HOST, DEVICE, BLEND, GRAPH = "off", "host", "device", "blend", "graph"
 
 
 @dataclass(frozen=True)
 class BlockCacheConfig:
-    """threshold: skip the rest of the UNet while the first block's output changed by less than this
-        (mean |new - old| / mean |old|, against the last fully computed step). 0 never skips.
+    """threshold: skip the remaining blocks while the first block's output (UNet) or residual (DiT) changed
+        by less than this (mean |new - old| / mean |old|, against the last fully computed step). 0 never skips.
     warmup_steps: the first steps always run fully.
     max_consecutive_cached: at most this many cached steps in a row (None: no limit).
     """
@@ -48,137 +66,494 @@ class BlockCacheConfig:
             raise ValueError(f"BlockCacheConfig.max_consecutive_cached={limit!r} is not supported; valid: None or an int >= 1")
 
 
-class _Probe:
-    """Per-slot memory of the last fully computed step."""
+# ---------------------------------------------------------------------------------------------
+# The decision: pure tensor functions, the same eagerly and inside a captured graph.
+
+
+def relative_l1(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """mean |new - old| / mean |old| as a float32 scalar tensor (no host sync)."""
+    change = (new - old).abs().mean(dtype=torch.float32)
+    return change / old.abs().mean(dtype=torch.float32).clamp_min(1e-12)
+
+
+def should_compute(change: torch.Tensor, consecutive: torch.Tensor, force, threshold: float,
+                   max_consecutive_cached: int | None) -> torch.Tensor:
+    """A bool tensor: run the remaining blocks. True when forced, when the change is not below `threshold`
+    (a NaN change too), or when `consecutive` cached calls in a row reached the limit."""
+    compute = torch.logical_not(change < threshold)
+    if max_consecutive_cached is not None:
+        compute = compute | (consecutive >= max_consecutive_cached)
+    return compute | force
+
+
+def consecutive_after(consecutive: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+    """Cached calls in a row after this one: 0 after a full call, one more after a cached one."""
+    return (consecutive + 1) * torch.logical_not(compute)
+
+
+def conditional_nodes_supported() -> bool:
+    """Whether this torch can capture CUDA-graph conditional nodes (CUDA >= 12.4 is checked at capture)."""
+    graph = torch.cuda.CUDAGraph
+    return all(hasattr(graph, name) for name in
+               ("get_currently_capturing_graph", "begin_capture_to_if_node", "end_capture_to_conditional_node"))
+
+
+@contextmanager
+def if_node(pred: torch.Tensor):
+    """Record the body into a conditional node of the graph being captured: on replay it runs iff `pred`."""
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    graph.begin_capture_to_if_node(pred)
+    try:
+        yield
+    finally:
+        graph.end_capture_to_conditional_node()
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the hidden states sit in a block's output.
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """Positions of the hidden states (and encoder hidden states) in a block's output tuple; None: a tensor."""
+
+    hidden: int | None = None
+    encoder: int | None = None
+
+    def split(self, output) -> list:
+        if self.hidden is None or not isinstance(output, (tuple, list)):
+            return [output]
+        return [output[self.hidden], output[self.encoder] if self.encoder is not None else None]
+
+    def join(self, leaves: list, length: int | None):
+        if length is None:
+            return leaves[0]
+        output = [None] * length
+        output[self.hidden] = leaves[0]
+        if self.encoder is not None:
+            output[self.encoder] = leaves[1]
+        return tuple(output)
+
+
+@dataclass
+class _Layout:
+    """The denoiser's modules by role: `stem` (UNet `conv_in`), `head` (first block), `rest`, `tail` (last block)."""
+
+    kind: str  # "unet" or "transformer"
+    sample_arg: str
+    stem: torch.nn.Module | None
+    head: torch.nn.Module
+    rest: list[torch.nn.Module]
+    tail: torch.nn.Module
+    head_outputs: _Outputs = field(default_factory=_Outputs)
+    tail_outputs: _Outputs = field(default_factory=_Outputs)
+    hidden_arg: str = "hidden_states"
+
+
+def denoiser_layout(pipe) -> _Layout:
+    """The block cache's view of the pipeline's UNet or DiT transformer; UnsupportedPipelineError otherwise."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        down, up = list(getattr(unet, "down_blocks", None) or []), list(getattr(unet, "up_blocks", None) or [])
+        if len(down) < 2 or not up or getattr(unet, "conv_in", None) is None:
+            raise UnsupportedPipelineError(
+                f"the block cache needs a UNet with conv_in, at least two down blocks and up blocks, got {type(unet).__name__}")
+        mid = [unet.mid_block] if getattr(unet, "mid_block", None) is not None else []
+        # A down block returns (hidden states, skip outputs); the last up block returns a tensor.
+        return _Layout("unet", "sample", unet.conv_in, down[0], [*down[1:], *mid, *up[:-1]], up[-1],
+                       head_outputs=_Outputs(hidden=0))
+    transformer = getattr(pipe, "transformer", None)
+    blocks = [b for name in DIT_BLOCK_LISTS if isinstance(getattr(transformer, name, None), torch.nn.ModuleList)
+              for b in getattr(transformer, name)]
+    if len(blocks) < 2:
+        found = "no .unet or .transformer" if transformer is None else f".transformer of type {type(transformer).__name__}"
+        raise UnsupportedPipelineError(
+            f"the block cache needs a UNet2DConditionModel `.unet` or a DiT `.transformer` with at least two blocks in "
+            f"{' / '.join(DIT_BLOCK_LISTS)}; {type(pipe).__name__} has {found}")
+    from diffusers.hooks._helpers import TransformerBlockRegistry  # diffusers' own table of block outputs
+
+    outputs = []
+    for block in (blocks[0], blocks[-1]):
+        try:
+            meta = TransformerBlockRegistry.get(type(block))
+        except ValueError:
+            raise UnsupportedPipelineError(
+                f"the block cache does not know where {type(block).__name__} returns its hidden states (not in diffusers' "
+                "TransformerBlockRegistry)") from None
+        outputs.append((_Outputs(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index),
+                        meta.hidden_states_argument_name))
+    return _Layout("transformer", "hidden_states", None, blocks[0], blocks[1:-1], blocks[-1],
+                   head_outputs=outputs[0][0], tail_outputs=outputs[1][0], hidden_arg=outputs[0][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-slot state in persistent buffers (a captured graph reads and writes these addresses).
+
+
+def _zeros(dtype, device):
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def _like(x: torch.Tensor) -> torch.Tensor:
+    # Inside a capture a zeros kernel would be recorded and rerun on replay; every call writes these first.
+    return torch.empty_like(x) if x.is_cuda and torch.cuda.is_current_stream_capturing() else torch.zeros_like(x)
+
+
+class _Slot:
+    """One denoiser call position within a step (cond / uncond when called twice, one input shape)."""
+
+    def __init__(self, index: int, device: torch.device):
+        self.index = index
+        self.filled = False  # a call of the current pipeline call ran on this slot
+        self.pending = False  # `next_*` holds a call's result that is not committed yet
+        self.force = _zeros(torch.bool, device)  # DEVICE calls: set by the host before the call
+        self.computed = _zeros(torch.bool, device)  # the decision of the last call
+        self.skipped = _zeros(torch.bool, device)
+        self.consecutive = _zeros(torch.int32, device)
+        self.next_consecutive = _zeros(torch.int32, device)
+        self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # committed (full, cached) calls
+        self.reference = self.next_reference = None  # first block output / residual of the last full call
+        self.residuals: list | None = None  # tail leaves minus stem leaves of the last full call
+        self.next_residuals: list | None = None
+        self.tail_length: int | None = None  # the tail's output tuple length (None: a tensor)
+        self.records: dict[int, tuple] = {}  # output structure per skipped module, for eager placeholders
+
+    def reset(self) -> None:
+        self.filled = self.pending = False
+        self.counts.zero_()
+
+    def ensure_reference(self, probe: torch.Tensor) -> None:
+        if self.reference is None or self.reference.shape != probe.shape or self.reference.dtype != probe.dtype:
+            self.reference, self.next_reference = _like(probe), _like(probe)
+
+    def ensure_residuals(self, leaves: list, stem: list) -> None:
+        def fits(buffers):
+            return buffers is not None and len(buffers) == len(leaves) and all(
+                (b is None) == (x is None) and (b is None or b.shape == x.shape) for b, x in zip(buffers, leaves))
+
+        if not fits(self.residuals):
+            usable = [x if isinstance(x, torch.Tensor) and s is not None and s.shape == x.shape else None
+                      for x, s in zip(leaves, stem)]
+            self.residuals = [None if x is None else _like(x) for x in usable]
+            self.next_residuals = [None if x is None else _like(x) for x in usable]
+
+    def commit(self) -> None:
+        """Make the last call's result the state this call reads (device ops only, no host sync)."""
+        if not self.pending:
+            return
+        self.pending = False
+        torch.where(self.computed, self.next_reference, self.reference, out=self.reference)
+        for current, new in zip(self.residuals or [], self.next_residuals or []):
+            if current is not None:
+                torch.where(self.computed, new, current, out=current)
+        self.consecutive.copy_(self.next_consecutive)
+        self.counts.add_(torch.stack((self.computed, self.skipped)))
+
+
+class BlockCacheState:
+    """The mode and slot of the call in progress; `full_calls` / `cached_calls` of the last pipeline call."""
 
     def __init__(self):
-        self.first = None  # first block output
-        self.residual = None  # last up block output minus conv_in output
-        self.consecutive = 0
+        self.mode = OFF
+        self.slot: _Slot | None = None
+        self.slots: dict[tuple, _Slot] = {}  # never emptied while applied: captured graphs hold the buffers
+        self.step: int | None = None
+        self.call_in_step = 0
+        self.force = False  # HOST calls: this call must compute
+        self.compute = True  # HOST calls: the decision, once the head has run
+        self.execution: str | None = None  # BLEND / GRAPH of the latest execution of a DEVICE call
+        self.stem: list | None = None
+
+    def reset(self) -> None:
+        for slot in self.slots.values():
+            slot.reset()
+        self.mode, self.slot, self.step, self.call_in_step, self.execution = OFF, None, None, 0, None
+
+    def slot_for(self, sample: torch.Tensor) -> _Slot:
+        key = (self.call_in_step, tuple(sample.shape), sample.dtype, sample.device)
+        if key not in self.slots:
+            self.slots[key] = _Slot(len(self.slots), sample.device)
+        return self.slots[key]
+
+    def counts(self) -> tuple[int, int]:
+        """(full, cached) calls since the start of the pipeline call; reads device counters (a host sync)."""
+        full = cached = 0
+        for slot in self.slots.values():
+            counts = slot.counts.clone()
+            if slot.pending:
+                counts += torch.stack((slot.computed, slot.skipped))
+            f, c = counts.tolist()
+            full, cached = full + f, cached + c
+        return full, cached
+
+    @property
+    def full_calls(self) -> int:
+        return self.counts()[0]
+
+    @property
+    def cached_calls(self) -> int:
+        return self.counts()[1]
 
 
-class _CaptureInput(ModelHook):
+# ---------------------------------------------------------------------------------------------
+# Hooks on the blocks.
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _record(output) -> tuple:
+    leaves, spec = pytree.tree_flatten(output)
+    return spec, [_TensorSpec(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in leaves]
+
+
+def _placeholder(record: tuple):
+    # Shape-correct stand-ins: on a cached call these feed only modules that are skipped too.
+    spec, leaves = record
+    made = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if isinstance(x, _TensorSpec) else x for x in leaves]
+    return pytree.tree_unflatten(made, spec)
+
+
+class _StemHook(ModelHook):
+    """UNet `conv_in`: its output is what the last up block's residual is measured from."""
+
     def __init__(self, cache: "BlockCache"):
         super().__init__()
         self.cache = cache
 
     def post_forward(self, module, output):
-        self.cache.stem = output
+        if self.cache.state.mode != OFF:
+            self.cache.state.stem = [output]
         return output
 
 
-class _FirstBlock(ModelHook):
-    """Runs the first block, then decides whether the rest of this call is cached."""
+class _HeadHook(ModelHook):
+    """The first block: runs, then the decision is taken from its output (UNet) or residual (DiT)."""
 
     def __init__(self, cache: "BlockCache"):
         super().__init__()
         self.cache = cache
+        self._signature = None
 
-    def post_forward(self, module, output):
-        self.cache.decide(output[0] if isinstance(output, (tuple, list)) else output)
+    def initialize_hook(self, module):
+        # The class's own signature: `module.forward` may already be wrapped by another hook.
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        cache = self.cache
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if cache.state.mode == OFF:
+            return output
+        leaves = cache.layout.head_outputs.split(output)
+        if cache.layout.kind == "unet":
+            probe = leaves[0]
+        else:
+            hidden = self._signature.bind(module, *args, **kwargs).arguments[cache.layout.hidden_arg]
+            cache.state.stem = leaves
+            probe = leaves[0] - hidden
+        cache.decide(probe)
         return output
 
 
-class _LastBlock(ModelHook):
-    """Cached: current stem plus the kept residual. Full: compute and keep the residual."""
+class _RestHook(ModelHook):
+    """A block after the first one: skipped on cached calls."""
 
     def __init__(self, cache: "BlockCache"):
         super().__init__()
         self.cache = cache
 
     def new_forward(self, module, *args, **kwargs):
-        cache = self.cache
-        probe = cache.probe
-        if cache.state.mode == CACHED:
-            return cache.stem + probe.residual
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if cache.state.mode == FULL:
-            probe.residual = output - cache.stem
+        state, forward = self.cache.state, self.fn_ref.original_forward
+        if state.mode == OFF:
+            return forward(*args, **kwargs)
+        if state.execution == GRAPH:
+            with if_node(state.slot.computed):
+                output = forward(*args, **kwargs)
+            return output  # on a cached replay these hold stale values that only skipped modules read
+        record = state.slot.records.get(id(module))
+        if state.mode == HOST and not state.compute and record is not None:
+            return _placeholder(record)
+        output = forward(*args, **kwargs)
+        state.slot.records[id(module)] = _record(output)
         return output
 
 
+class _TailHook(ModelHook):
+    """The last block: cached calls return the stem plus the kept residual; full calls keep a new residual."""
+
+    def __init__(self, cache: "BlockCache"):
+        super().__init__()
+        self.cache = cache
+
+    def new_forward(self, module, *args, **kwargs):
+        state, outputs, forward = self.cache.state, self.cache.layout.tail_outputs, self.fn_ref.original_forward
+        if state.mode == OFF:
+            return forward(*args, **kwargs)
+        slot, stem = state.slot, state.stem
+        if state.execution == GRAPH:
+            with if_node(slot.computed):
+                output = forward(*args, **kwargs)
+                leaves = outputs.split(output)
+                slot.ensure_residuals(leaves, stem)
+                _store_residuals(slot, leaves, stem)
+            with if_node(slot.skipped):
+                for leaf, base, residual in zip(leaves, stem, slot.residuals):
+                    if residual is not None:
+                        torch.add(base, residual, out=leaf)
+            return output
+        if state.mode == HOST and not state.compute and slot.residuals is not None:
+            cached = [None if r is None else base + r for base, r in zip(stem, slot.residuals)]
+            return outputs.join(cached, slot.tail_length)
+        output = forward(*args, **kwargs)
+        leaves = outputs.split(output)
+        slot.tail_length = len(output) if isinstance(output, (tuple, list)) else None
+        slot.ensure_residuals(leaves, stem)
+        _store_residuals(slot, leaves, stem)
+        if state.mode == HOST:
+            return output
+        # BLEND: both branches computed, the decision picks one without reading it on the host.
+        merged = [leaf if r is None else torch.where(slot.computed, leaf, base + r)
+                  for leaf, base, r in zip(leaves, stem, slot.residuals)]
+        return outputs.join(merged, slot.tail_length)
+
+
+def _store_residuals(slot: _Slot, leaves: list, stem: list) -> None:
+    for new, leaf, base in zip(slot.next_residuals, leaves, stem):
+        if new is not None:
+            torch.sub(leaf, base, out=new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying: hooks on the blocks, a pre-hook on the denoiser that picks each call's slot and mode.
+
+
 class BlockCache:
+    """The applied block cache on a pipeline's denoiser; `remove()` undoes it exactly."""
+
     def __init__(self, pipe, config: BlockCacheConfig):
-        unet = pipe.unet
         self.session = get_session(pipe)
         if self.session is None:
             raise RuntimeError("the block cache needs the step index of an accelerated pipeline; use accel.accelerate")
-        if getattr(self.session.config.runtime, "cuda_graph", False) or get_cuda_graph_hook(pipe.unet) is not None:
-            raise ValueError("BlockCacheConfig decides from tensor values and cannot run inside CUDA graphs; "
-                             "use it with RuntimeConfig(cuda_graph=False), or use DeepCacheConfig with graphs")
-        down, up = list(getattr(unet, "down_blocks", [])), list(getattr(unet, "up_blocks", []))
-        if len(down) < 2 or not up or getattr(unet, "conv_in", None) is None:
-            raise UnsupportedPipelineError(f"the block cache needs a UNet with at least two down blocks, got {type(unet).__name__}")
-        self.unet, self.config = unet, config
-        self.state = FeatureCacheState()
-        self.probes: dict[int, _Probe] = {}
-        self.probe: _Probe | None = None
-        self.stem = None
-        self.deep = [*down[1:], *([unet.mid_block] if unet.mid_block is not None else []), *up[:-1]]
-        self.special = [(unet.conv_in, _CaptureInput(self)), (down[0], _FirstBlock(self)), (up[-1], _LastBlock(self))]
-        self._hooked = []
+        self.layout = denoiser_layout(pipe)
+        self.denoiser = pipe.unet if self.layout.kind == "unet" else pipe.transformer
+        self.config = config
+        self.state = BlockCacheState()
+        self.conditional_nodes = conditional_nodes_supported()
+        self._said_eager = False
+        self._hooked: list[torch.nn.Module] = []
+        layout = self.layout
+        hooks = [(layout.head, _HeadHook(self)), *[(m, _RestHook(self)) for m in layout.rest], (layout.tail, _TailHook(self))]
+        if layout.stem is not None:
+            hooks.insert(0, (layout.stem, _StemHook(self)))
+        for module, _ in hooks:
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and HOOK_NAME in registry.hooks:
+                raise RuntimeError(f"the block cache is already applied to this {type(self.denoiser).__name__}")
         try:
-            for module in self.deep:
-                self._register(module, ReuseHook(self.state))
-            for module, hook in self.special:
-                self._register(module, hook)
-            self._handle = unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+            for module, hook in hooks:
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+                self._hooked.append(module)
+            self._handle = self.denoiser.register_forward_pre_hook(self._before_call, with_kwargs=True)
         except BaseException:
             self._remove_hooks()
             raise
         self.session.add_call_listener(self._on_call)
 
-    def _register(self, module, hook) -> None:
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        if HOOK_NAME in registry.hooks:
-            raise RuntimeError("the block cache is already applied to this UNet")
-        registry.register_hook(hook, HOOK_NAME)
-        self._hooked.append(module)
-
     def _on_call(self, session) -> None:
         self.state.reset()
-        for probe in self.probes.values():
-            probe.first = probe.residual = None
-            probe.consecutive = 0
 
-    def _before_unet(self, module, args, kwargs):
+    def _eager_from_now(self, why: str) -> None:
+        self.conditional_nodes = False
+        if not self._said_eager:
+            logger.warning("accel: the block cache cannot decide inside a CUDA graph here (%s); its calls run "
+                           "eagerly from now on, deciding on the host once per step", why)
+            self._said_eager = True
+
+    def _before_call(self, module, args, kwargs):
         state, step = self.state, self.session.step_index
-        sample = args[0] if args else kwargs.get("sample")
-        if get_cuda_graph_hook(self.unet) is not None:
-            raise RuntimeError("CUDA graphs were added after the block cache; its decisions cannot be captured")
-        if step is None or not isinstance(sample, torch.Tensor) or torch.is_grad_enabled():
+        graph = get_cuda_graph_hook(self.denoiser)
+        if graph is not None and state.mode == DEVICE and state.execution == BLEND:
+            # The previous call ran eagerly although it was meant for a graph: capture failed or was refused.
+            self._eager_from_now("the call was not replayed from a captured graph; see the CUDA-graph log line")
+        state.execution = None
+        sample = args[0] if args else kwargs.get(self.layout.sample_arg)
+        off = step is None or not isinstance(sample, torch.Tensor) or torch.is_grad_enabled()
+        if not off:
+            if step != state.step:
+                state.step, state.call_in_step = step, 0
+            else:
+                state.call_in_step += 1
+            if state.call_in_step >= MAX_CALLS_PER_STEP:
+                if state.call_in_step == MAX_CALLS_PER_STEP:
+                    logger.warning("accel: %d denoiser calls at step %d; the step index is not advancing, so the block "
+                                   "cache is off for the rest of this call", state.call_in_step, step)
+                off = True
+        if off:
             state.mode, state.slot = OFF, None
+            self._tag(graph, None)
             return None
-        if step != state.step:
-            state.step, state.call_in_step = step, 0
+        slot = state.slot_for(sample)
+        slot.commit()
+        force = step < self.config.warmup_steps or not slot.filled
+        slot.filled = True
+        state.slot, state.stem = slot, None
+        if self._device_path(graph, sample):
+            state.mode = DEVICE
+            slot.force.fill_(force)  # a device write, not a sync: the graph reads it
+            self._tag(graph, (HOOK_NAME, slot.index))
         else:
-            state.call_in_step += 1
-        if state.call_in_step >= MAX_CALLS_PER_STEP:  # the step index is not advancing: no caching
-            state.mode, state.slot = OFF, None
-            return None
-        state.slot = state.slot_for(sample)
-        self.probe = self.probes.setdefault(state.slot.index, _Probe())
-        state.mode = FULL  # until the first block has run
+            state.mode, state.force, state.compute = HOST, force, True
+            self._tag(graph, RUN_EAGERLY)
         return None
 
-    def decide(self, first: torch.Tensor) -> None:
-        state, probe, config = self.state, self.probe, self.config
-        if state.mode == OFF:
+    @staticmethod
+    def _replayable(sample: torch.Tensor) -> bool:
+        return sample.is_cuda  # the graph hook captures calls whose inputs live on a CUDA device
+
+    def _device_path(self, graph, sample: torch.Tensor) -> bool:
+        """Whether this call is decided on the device: the CUDA-graph hook will capture or replay it."""
+        if graph is None or not self._replayable(sample):
+            return False
+        if not self.conditional_nodes:
+            self._eager_from_now("this torch has no CUDA-graph conditional nodes")
+        return self.conditional_nodes
+
+    @staticmethod
+    def _tag(graph, branch) -> None:
+        if graph is None:
             return
-        cached = False
-        if state.step >= config.warmup_steps and probe.first is not None and probe.residual is not None:
-            if config.max_consecutive_cached is None or probe.consecutive < config.max_consecutive_cached:
-                change = (first - probe.first).abs().mean() / probe.first.abs().mean().clamp_min(1e-12)
-                cached = bool(change < config.threshold)  # the one host sync of this technique
-        if cached:
-            state.mode = CACHED
-            probe.consecutive += 1
-            state.cached_calls += 1
+        if branch is RUN_EAGERLY:
+            graph.branch = None
+            graph.tags[HOOK_NAME] = RUN_EAGERLY
         else:
-            state.mode = FULL
-            probe.first = first.detach().clone()
-            probe.consecutive = 0
-            state.full_calls += 1
+            graph.branch = branch
+            graph.tags.pop(HOOK_NAME, None)
+
+    def decide(self, probe: torch.Tensor) -> None:
+        """After the first block: take this call's decision and stage the state it leaves behind."""
+        state, slot, config = self.state, self.state.slot, self.config
+        slot.ensure_reference(probe)
+        if state.mode == HOST:
+            compute = state.force or bool(should_compute(  # the one host sync of an eager call
+                relative_l1(probe, slot.reference), slot.consecutive, False, config.threshold, config.max_consecutive_cached))
+            state.compute = compute
+            slot.computed.fill_(compute)
+            if compute:
+                slot.next_reference.copy_(probe)
+        else:
+            state.execution = GRAPH if probe.is_cuda and torch.cuda.is_current_stream_capturing() else BLEND
+            pred = should_compute(relative_l1(probe, slot.reference), slot.consecutive, slot.force,
+                                  config.threshold, config.max_consecutive_cached)
+            slot.computed.copy_(pred)
+            slot.next_reference.copy_(probe)
+        torch.logical_not(slot.computed, out=slot.skipped)
+        slot.next_consecutive.copy_(consecutive_after(slot.consecutive, slot.computed))
+        slot.pending = True
 
     def _remove_hooks(self) -> None:
         for module in self._hooked:
@@ -191,7 +566,7 @@ class BlockCache:
         self._handle.remove()
         self.session.remove_call_listener(self._on_call)
         self._remove_hooks()
-        self.probes.clear()
+        self._tag(get_cuda_graph_hook(self.denoiser), None)
         self.state.slots.clear()
 
 
@@ -211,4 +586,5 @@ def remove_block_cache(pipe) -> None:
 
 
 def get_block_cache(pipe) -> BlockCache | None:
+    """The applied cache; its `state` counts full and cached calls of the last pipeline call."""
     return pipe.__dict__.get(_STATE)
