@@ -19,9 +19,15 @@ logger = logging.getLogger(__name__)
 
 HOOK_NAME = "accel.compile"
 _COMPILED = "_accel_compiled_regions"
-REGIONAL_BLOCKS = (
-    "BasicTransformerBlock", "Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "Attention", "CLIPEncoderLayer",
-)
+# The blocks that hold most kernels. Compiling the single-conv Downsample2D / Upsample2D and stand-alone
+# Attention modules too cost more compile time than it saved (SD1.5, H100, cold inductor cache, first
+# call: 92.3 s with them and automatic dynamic shapes, 65.0 s without them and static shapes; steady
+# state 263.0 ms -> 205.2 ms end to end; `benchmarks/runtime/compile_time.py`).
+REGIONAL_BLOCKS = ("BasicTransformerBlock", "Transformer2DModel", "ResnetBlock2D", "CLIPEncoderLayer")
+# Static shapes: each channel count / resolution compiles once, to kernels specialised for it. With
+# dynamo's automatic dynamic shapes the second shape of a block class turned the graph dynamic, which
+# compiled more slowly and ran slower.
+REGIONAL_COMPILE_DEFAULTS = {"dynamic": False}
 
 
 def use_persistent_cache() -> Path:
@@ -87,7 +93,7 @@ def apply_compile(module: torch.nn.Module, mode: str, **compile_kwargs) -> Model
         if not outer:
             raise ValueError(f"regional compilation found none of {REGIONAL_BLOCKS} in {type(module).__name__}")
         for region in outer:
-            region.compile(**compile_kwargs)
+            region.compile(**{**REGIONAL_COMPILE_DEFAULTS, **compile_kwargs})
         module.__dict__[_COMPILED] = outer
         hook = _FirstCallTimer()
     registry.register_hook(hook, HOOK_NAME)

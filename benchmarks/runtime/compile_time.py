@@ -1,0 +1,141 @@
+"""First-call time of regional compilation with a cold inductor cache, per variant (issue #5).
+
+    python benchmarks/runtime/compile_time.py --out $OUT                   # on the GPU
+    python benchmarks/runtime/compile_time.py --smoke --out /tmp/ct        # tiny SD pipeline, CPU
+
+Each variant runs in a fresh process with an empty TORCHINDUCTOR_CACHE_DIR (a cold start): SD1.5
+architecture, fp16, 512 px, DPM-Solver++ 20 steps, CFG, `RuntimeConfig(compile="regional",
+cuda_graph=True)`. Recorded: the first call (compile + graph capture), dynamo's graph count and its
+own compile-time breakdown, and the steady-state median of 5 calls, so a faster compile is never
+bought with a slower step unnoticed. Variants change which block classes are compiled and whether
+dynamo may turn a recompiled shape dynamic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+_BEFORE = ("BasicTransformerBlock", "Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "Attention",
+           "CLIPEncoderLayer")  # the regional set before 2026-11-23
+VARIANTS = {
+    # name: (regional block classes or None for the current default, compile kwargs)
+    "default": (None, {}),
+    "before": (_BEFORE, {"dynamic": None}),  # what 'default' was: more block classes, automatic dynamic shapes
+    "before-static": (_BEFORE, {"dynamic": False}),
+    "dynamic": (None, {"dynamic": None}),
+}
+
+
+def child(name: str, smoke: bool) -> dict:
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    import accel
+    from accel.runtime import compile as compile_mod
+
+    blocks, kwargs = VARIANTS[name]
+    if blocks is not None:
+        compile_mod.REGIONAL_BLOCKS = blocks
+    if kwargs:
+        original = compile_mod.apply_compile
+        compile_mod_kwargs = dict(kwargs)
+
+        def apply_compile(module, mode, **extra):
+            return original(module, mode, **{**compile_mod_kwargs, **extra})
+
+        import accel.runtime as runtime_pkg
+        runtime_pkg.apply_compile = apply_compile
+    device = "cpu" if smoke else "cuda"
+    if smoke:
+        sys.path.insert(0, str(REPO / "tests"))
+        from tiny import tiny_sd_pipeline
+
+        pipe = tiny_sd_pipeline(Path(tempfile.mkdtemp()))
+        size, steps, runtime = 32, 2, accel.RuntimeConfig(compile="regional")
+    else:
+        from apps.bench_archs import build_pipeline
+
+        pipe = build_pipeline("sd15", device=device, dtype=torch.float16)
+        size, steps, runtime = 512, 20, accel.RuntimeConfig(compile="regional", cuda_graph=True)
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
+
+    def call():
+        pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+             generator=torch.Generator("cpu").manual_seed(0), output_type="np")
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    from torch._dynamo.utils import counters
+
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    graphs_after_first = counters["stats"].get("unique_graphs", 0)
+    times = []
+    for _ in range(1 if smoke else 5):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    stats = {k: v for k, v in counters["stats"].items()}
+    stats["unique_graphs_after_first_call"] = graphs_after_first  # more later: recompiles in steady state
+    record = {"variant": name, "first_call_s": first, "median_s": statistics.median(times), "dynamo_stats": stats,
+              "regions": list(blocks or compile_mod.REGIONAL_BLOCKS), "compile_kwargs": kwargs}
+    try:
+        from torch._dynamo.utils import compile_times
+
+        record["compile_times"] = compile_times(repr="str", aggregate=True)[:4000]
+    except Exception as err:  # a breakdown is a nice-to-have; its API moves between torch versions
+        record["compile_times"] = f"unavailable: {err}"
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=float, default=540, help="seconds for all variants; later ones are skipped")
+    args = parser.parse_args()
+    if args.child:
+        print("RECORD " + json.dumps(child(args.child, args.smoke)), flush=True)
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start, records = time.perf_counter(), []
+    for name in args.variants.split(","):
+        left = args.budget - (time.perf_counter() - start)
+        if left < 60 and not args.smoke:
+            records.append({"variant": name, "error": "skipped: time budget spent"})
+            continue
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{name}-"))
+        command = [sys.executable, __file__, "--child", name, "--out", str(out)] + (["--smoke"] if args.smoke else [])
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=left)
+            line = next((l for l in done.stdout.splitlines() if l.startswith("RECORD ")), None)
+            record = json.loads(line[7:]) if line else {"variant": name, "error": done.stderr[-2000:]}
+        except subprocess.TimeoutExpired:
+            record = {"variant": name, "error": f"timed out after {left:.0f} s"}
+        records.append(record)
+        print(f"{name}: first call {record.get('first_call_s', float('nan')):.1f} s, median "
+              f"{1e3 * record.get('median_s', float('nan')):.1f} ms, graphs "
+              f"{record.get('dynamo_stats', {}).get('unique_graphs')} {record.get('error', '')[:300]}", flush=True)
+        (out / "compile_time.json").write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
