@@ -22,6 +22,7 @@ from accel.cache.block_cache import (
     BLEND,
     HOOK_NAME,
     BlockCache,
+    conditional_nodes_supported,
     consecutive_after,
     denoiser_layout,
     relative_l1,
@@ -268,6 +269,11 @@ def test_dit_block_cache_under_cuda_graphs_matches_eager_on_gpu(tmp_path):
     captured = {key[1] for key, graph in hook.graphs.items() if graph is not None}
     remove_cuda_graph(pipe.transformer)
     accel.restore(pipe)
+    if not conditional_nodes_supported():  # torch 2.11: the fallback runs the cached calls eagerly
+        assert counts == eager_counts and eager_counts[1] >= 1
+        for out in graphed:
+            np.testing.assert_allclose(out, eager, rtol=0, atol=2e-3)
+        pytest.skip(f"torch {torch.__version__} has no CUDA-graph conditional nodes: checked the eager fallback only")
     assert get_block_cache(pipe) is None and (HOOK_NAME, 0) in captured
     assert counts == eager_counts and eager_counts[1] >= 1
     for out in graphed:

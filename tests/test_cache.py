@@ -21,6 +21,7 @@ from accel.cache import (
     get_block_cache,
     get_deepcache,
     get_encoder_propagation,
+    key_steps,
 )
 from accel.cache._reuse import skip_layout
 from accel.cache.deepcache import deep_modules
@@ -296,12 +297,24 @@ def test_encoder_propagation_three_passes_and_encoder_skipped(which, sd_pipe, sd
     assert np.array_equal(run(pipe, steps=6), before)
 
 
+@pytest.mark.parametrize("steps, full", [(20, 10), (50, 25), (7, 4), (1, 1)])
+def test_encoder_propagation_default_rule_scales_with_the_step_count(steps, full):
+    # The calibrated default (benchmarks/results/encoder-propagation/): a key step every other step.
+    keys = key_steps(steps, EncoderPropagationConfig())
+    assert len(keys) == full and keys == frozenset(range(0, steps, 2))
+    dense = key_steps(steps, EncoderPropagationConfig(key_interval=3, dense_fraction=0.5))
+    assert set(range((steps + 1) // 2)) <= dense and len(dense) == (steps + 1) // 2 + len(range((steps + 1) // 2, steps, 3))
+    assert key_steps(steps, EncoderPropagationConfig(key_steps=(3,))) == {0, 3}  # step 0 always runs the encoder
+
+
 def test_encoder_propagation_default_key_steps_and_prior_noise(sd_pipe):
     before = run(sd_pipe, steps=6)
     accel.accelerate(sd_pipe, AccelConfig(cache=EncoderPropagationConfig()))
     plain = run(sd_pipe, steps=6)
     state = get_encoder_propagation(sd_pipe).state
-    assert (state.full_calls, state.cached_calls) == (5, 1)  # the paper's key steps, scaled to 6 steps
+    assert (state.full_calls, state.cached_calls) == (3, 3)  # key steps 0, 2, 4
+    run(sd_pipe, steps=9)
+    assert (state.full_calls, state.cached_calls) == (5, 4)  # the rule follows each call's step count
     accel.restore(sd_pipe)
 
     accel.accelerate(sd_pipe, AccelConfig(cache=EncoderPropagationConfig(prior_noise=0.05, prior_noise_from=0.5)))
@@ -326,6 +339,98 @@ def test_encoder_propagation_bad_settings():
     steps = [3, 0, 3]
     config = EncoderPropagationConfig(key_steps=steps)
     assert config.key_steps == (0, 3) and steps == [3, 0, 3]  # a normalised copy; the caller's list is untouched
+    with pytest.raises(ValueError, match=r"key_interval=0 is not supported; valid: an int >= 1"):
+        EncoderPropagationConfig(key_interval=0)
+    with pytest.raises(ValueError, match=r"dense_fraction=1.5 is not supported; valid: a fraction in \[0, 1\]"):
+        EncoderPropagationConfig(dense_fraction=1.5)
+    with pytest.raises(ValueError, match=r"parallel_decode='yes' is not supported; valid choices: True, False"):
+        EncoderPropagationConfig(parallel_decode="yes")
+
+
+def _decoder_batches(unet):
+    """Record the batch size of every call of the decoder's first block."""
+    sizes = []
+    handle = unet.up_blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    return sizes, handle
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_encoder_propagation_parallel_decode_batches_the_steps_ahead(which, sd_pipe, sdxl_pipe):
+    pipe = sd_pipe if which == "sd" else sdxl_pipe
+    before = run(pipe, steps=7)
+    sizes, handle = _decoder_batches(pipe.unet)
+    encoder_calls, encoder_handles = _leaf_calls([pipe.unet.down_blocks[0]])
+    accel.accelerate(pipe, AccelConfig(cache=EncoderPropagationConfig(key_steps=(0, 4))))
+    sequential = run(pipe, steps=7)
+    assert sizes == [2] * 7  # CFG: cond and uncond in one batch of 2, one decoder call per step
+    accel.restore(pipe)
+    sizes.clear()
+    sequential_encoder_calls, encoder_calls[0] = encoder_calls[0], 0
+
+    accel.accelerate(pipe, AccelConfig(cache=EncoderPropagationConfig(key_steps=(0, 4), parallel_decode=True)))
+    parallel = run(pipe, steps=7)
+    applied = get_encoder_propagation(pipe)
+    # Key step 0, then steps 1-3 decoded as one batch; key step 4, then steps 5-6.
+    assert sizes == [2, 3 * 2, 2, 2 * 2] and applied.decoder.batches == [3, 2]
+    assert (applied.state.full_calls, applied.state.cached_calls) == (2, 5)
+    assert encoder_calls[0] == sequential_encoder_calls > 0  # the batched decoders do not run the encoder
+    assert not applied.decoder.decoded  # every prediction made ahead was used
+    np.testing.assert_allclose(parallel, sequential, atol=1e-5)  # the same predictions, batched
+    assert np.array_equal(run(pipe, steps=7), parallel)  # state per call
+    accel.restore(pipe)
+    handle.remove()
+    for h in encoder_handles:
+        h.remove()
+    assert np.array_equal(run(pipe, steps=7), before)
+    assert not pipe.unet._diffusers_hook.hooks
+
+
+def test_encoder_propagation_parallel_decode_follows_img2img_and_a_mismatched_loop(tmp_path, caplog):
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    pipe = tiny_sd_pipeline(tmp_path, StableDiffusionImg2ImgPipeline)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    config = EncoderPropagationConfig(key_steps=(0, 3))
+    accel.accelerate(pipe, AccelConfig(cache=config))
+    sequential = run(pipe, steps=12, image=image, strength=0.5)  # 6 steps run, from the middle of the schedule
+    accel.restore(pipe)
+    accel.accelerate(pipe, AccelConfig(cache=EncoderPropagationConfig(key_steps=(0, 3), parallel_decode=True)))
+    parallel = run(pipe, steps=12, image=image, strength=0.5)
+    assert get_encoder_propagation(pipe).decoder.batches == [2, 2]
+    np.testing.assert_allclose(parallel, sequential, atol=1e-5)
+
+    # A loop that does not pass scheduler.timesteps in order: the steps ahead are not decoded early.
+    session = get_session(pipe)
+    x, c = _unet_inputs(pipe, 1)
+    with torch.no_grad():
+        session.begin_call(4)
+        pipe.scheduler.set_timesteps(4)
+        key = pipe.unet(x, torch.tensor(999), c).sample  # not scheduler.timesteps[0]
+        session.step_index = 1
+        cached = pipe.unet(x, torch.tensor(999), c).sample
+        session.end_call()
+    decoder = get_encoder_propagation(pipe).decoder
+    assert decoder.batches == [] and not decoder.enabled and "decodes sequentially" in caplog.text
+    torch.testing.assert_close(cached, key, rtol=0, atol=1e-6)  # same inputs: the cached path gives the same output
+
+
+def test_encoder_propagation_parallel_decode_refused_where_it_cannot_run(sd_pipe, tmp_path):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    with pytest.raises(ValueError, match="cannot run inside CUDA graphs or a fully compiled UNet"):
+        accel.accelerate(sd_pipe, AccelConfig(cache=EncoderPropagationConfig(parallel_decode=True),
+                                              runtime=RuntimeConfig(cuda_graph=True)))
+    assert not accel.is_accelerated(sd_pipe)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(sd_pipe.unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    pipe = StableDiffusionControlNetPipeline(**{k: v for k, v in sd_pipe.components.items() if k != "image_encoder"},
+                                             controlnet=controlnet)
+    with pytest.raises(accel.UnsupportedPipelineError, match="residuals come from each step's latent"):
+        accel.accelerate(pipe, AccelConfig(cache=EncoderPropagationConfig(parallel_decode=True)))
+    assert not accel.is_accelerated(pipe)
+    assert not getattr(pipe.unet, "_diffusers_hook", None) or not pipe.unet._diffusers_hook.hooks
 
 
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
@@ -357,16 +462,15 @@ def test_block_cache_three_passes_and_rest_skipped(which, sd_pipe, sdxl_pipe):
     assert np.array_equal(run(pipe, steps=8), before)
 
 
-def test_block_cache_bad_settings_and_graphs_refused(sd_pipe):
-    with pytest.raises(ValueError, match="threshold=-1 is not supported"):
+def test_block_cache_bad_settings_and_consecutive_limit(sd_pipe):
+    with pytest.raises(ValueError, match="threshold=-1 is not supported; valid: a number >= 0"):
         BlockCacheConfig(threshold=-1)
-    with pytest.raises(ValueError, match="warmup_steps=0"):
+    with pytest.raises(ValueError, match="warmup_steps=0 is not supported; valid: an int >= 1"):
         BlockCacheConfig(warmup_steps=0)
-    with pytest.raises(ValueError, match="max_consecutive_cached=0"):
+    with pytest.raises(ValueError, match="max_consecutive_cached=0 is not supported; valid: None or an int >= 1"):
         BlockCacheConfig(max_consecutive_cached=0)
-    with pytest.raises(ValueError, match="cannot run inside CUDA graphs"):
-        accel.accelerate(sd_pipe, AccelConfig(cache=BlockCacheConfig(), runtime=RuntimeConfig(cuda_graph=True)))
-    assert not accel.is_accelerated(sd_pipe)
+    with pytest.raises(ValueError, match="threshold=True"):
+        BlockCacheConfig(threshold=True)
     accel.accelerate(sd_pipe, AccelConfig(cache=BlockCacheConfig(max_consecutive_cached=1, threshold=10.0)))
     run(sd_pipe, steps=6)
     state = get_block_cache(sd_pipe).state
@@ -418,3 +522,124 @@ def test_step_index_that_never_advances_turns_caching_off(sd_pipe, caplog):
     assert len(state.slots) == MAX_CALLS_PER_STEP and state.cached_calls == 0
     assert "step index is not advancing" in caplog.text
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_block_cache_runs_under_the_graph_hook_on_cpu(sd_pipe):
+    """Graphs and the block cache compose; on the CPU the call runs eagerly with the same decisions."""
+    from accel.cache.block_cache import HOOK_NAME
+    from accel.runtime import get_cuda_graph_hook
+    from accel.runtime.cuda_graph import RUN_EAGERLY
+
+    before = run(sd_pipe, steps=8)
+    accel.accelerate(sd_pipe, AccelConfig(cache=BlockCacheConfig(threshold=0.5)))
+    plain = run(sd_pipe, steps=8)
+    accel.restore(sd_pipe)
+    accel.accelerate(sd_pipe, AccelConfig(cache=BlockCacheConfig(threshold=0.5), runtime=RuntimeConfig(cuda_graph=True)))
+    assert np.array_equal(run(sd_pipe, steps=8), plain)
+    assert get_block_cache(sd_pipe).state.cached_calls >= 2
+    assert get_cuda_graph_hook(sd_pipe.unet).tags[HOOK_NAME] is RUN_EAGERLY  # host-side decisions: never captured
+    accel.restore(sd_pipe)
+    assert np.array_equal(run(sd_pipe, steps=8), before)
+
+
+@pytest.mark.gpu
+def test_block_cache_under_cuda_graphs_decides_on_the_gpu(sd_pipe, monkeypatch, caplog):
+    """fp16 SD with graphs: the eager block cache's output and decisions, the skipped blocks really not
+    executed on cached replays (a device counter inside the mid block), and no host sync in a UNet call.
+    A torch without conditional nodes (2.11) checks the documented fallback instead, then skips."""
+    from dataclasses import replace
+
+    from accel.cache.block_cache import HOOK_NAME, conditional_nodes_supported
+
+    pipe = sd_pipe.to("cuda")
+    before = run(pipe, steps=8)
+    cache, runtime = BlockCacheConfig(threshold=0.5), RuntimeConfig(dtype="float16")
+    accel.accelerate(pipe, AccelConfig(cache=cache, runtime=runtime))
+    eager = run(pipe, steps=8)
+    eager_counts = get_block_cache(pipe).state.counts()
+    accel.restore(pipe)
+    assert eager_counts[1] >= 1
+
+    if not conditional_nodes_supported():
+        accel.accelerate(pipe, AccelConfig(cache=cache, runtime=replace(runtime, cuda_graph=True)))
+        with caplog.at_level("WARNING"):
+            fallback = [run(pipe, steps=8) for _ in range(2)]
+        counts = get_block_cache(pipe).state.counts()
+        accel.restore(pipe)
+        assert counts == eager_counts and caplog.text.count("no CUDA-graph conditional nodes") == 1
+        for out in fallback:
+            np.testing.assert_allclose(out, eager, rtol=0, atol=5e-3)
+        assert np.array_equal(run(pipe, steps=8), before)
+        pytest.skip(f"torch {torch.__version__} has no CUDA-graph conditional nodes: checked the eager fallback only")
+
+    executed = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def bump(*_):
+        executed.add_(1)  # recorded into the graph: counts executions on the GPU, replays included
+
+    hooks = [pipe.unet.mid_block.resnets[0].register_forward_hook(bump)]
+    accel.accelerate(pipe, AccelConfig(cache=cache, runtime=replace(runtime, cuda_graph=True)))
+    first = run(pipe, steps=8)  # warm-up runs (both branches eagerly), capture, replays
+    first_counts = get_block_cache(pipe).state.counts()
+
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: (replays.append(1), replay(self))[1])
+    hooks.append(pipe.unet.register_forward_pre_hook(lambda *_: torch.cuda.set_sync_debug_mode("error"), prepend=True))
+    hooks.append(pipe.unet.register_forward_hook(lambda *_: torch.cuda.set_sync_debug_mode("default"), always_call=True))
+    executed.zero_()
+    try:
+        second = run(pipe, steps=8)  # replays only; a host sync inside a UNet call raises
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    second_counts = get_block_cache(pipe).state.counts()
+    captured = {key[1] for key, graph in get_cuda_graph_hook_graphs(pipe).items() if graph is not None}
+    for hook in hooks:
+        hook.remove()
+    accel.restore(pipe)
+
+    assert (HOOK_NAME, 0) in captured
+    assert first_counts == second_counts == eager_counts
+    assert len(replays) == 8
+    assert executed.item() == second_counts[0] < 8  # the mid block ran on full steps only
+    np.testing.assert_allclose(first, eager, rtol=0, atol=5e-3)
+    np.testing.assert_allclose(second, eager, rtol=0, atol=5e-3)
+    assert np.array_equal(run(pipe, steps=8), before)
+
+
+def _save_tiny_lora(folder):
+    """A LoRA for `tiny_unet`'s attention projections, saved as diffusers saves LoRA weights (safetensors)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from tiny import tiny_unet
+
+    unet = tiny_unet()
+    torch.manual_seed(1)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers)
+    return folder
+
+
+@pytest.mark.parametrize("cache", [DeepCacheConfig(cache_interval=3), EncoderPropagationConfig(key_steps=(0, 3)),
+                                   BlockCacheConfig(threshold=0.5)], ids=["deepcache", "encoder", "block"])
+def test_lora_loaded_with_load_lora_weights_composes_with_each_cache(cache, sd_pipe, tmp_path):
+    pytest.importorskip("peft")
+    base = run(sd_pipe, steps=6)
+    sd_pipe.load_lora_weights(_save_tiny_lora(tmp_path / "lora"))
+    lora = run(sd_pipe, steps=6)
+    assert np.abs(lora - base).max() > 1e-2  # the adapter really changes the output
+
+    accel.accelerate(sd_pipe, AccelConfig(cache=cache))
+    cached = run(sd_pipe, steps=6)
+    assert _applied(sd_pipe).state.cached_calls >= 1
+    assert not np.array_equal(cached, lora) and np.abs(cached - lora).max() < TOLERANCE
+    sd_pipe.disable_lora()
+    cached_without_lora = run(sd_pipe, steps=6)
+    sd_pipe.enable_lora()
+    # The adapter stays active under the cache: the cached run is nearer the LoRA baseline than without it.
+    assert np.abs(cached - lora).mean() < np.abs(cached_without_lora - lora).mean()
+    accel.restore(sd_pipe)
+    assert np.array_equal(run(sd_pipe, steps=6), lora)

@@ -56,6 +56,14 @@ def _modules(block, name: str) -> list[torch.nn.Module]:
     return list(getattr(block, name, None) or [])
 
 
+def _layers(block) -> list[list[torch.nn.Module]]:
+    """A block's layers in order: each resnet with the attention that follows it, if the block has attentions."""
+    resnets, attentions = _modules(block, "resnets"), _modules(block, "attentions")
+    if attentions and len(attentions) != len(resnets):
+        raise UnsupportedPipelineError(f"{type(block).__name__} pairs {len(resnets)} resnets with {len(attentions)} attentions")
+    return [[resnet] + ([attentions[j]] if attentions else []) for j, resnet in enumerate(resnets)]
+
+
 def skip_layout(unet) -> SkipLayout:
     """Map every down-side layer to the skip it produces and every up-side layer to the skip it reads.
 
@@ -64,12 +72,9 @@ def skip_layout(unet) -> SkipLayout:
     """
     layout = SkipLayout()
     for block in unet.down_blocks:
-        resnets, attentions = _modules(block, "resnets"), _modules(block, "attentions")
-        if attentions and len(attentions) != len(resnets):
-            raise UnsupportedPipelineError(f"{type(block).__name__} pairs {len(resnets)} resnets with {len(attentions)} attentions")
         produced = []
-        for j, resnet in enumerate(resnets):
-            layout.down.append([resnet] + ([attentions[j]] if attentions else []))
+        for layer in _layers(block):
+            layout.down.append(layer)
             produced.append(len(layout.down))
         downsamplers = _modules(block, "downsamplers")
         if downsamplers:
@@ -85,12 +90,9 @@ def skip_layout(unet) -> SkipLayout:
     up_in_order = []
     next_skip = skips - 1
     for block in unet.up_blocks:
-        resnets, attentions = _modules(block, "resnets"), _modules(block, "attentions")
-        if attentions and len(attentions) != len(resnets):
-            raise UnsupportedPipelineError(f"{type(block).__name__} pairs {len(resnets)} resnets with {len(attentions)} attentions")
         consumed = []
-        for j, resnet in enumerate(resnets):
-            up_in_order.append((next_skip, [resnet] + ([attentions[j]] if attentions else [])))
+        for layer in _layers(block):
+            up_in_order.append((next_skip, layer))
             consumed.append(next_skip)
             next_skip -= 1
         layout.up_blocks.append((block, consumed, _modules(block, "upsamplers")))
@@ -122,12 +124,13 @@ class FeatureCacheState:
         self.call_in_step = 0
         self.full_calls = 0
         self.cached_calls = 0
+        self.repeat = 1  # cached outputs are tiled this many times along the batch (batched decoders)
 
     def reset(self) -> None:
         """Start of a pipeline call: no slot holds features of this call yet."""
         for slot in self.slots.values():
             slot.filled = False
-        self.mode, self.slot, self.schedule, self.step, self.call_in_step = OFF, None, None, None, 0
+        self.mode, self.slot, self.schedule, self.step, self.call_in_step, self.repeat = OFF, None, None, None, 0, 1
         self.full_calls = self.cached_calls = 0
 
     def slot_for(self, sample: torch.Tensor) -> Slot:
@@ -151,7 +154,10 @@ class ReuseHook(ModelHook):
         if state.mode == CACHED:
             stored = self.buffers.get(state.slot.index)
             if stored is not None:
-                return pytree.tree_unflatten(*stored)
+                leaves, spec = stored
+                if state.repeat > 1:
+                    leaves = [tile_batch(x, state.repeat) for x in leaves]
+                return pytree.tree_unflatten(leaves, spec)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if state.mode == FULL:
             self._store(state.slot.index, output)
@@ -210,7 +216,8 @@ class FeatureCache:
     def _on_call(self, session) -> None:
         self.state.reset()
 
-    def _num_steps(self) -> int:
+    def num_steps(self) -> int:
+        """The steps of the pipeline call in progress."""
         # Set by diffusers pipelines before their loop, after img2img strength has cut the schedule.
         pipe = self._pipe()
         steps = getattr(pipe, "_num_timesteps", None) if pipe is not None else None
@@ -226,7 +233,7 @@ class FeatureCache:
                 graph.branch = None
             return None
         if state.schedule is None:
-            state.schedule = self.full_steps(self._num_steps())
+            state.schedule = self.full_steps(self.num_steps())
         if step != state.step:
             state.step, state.call_in_step = step, 0
         else:
@@ -266,6 +273,13 @@ class FeatureCache:
             graph.branch = None
         self.hooks.clear()
         self.state.slots.clear()
+
+
+def tile_batch(x, times: int):
+    """`times` copies of a batch, one after the other: (B, ...) -> (times * B, ...)."""
+    if not isinstance(x, torch.Tensor) or x.ndim == 0:
+        return x
+    return x.repeat(times, *(1,) * (x.ndim - 1))
 
 
 def _has_hook(module: torch.nn.Module, name: str) -> bool:
