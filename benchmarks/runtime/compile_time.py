@@ -32,6 +32,9 @@ VARIANTS = {
     "before": (_BEFORE, {"dynamic": None}),  # what 'default' was: more block classes, automatic dynamic shapes
     "before-static": (_BEFORE, {"dynamic": False}),
     "dynamic": (None, {"dynamic": None}),
+    "resnets": (("ResnetBlock2D", "CLIPEncoderLayer"), {}),
+    "transformers": (("BasicTransformerBlock", "Transformer2DModel", "CLIPEncoderLayer"), {}),
+    "graph-only": ((), {}),  # no compilation at all: CUDA graphs of the eager UNet, the floor to compare with
 }
 
 
@@ -70,6 +73,10 @@ def child(name: str, smoke: bool) -> dict:
 
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if blocks == ():
+        from dataclasses import replace
+
+        runtime = replace(runtime, compile=None)
     accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
 
     def call():
@@ -92,7 +99,7 @@ def child(name: str, smoke: bool) -> dict:
     stats = {k: v for k, v in counters["stats"].items()}
     stats["unique_graphs_after_first_call"] = graphs_after_first  # more later: recompiles in steady state
     record = {"variant": name, "first_call_s": first, "median_s": statistics.median(times), "dynamo_stats": stats,
-              "regions": list(blocks or compile_mod.REGIONAL_BLOCKS), "compile_kwargs": kwargs}
+              "regions": list(compile_mod.REGIONAL_BLOCKS if blocks is None else blocks), "compile_kwargs": kwargs}
     try:
         from torch._dynamo.utils import compile_times
 
