@@ -39,9 +39,15 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--tuned", default="benchmarks/results/tuned-embedded/schedules/tuned_schedules",
                         help="folder of tuned schedule JSON files (searched by benchmarks/tuned_embedded.py)")
+    parser.add_argument("--candidates", default="",
+                        help="labels of the candidates to run, comma-separated (default: all; 'none': tuned only)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="benchmarks/results/samplers-quality")
     args = parser.parse_args()
+    wanted = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    known = [c[0] for c in CANDIDATES]
+    if any(c not in known and c != "none" for c in wanted):
+        parser.error(f"--candidates {args.candidates!r}: valid choices are {known} or 'none'")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -63,11 +69,12 @@ def main() -> int:
     reference, _ = run(make_scheduler("dpmpp_3m", schedule="karras", base=base), args.reference_steps)
     ref = reference.float() / 255
 
-    def row(label: str, sampler: str, schedule: str, steps: int, images: torch.Tensor, seconds: float) -> dict:
+    def row(label: str, sampler: str, schedule: str, steps: int, images: torch.Tensor, seconds: float,
+            options: dict | None = None) -> dict:
         predicted, features = classifier_outputs(classifier, images)
         values = psnr(images.float() / 255, ref)
         finite = values[torch.isfinite(values)]
-        result = {"label": label, "sampler": sampler, "schedule": schedule, "steps": steps,
+        result = {"label": label, "sampler": sampler, "schedule": schedule, "options": options or {}, "steps": steps,
                   "psnr_db": finite.mean().item() if finite.numel() else math.inf,
                   "adherence": (predicted == labels).double().mean().item(),
                   "frechet_distance": frechet_distance(features, reference_features), "seconds": round(seconds, 3)}
@@ -78,15 +85,19 @@ def main() -> int:
     rows = []
     steps_list = [int(s) for s in args.steps.split(",")]
     for label, sampler, schedule, extra in CANDIDATES:
+        if wanted and label not in wanted:
+            continue
         for steps in steps_list:
             images, seconds = run(make_scheduler(sampler, schedule=schedule, base=base, **extra), steps)
-            rows.append(row(label, sampler, schedule, steps, images, seconds))
+            rows.append(row(label, sampler, schedule, steps, images, seconds, extra))
     for path in sorted(Path(args.tuned).glob("*.json")) if Path(args.tuned).is_dir() else []:
         tuned = TunedSchedule.load(path)
         label = f"{tuned.sampler} tuned" + (f" order {tuned.sampler_options['order']}" if "order" in tuned.sampler_options else "")
-        scheduler = make_scheduler(tuned.sampler, schedule="tuned", tuned=str(path), base=base, **tuned.sampler_options)
+        label += " + per-step orders" if tuned.orders else ""
+        # the searched options and per-step orders come with the schedule
+        scheduler = make_scheduler(tuned.sampler, schedule="tuned", tuned=str(path), base=base)
         images, seconds = run(scheduler, tuned.num_steps)
-        rows.append(row(label, tuned.sampler, "tuned", tuned.num_steps, images, seconds))
+        rows.append(row(label, tuned.sampler, "tuned", tuned.num_steps, images, seconds, tuned.sampler_options))
 
     command = "python " + " ".join(sys.argv)
     meta = {"n": args.n, "guidance": args.guidance, "device": args.device, "command": command,
@@ -109,6 +120,15 @@ def main() -> int:
             r = cell.get((label, s))
             cells.append("" if r is None else f"{r['psnr_db']:.2f} / {r['adherence']:.1%} / {r['frechet_distance']:.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gains = []
+    for r in rows:  # each tuned schedule against the default schedule of the same solver and options
+        same = [d for d in rows if d["schedule"] == "default" and d["sampler"] == r["sampler"]
+                and d["steps"] == r["steps"] and d["options"] == r["options"]]
+        if r["schedule"] == "tuned" and same:
+            gains.append(f"{r['label']} at {r['steps']} steps: {r['psnr_db'] - same[0]['psnr_db']:+.2f} dB "
+                         f"over {same[0]['label']}")
+    if gains:
+        lines += ["", "Tuned against the default schedule: " + "; ".join(gains) + "."]
     lines += ["", f"Command: `{command}`"]
     (out / "samplers-quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,11 +1,16 @@
 """Search tuned step schedules for the embedded model and record what each search cost.
 
 For each solver and step budget the schedule is searched on calibration prompts and seeds
-("a picture of a {class}", seeds from 10000) and saved as JSON; the search's latent-space loss
-before and after, its seconds and denoiser calls go to `tuned.json` / `tuned.md`. Judging the
-schedules on held-out prompts (PSNR to a 200-step reference, adherence, Frechet distance, next
-to the default schedule and diffusers' schedulers) is `benchmarks/samplers_quality.py`'s job,
-which reads the saved files.
+("a picture of a {class}", seeds from 10000) and saved as JSON; the search's loss before and
+after, its seconds and denoiser calls go to `tuned.json` / `tuned.md`. By default the loss is what
+the judge measures: the mean over calibration images of 10 log10 of each decoded image's squared
+error to the 200-step reference (minus the mean PSNR, in dB), and UniPC's per-step orders are
+searched with its sigmas (S^3). `--init default,karras,logsnr` runs one search from each and keeps
+the best (3x the cost; on CPU at 5 steps the Karras / log-SNR starts ended in worse minima);
+`--objective mse --space latent --no-orders` is the original latent-space search.
+Judging the schedules on held-out prompts (PSNR to a 200-step reference, adherence, Frechet
+distance, next to the default schedule and diffusers' schedulers) is
+`benchmarks/samplers_quality.py`'s job, which reads the saved files.
 
     python benchmarks/tuned_embedded.py --device cuda --calibration 40 --out benchmarks/results/tuned-embedded
 """
@@ -21,48 +26,75 @@ from pathlib import Path
 import torch
 
 from accel.embedded import CIFAR10_CLASSES, load_embedded_pipeline
-from samplers.tuned import save_tuned_schedule, tune_pipeline_schedule
+from samplers.tuned import OBJECTIVES, SPACES, save_tuned_schedule, tune_pipeline_schedule
 
 # (solver, options): DPM-Solver++ 2M and UniPC at diffusers' default order 2
 SOLVERS = (("dpmpp_2m", {}), ("unipc_bh2", {"order": 2}))
+SOLVER_NAMES = tuple(name for name, _ in SOLVERS)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="5,6,8")
+    parser.add_argument("--solvers", default=",".join(SOLVER_NAMES), help=f"some of {SOLVER_NAMES}")
     parser.add_argument("--calibration", type=int, default=40, help="calibration prompts (seeds 10000+)")
     parser.add_argument("--passes", type=int, default=12, help="pattern-search passes")
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--objective", default="psnr", choices=OBJECTIVES)
+    parser.add_argument("--space", default="image", choices=SPACES)
+    parser.add_argument("--init", default="default", help="initial schedules, comma-separated: one search from each")
+    parser.add_argument("--no-orders", action="store_true", help="keep the solver's own per-step orders")
+    parser.add_argument("--reference-steps", type=int, default=200)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default="benchmarks/results/tuned-embedded")
     args = parser.parse_args()
+    solvers = [s for s in SOLVERS if s[0] in args.solvers.split(",")]
+    if not solvers or len(solvers) != len(args.solvers.split(",")):
+        parser.error(f"--solvers {args.solvers!r}: valid choices are {SOLVER_NAMES}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_embedded_pipeline(device=args.device)
     pipe.set_progress_bar_config(disable=True)
     calibration = [f"a picture of a {CIFAR10_CLASSES[i % 10]}" for i in range(args.calibration)]
     command = "python " + " ".join(sys.argv)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    unit = "dB" if args.objective == "psnr" else "squared error"
+    measure = ("mean over images of 10 log10 of each image's squared error (minus the mean PSNR)"
+               if args.objective == "psnr" else "squared error pooled over all inputs")
     lines = [f"Tuned schedules for the embedded model, searched on {len(calibration)} calibration prompts (seed "
-             f"10000), guidance {args.guidance}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; "
-             "loss: mean squared distance of the final latent to a 200-step reference.", "",
-             "| solver | steps | loss, default schedule | loss, tuned | search (s) | denoiser calls | file |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             f"10000), guidance {args.guidance}, {device}; loss: {measure} of the final "
+             f"{'decoded image' if args.space == 'image' else 'latent'} to a {args.reference_steps}-step reference "
+             f"({unit}). Searches start from {args.init.replace(',', ', ')}.", "",
+             "| solver | steps | loss, default schedule | loss, tuned | from | orders | search (s) | denoiser calls "
+             "| file |",
+             "|---|---:|---:|---:|---|---|---:|---:|---|"]
     rows = []
-    for solver, options in SOLVERS:
-        for n in (int(s) for s in args.steps.split(",")):
+    # step budgets in the order given, both solvers each: a run cut short keeps the first budgets
+    for n in (int(s) for s in args.steps.split(",")):
+        for solver, options in solvers:
             start = time.perf_counter()
             tuned = tune_pipeline_schedule(pipe, prompts=calibration, sampler=solver, num_steps=n,
                                            guidance_scale=args.guidance, seed=10_000, passes=args.passes,
-                                           init_schedule="default", sampler_options=options)
+                                           init_schedule=tuple(args.init.split(",")), sampler_options=options,
+                                           objective=args.objective, space=args.space,
+                                           reference_steps=args.reference_steps,
+                                           search_orders=not args.no_orders and solver.startswith("unipc"))
             path = save_tuned_schedule(tuned, out / "schedules", f"{solver}-{n}")
             rows.append({"solver": solver, "steps": n, "loss_init": tuned.loss_init, "loss_tuned": tuned.loss_tuned,
+                         "init_schedule": tuned.init_schedule, "orders": tuned.orders,
                          "search_seconds": round(time.perf_counter() - start, 1),
                          "search_denoiser_calls": tuned.search_denoiser_calls, "file": str(path)})
-            lines.append(f"| {solver} | {n} | {tuned.loss_init:.4g} | {tuned.loss_tuned:.4g} | "
-                         f"{rows[-1]['search_seconds']} | {tuned.search_denoiser_calls} | `{path.name}` |")
+            lines.append(f"| {solver} | {n} | {tuned.loss_init:.4g} | {tuned.loss_tuned:.4g} | {tuned.init_schedule} | "
+                         f"{tuned.orders or ''} | {rows[-1]['search_seconds']} | {tuned.search_denoiser_calls} | "
+                         f"`{path.name}` |")
             print(lines[-1], flush=True)
             # written after every search, so a run cut short keeps the finished ones
-            (out / "tuned.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+            meta = {"command": command, "device": device, "objective": args.objective, "space": args.space,
+                    "init": args.init, "calibration": args.calibration, "reference_steps": args.reference_steps}
+            (out / "tuned.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
             (out / "tuned.md").write_text("\n".join(lines + ["", f"Command: `{command}`"]) + "\n")
     return 0
 

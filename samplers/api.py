@@ -49,8 +49,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_2s": SamplerSpec(orders=(2,), default_order=2, options=_SINGLE),
     "dpmpp_sde": SamplerSpec(orders=(2,), default_order=2, options=("eta", "r")),
     "dpmpp_2m_sde": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("eta", "solver_type")),
-    "unipc_bh1": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector",)),
-    "unipc_bh2": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector",)),
+    "unipc_bh1": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector", "orders")),
+    "unipc_bh2": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector", "orders")),
     "deis": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM),
     "pndm": SamplerSpec(orders=(4,), default_order=4),
     "ipndm": SamplerSpec(orders=(1, 2, 3, 4), default_order=4),
@@ -112,6 +112,13 @@ def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, A
         raise ValueError(
             f"order={order!r} is not supported by sampler {name!r}; valid choices: {_choices(spec.orders)}"
         )
+    if options.get("orders") is not None:
+        orders = options["orders"]
+        per_step = list(orders) if isinstance(orders, (list, tuple)) else None
+        if not per_step or any(isinstance(o, bool) or o not in spec.orders for o in per_step):
+            raise ValueError(f"orders={orders!r} must list one order per step, each one of {_choices(spec.orders)}")
+        if num_steps is not None and len(per_step) != num_steps:
+            raise ValueError(f"orders gives {len(per_step)} per-step orders for num_steps={num_steps}")
     if options.get("backend", "samplers") not in BACKENDS:
         raise ValueError(f"backend={options['backend']!r} is not supported; valid choices: {_choices(BACKENDS)}")
     if options.get("solver_type", "midpoint") not in SOLVER_TYPES:
@@ -180,6 +187,10 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
             raise ValueError(f"num_steps={num_steps} disagrees with the tuned schedule's {tuned.num_steps} steps")
         schedule, options["sigmas"] = "explicit", list(tuned.sigmas)
         num_steps = tuned.num_steps
+        if name == tuned.sampler:  # the options and per-step orders it was searched with, unless overridden
+            searched = dict(tuned.sampler_options, **({} if tuned.orders is None else {"orders": list(tuned.orders)}))
+            options = dict(searched, **options)
+            check_sampler_args(name, num_steps, schedule, options)
     options.pop("model_dir", None)
     backend = options.pop("backend", _DEFAULT_BACKEND)
     if backend == "diffusers":

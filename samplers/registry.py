@@ -93,7 +93,7 @@ def solver_steps(name: str, x, sigmas, options: dict, *, noise_sampler=None, gen
     if name == "dpmpp_2m_sde":
         return dpmpp_2m_sde_steps(x, sigmas, o.get("eta", 1.0), solver_type, lof, **noise)
     if name in ("unipc_bh1", "unipc_bh2"):
-        return unipc_steps(x, sigmas, o.get("order", 2), name[-3:], o.get("use_corrector", True), lof)
+        return unipc_steps(x, sigmas, o.get("order", 2), name[-3:], o.get("use_corrector", True), lof, o.get("orders"))
     if name == "deis":
         return deis_steps(x, sigmas, o.get("order", 2), lof)
     if name == "pndm":

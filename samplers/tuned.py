@@ -1,11 +1,16 @@
-"""Step schedules tuned to the model: search the N sigmas whose sampler output lies closest to a
-high-step reference solution, for a few calibration inputs.
+"""Step schedules tuned to the model: search the N sigmas (and, for solvers that take them, the
+solver order of each step) whose sampler output lies closest to a high-step reference solution,
+for a few calibration inputs.
 
 In the spirit of Align Your Steps (Sabour et al. 2024), OLSS (Duan et al. 2023), AutoDiffusion
 (Li et al. 2023) and the S^3 solver-schedule search (Frankel et al. 2024), with the simplest
 search that works on a handful of parameters: a derivative-free pattern search over the
 log-sigmas of the interior steps (the first sigma stays at the model's sigma_max, the schedule
-ends in 0). The result is a small JSON file saved next to the model and reused by name through
+ends in 0), started from the best of a few standard schedules, alternating with a coordinate
+search over the per-step orders. The distance is measured where the judge measures it: through
+an optional `decode` (a latent model's VAE) and as the mean over inputs of the log squared error
+(mean PSNR) rather than the pooled squared error, which the few worst inputs dominate.
+The result is a small JSON file saved next to the model and reused by name through
 `make_scheduler(..., schedule="tuned", tuned=name, model_dir=...)`.
 """
 
@@ -17,20 +22,24 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from .api import check_sampler_args, sample
+from .api import SAMPLERS, check_sampler_args, sample
 from .denoiser import NoiseSchedule, UNetDenoiser
 from .schedules import get_sigmas
 
 TUNED_DIRNAME = "tuned_schedules"
+OBJECTIVES = ("mse", "psnr")
+SPACES = ("latent", "image")
 
 
 @dataclass
 class TunedSchedule:
-    """A searched schedule and what it cost: `sigmas` (descending, ending in 0) and the train
-    `timesteps` of its model calls' sigmas."""
+    """A searched schedule and what it cost: `sigmas` (descending, ending in 0), the train
+    `timesteps` of its model calls' sigmas and, where searched, the solver order of each step.
+    Files written before `orders` / `objective` / `space` existed load with their defaults."""
 
     sampler: str
     num_steps: int
@@ -46,6 +55,12 @@ class TunedSchedule:
     search_denoiser_calls: int = 0
     search_seconds: float = 0.0
     model: str = ""
+    # per-step solver orders (S^3); None: the sampler's own
+    orders: list[int] | None = None
+    # what `loss_*` measure: "mse" (pooled squared error) or "psnr" (mean over inputs of
+    # 10 log10 of each input's squared error, i.e. minus the mean PSNR at data range 1), in `space`
+    objective: str = "mse"
+    space: str = "latent"
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -86,6 +101,25 @@ def load_tuned_schedule(tuned: str | os.PathLike, model_dir: str | os.PathLike |
     )
 
 
+def _per_input_error(y: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return (y - reference).double().square().flatten(1).mean(1)
+
+
+def _objective_value(objective: str, errors: torch.Tensor) -> float:
+    if objective == "mse":
+        return float(errors.mean())
+    # mean of 10 log10(error): minus the mean PSNR (data range 1) that a per-image judge reports
+    return float((10 * torch.log10(errors.clamp_min(1e-30))).mean())
+
+
+def _order_choices(sampler: str, options: dict) -> tuple[int, ...]:
+    """The per-step orders a search may give `sampler` (empty: it takes no per-step orders)."""
+    spec = SAMPLERS[sampler]
+    if "orders" not in spec.options:
+        return ()
+    return tuple(o for o in spec.orders if o <= options.get("order", spec.default_order) + 1)
+
+
 def tune_schedule(
     denoiser,
     noise: torch.Tensor,
@@ -94,7 +128,7 @@ def tune_schedule(
     sampler: str = "dpmpp_2m",
     num_steps: int = 8,
     extra_args: dict | None = None,
-    init_schedule: str = "karras",
+    init_schedule: str | Sequence[str] = "karras",
     reference: torch.Tensor | None = None,
     reference_sampler: str = "dpmpp_2m",
     reference_steps: int = 200,
@@ -102,25 +136,55 @@ def tune_schedule(
     min_step: float = 0.02,
     sampler_options: dict | None = None,
     model: str = "",
+    objective: str = "mse",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    space: str = "latent",
+    search_orders: bool = False,
+    rounds: int = 2,
 ) -> TunedSchedule:
-    """Search `num_steps` sigmas for `sampler` minimising the mean squared distance of its final
-    sample to the reference solution from the same starting noise.
+    """Search `num_steps` sigmas for `sampler` minimising the distance of its final sample to the
+    reference solution from the same starting noise.
 
     Args:
         denoiser: `denoiser(x, sigma, **extra_args) -> x0` (VE form, see `UNetDenoiser`).
         noise: unit Gaussian noise, one calibration input per batch entry.
         noise_schedule: the model's; gives sigma_max (the fixed first sigma) and sigma_min.
+        init_schedule: a schedule name (see `get_sigmas`) or several: one search starts from
+            each (the loss has local minima) and the best result wins; `loss_init` is the
+            loss of the first.
         reference: the exact final samples if known; otherwise `reference_sampler` with
             `reference_steps` Karras steps computes them.
-        passes: most passes over all interior sigmas; the trial move (a fraction of the gap to
-            the neighbouring sigma) halves after a pass that improves nothing, and the search
-            stops once it falls below `min_step`.
+        passes: most passes over all interior sigmas per round; the trial move (a fraction of
+            the gap to the neighbouring sigma) halves after a pass that improves nothing, and
+            the round stops once it falls below `min_step`.
+        objective: "mse" (squared error pooled over all inputs) or "psnr" (mean over inputs of
+            10 log10 of each input's squared error: minus the mean PSNR at data range 1).
+        decode: maps final samples into the space the distance is measured in (e.g. a VAE
+            decoder to images in [0, 1]); None measures the samples themselves. `space` names
+            that space in the saved record.
+        search_orders: also search the solver order of each step (S^3), for samplers that take
+            the option `orders` (UniPC); the orders and the sigmas are searched in turn for up
+            to `rounds` rounds.
     """
     options = dict(sampler_options or {})
     check_sampler_args(sampler, num_steps, "default", options)
     if num_steps < 2:
         raise ValueError(f"num_steps must be at least 2 for a schedule search, got {num_steps}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not supported; valid choices: {OBJECTIVES}")
+    if space not in SPACES:
+        raise ValueError(f"space={space!r} is not supported; valid choices: {SPACES}")
+    inits = [init_schedule] if isinstance(init_schedule, str) else list(init_schedule)
+    if not inits:
+        raise ValueError("init_schedule must name at least one schedule")
+    order_choices = _order_choices(sampler, options) if search_orders else ()
+    if search_orders and not order_choices:
+        with_orders = [name for name, spec in SAMPLERS.items() if "orders" in spec.options]
+        raise ValueError(f"sampler {sampler!r} takes no per-step orders; search_orders=True needs one of {with_orders}")
+    if "orders" in options:
+        raise ValueError("the option 'orders' is what search_orders=True searches; leave it out of sampler_options")
     extra_args = extra_args or {}
+    decode = decode or (lambda y: y)
     start = time.perf_counter()
     s_max, s_min = noise_schedule.sigma_max, noise_schedule.sigma_min
     x_T = noise * math.sqrt(1 + s_max**2)  # VP unit noise at sigma_max, in VE scale
@@ -131,41 +195,78 @@ def tune_schedule(
         calls += 1
         return denoiser(x, sigma, **kw)
 
+    reference_label = "given" if reference is not None else f"{reference_sampler} x {reference_steps} karras steps"
     with torch.no_grad():
         if reference is None:
             ref_sigmas = get_sigmas("karras", reference_steps, noise_schedule)
             reference = sample(reference_sampler, counted, x_T, ref_sigmas, extra_args=extra_args, disable=True)
+        reference = decode(reference)
 
         evaluations = 0
+        memo: dict[tuple, float] = {}
 
-        def loss(log_interior: list[float]) -> float:
+        def loss(log_interior: list[float], orders: tuple[int, ...] | None) -> float:
             nonlocal evaluations
-            evaluations += 1
-            sigmas = torch.tensor([s_max] + [math.exp(u) for u in log_interior] + [0.0], dtype=torch.float64)
-            out = sample(sampler, counted, x_T, sigmas, extra_args=extra_args, disable=True, **options)
-            return float(((out - reference) ** 2).mean())
+            key = (tuple(round(v, 12) for v in log_interior), orders)
+            if key not in memo:
+                evaluations += 1
+                sigmas = torch.tensor([s_max] + [math.exp(v) for v in log_interior] + [0.0], dtype=torch.float64)
+                run = dict(options, orders=list(orders)) if orders is not None else options
+                out = sample(sampler, counted, x_T, sigmas, extra_args=extra_args, disable=True, **run)
+                memo[key] = _objective_value(objective, _per_input_error(decode(out), reference))
+            return memo[key]
 
-        init = get_sigmas(init_schedule, num_steps, noise_schedule)
-        u = [math.log(float(s)) for s in init[1:-1]]
-        best = loss_init = loss(u)
-        lo_bound, hi_bound = math.log(s_min), math.log(s_max)
-        step = 0.5
-        for _ in range(passes):
-            improved = False
-            for j in range(len(u)):
-                upper = u[j - 1] if j > 0 else hi_bound
-                lower = u[j + 1] if j + 1 < len(u) else lo_bound
-                for target in (upper, lower):
-                    trial = list(u)
-                    trial[j] = u[j] + step * (target - u[j])
-                    value = loss(trial)
-                    if value < best:
-                        best, u, improved = value, trial, True
+        def refine(u: list[float], orders, best: float, step: float) -> tuple[list[float], float]:
+            lo_bound, hi_bound = math.log(s_min), math.log(s_max)
+            for _ in range(passes):
+                improved = False
+                for j in range(len(u)):
+                    upper = u[j - 1] if j > 0 else hi_bound
+                    lower = u[j + 1] if j + 1 < len(u) else lo_bound
+                    for target in (upper, lower):
+                        trial = list(u)
+                        trial[j] = u[j] + step * (target - u[j])
+                        value = loss(trial, orders)
+                        if value < best:
+                            best, u, improved = value, trial, True
+                            break
+                if not improved:
+                    step /= 2
+                    if step < min_step:
                         break
-            if not improved:
-                step /= 2
-                if step < min_step:
+            return u, best
+
+        def default_orders() -> tuple[int, ...] | None:
+            if not order_choices:
+                return None
+            # the sampler's own per-step orders: lower order at the start (no history) and the end
+            order = options.get("order", SAMPLERS[sampler].default_order)
+            lof = options.get("lower_order_final", True)
+            return tuple(min(order, i + 1, num_steps - i if lof else order) for i in range(num_steps))
+
+        def search(u: list[float], orders) -> tuple[float, list[float], tuple[int, ...] | None]:
+            best, step = loss(u, orders), 0.5
+            for _ in range(rounds if order_choices else 1):
+                u, best = refine(u, orders, best, step)
+                changed = False
+                for i in range(1, num_steps - 1):  # the first step has no history, the last goes to 0
+                    for candidate in order_choices:
+                        trial = orders[:i] + (candidate,) + orders[i + 1:]
+                        if trial != orders and loss(u, trial) < best:
+                            best, orders, changed = loss(u, trial), trial, True
+                if not changed:
                     break
+                step = 0.25  # the sigmas are already close: a finer search around them
+            return best, u, orders
+
+        # a search from each initial schedule (the loss has local minima); the best one wins
+        results = []
+        for name in inits:
+            init = get_sigmas(name, num_steps, noise_schedule)
+            results.append((*search([math.log(float(s)) for s in init[1:-1]], default_orders()), name))
+        loss_init = loss([math.log(float(s)) for s in get_sigmas(inits[0], num_steps, noise_schedule)[1:-1]],
+                         default_orders())
+        best, u, orders, init_name = min(results, key=lambda item: item[0])
     sigmas = [s_max] + [math.exp(v) for v in u] + [0.0]
     timesteps = noise_schedule.sigma_to_t(torch.tensor(sigmas[:-1], dtype=torch.float64)).tolist()
     return TunedSchedule(
@@ -174,8 +275,8 @@ def tune_schedule(
         sigmas=sigmas,
         timesteps=timesteps,
         sampler_options=options,
-        init_schedule=init_schedule,
-        reference=f"{reference_sampler} x {reference_steps} karras steps" if reference_steps else "given",
+        init_schedule=init_name,
+        reference=reference_label,
         calibration_inputs=int(noise.shape[0]),
         loss_init=loss_init,
         loss_tuned=best,
@@ -183,6 +284,9 @@ def tune_schedule(
         search_denoiser_calls=calls,
         search_seconds=time.perf_counter() - start,
         model=model,
+        orders=None if orders is None else list(orders),
+        objective=objective,
+        space=space,
     )
 
 
@@ -214,10 +318,16 @@ def tune_pipeline_schedule(
     height: int | None = None,
     width: int | None = None,
     seed: int = 0,
+    space: str = "latent",
     **search,
 ) -> TunedSchedule:
     """`tune_schedule` for a Stable Diffusion (1.x / 2.x) pipeline on calibration prompts (or
-    their embeddings), with classifier-free guidance as the pipeline would apply it."""
+    their embeddings), with classifier-free guidance as the pipeline would apply it.
+
+    `space="image"` measures the distance on the decoded images in [0, 1], as a judge comparing
+    the pipeline's images does; "latent" on the final latents."""
+    if space not in SPACES:
+        raise ValueError(f"space={space!r} is not supported; valid choices: {SPACES}")
     unet = pipe.unet
     device = unet.device
     if prompt_embeds is None:
@@ -238,5 +348,12 @@ def tune_pipeline_schedule(
     denoiser = CFGDenoiser(base, guidance_scale)
     extra = {"cond": {"encoder_hidden_states": prompt_embeds},
              "uncond": {"encoder_hidden_states": negative_prompt_embeds.to(prompt_embeds.dtype)}}
+    vae = pipe.vae
+
+    def decode_images(latents):  # the final sigma is 0, where the VE and VP scales agree
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    decode = decode_images if space == "image" else None
     return tune_schedule(denoiser, noise, base.schedule, sampler=sampler, num_steps=num_steps, extra_args=extra,
-                         model=str(getattr(pipe, "name_or_path", "") or ""), **search)
+                         model=str(getattr(pipe, "name_or_path", "") or ""), decode=decode, space=space, **search)

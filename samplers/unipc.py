@@ -73,13 +73,20 @@ def unipc_correct(x_last, s_last, s, ms, lams, m_new, order, variant):
 
 
 def unipc_steps(x, sigmas, order: int = 2, variant: str = "bh1", use_corrector: bool = True,
-                lower_order_final: bool = True) -> Steps:
+                lower_order_final: bool = True, orders=None) -> Steps:
+    """`orders` (optional) gives each step's predictor order (a tuned schedule's, S^3); a run
+    that starts part-way (img2img) takes the orders of the schedule's last steps."""
     if order not in (1, 2, 3):
         raise ValueError(f"order={order!r} is not supported; valid choices: (1, 2, 3)")
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported; valid choices: {VARIANTS}")
     sig = as_floats(sigmas)
     n = len(sig) - 1
+    if orders is not None:
+        orders = [int(o) for o in orders]
+        if len(orders) < n or any(o not in (1, 2, 3) for o in orders):
+            raise ValueError(f"orders must give one order in (1, 2, 3) per step ({n}), got {orders}")
+        orders, order = orders[len(orders) - n:], max(orders)
     ms, lams = [], []
     x_last, last_order = None, None
     for i in range(n):
@@ -88,7 +95,10 @@ def unipc_steps(x, sigmas, order: int = 2, variant: str = "bh1", use_corrector: 
         if use_corrector and x_last is not None:
             x = unipc_correct(x_last, sig[i - 1], s, ms, lams, denoised, last_order, variant)
         ms, lams = (ms + [denoised])[-order:], (lams + [_lam(s)])[-order:]
-        this_order = min(order, n - i) if lower_order_final else order
+        if orders is not None:
+            this_order = orders[i]
+        else:
+            this_order = min(order, n - i) if lower_order_final else order
         this_order = 1 if t == 0 and not lower_order_final else min(this_order, len(ms))
         x_last, last_order = x, this_order
         x = unipc_predict(x, s, t, ms, lams, this_order, variant)
@@ -96,7 +106,7 @@ def unipc_steps(x, sigmas, order: int = 2, variant: str = "bh1", use_corrector: 
 
 
 def sample_unipc(denoiser, x, sigmas, *, extra_args=None, callback=None, disable=None, order=2, variant="bh1",
-                 use_corrector=True, lower_order_final=True):
+                 use_corrector=True, lower_order_final=True, orders=None):
     """UniPC (UniP-order predictor, UniC corrector unless `use_corrector=False`)."""
-    return drive(unipc_steps(x, sigmas, order, variant, use_corrector, lower_order_final), denoiser, x,
+    return drive(unipc_steps(x, sigmas, order, variant, use_corrector, lower_order_final, orders), denoiser, x,
                  extra_args=extra_args, callback=callback, disable=disable, total=len(sigmas) - 1)
