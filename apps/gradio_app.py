@@ -257,7 +257,7 @@ class ComparisonApp:
             # LCM-LoRA brings its own sampler, step count and guidance (it is distilled with CFG folded in).
             notes.append(f"LCM-LoRA samples with LCM in {model.num_steps} steps at guidance {model.guidance_scale:g} "
                          "(its own settings); the sampler controls and the preset were not used")
-            config = accel.AccelConfig(model=model, cache=self._cache(c, model.num_steps), runtime=self._runtime(c))
+            config = accel.AccelConfig(model=model, cache=self._cache(c), runtime=self._runtime(c))
         elif c.preset and c.preset != NO_PRESET:
             if c.preset not in accel.preset_names():
                 raise InputError(f"preset {c.preset!r} is unknown; accepted: {', '.join(accel.preset_names())}")
@@ -265,8 +265,7 @@ class ComparisonApp:
             notes.append(f"preset '{c.preset}' sets the sampler, cache and runtime; their controls were not used")
         else:
             sampler = self._sampler(c, baseline_steps, notes)
-            steps = sampler.num_steps if sampler is not None else baseline_steps
-            config = accel.AccelConfig(sampler=sampler, cache=self._cache(c, steps), runtime=self._runtime(c))
+            config = accel.AccelConfig(sampler=sampler, cache=self._cache(c), runtime=self._runtime(c))
         if model is not None and config.model is None:
             config = config.replace(model=model)
         runtime = config.runtime
@@ -333,7 +332,7 @@ class ComparisonApp:
         except ValueError as err:
             raise InputError(str(err)) from None
 
-    def _cache(self, c: Controls, steps: int):
+    def _cache(self, c: Controls):
         if not c.cache or c.cache == "none":
             return None
         if c.cache not in CACHE_CHOICES:
@@ -345,7 +344,7 @@ class ComparisonApp:
             if c.cache == "deepcache":
                 return accel.DeepCacheConfig(cache_interval=interval)
             if c.cache == "encoder_propagation":
-                return accel.EncoderPropagationConfig(key_steps=tuple(range(0, steps, interval)))
+                return accel.EncoderPropagationConfig(key_interval=interval)
             threshold = _as_float("block cache threshold", c.block_cache_threshold, accepted="a number >= 0")
             return accel.BlockCacheConfig(threshold=0.1 if threshold is None else threshold,
                                           max_consecutive_cached=interval - 1 if interval > 1 else None)

@@ -108,7 +108,7 @@ def test_sampler_without_steps_takes_the_baseline_steps(app):
 
 @pytest.mark.parametrize("cache, expected", [
     ("deepcache", accel.DeepCacheConfig(cache_interval=3)),
-    ("encoder_propagation", accel.EncoderPropagationConfig(key_steps=(0, 3, 6, 9))),
+    ("encoder_propagation", accel.EncoderPropagationConfig(key_interval=3)),
     ("block_cache", accel.BlockCacheConfig(threshold=0.2, max_consecutive_cached=2)),
 ])
 def test_cache_controls(checks_app, cache, expected):
