@@ -7,7 +7,28 @@ call) and read the step index that the pipeline loop reports through `callback_o
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+# More denoiser calls than this within one step: the step index is not advancing (a loop accel does not see).
+MAX_CALLS_PER_STEP = 8
+
+
+def count_step_call(state, step: int, what: str) -> bool:
+    """Advance `state.step` / `state.call_in_step` for a denoiser call at pipeline step `step`. False, with
+    one warning, once a step has had MAX_CALLS_PER_STEP calls: `what` (a technique) turns itself off."""
+    if step != state.step:
+        state.step, state.call_in_step = step, 0
+    else:
+        state.call_in_step += 1
+    if state.call_in_step < MAX_CALLS_PER_STEP:
+        return True
+    if state.call_in_step == MAX_CALLS_PER_STEP:
+        logger.warning("accel: %d denoiser calls at step %d; the step index is not advancing, so %s is off for the "
+                       "rest of this call", state.call_in_step, step, what)
+    return False
 
 
 class AccelSession:

@@ -509,7 +509,7 @@ def test_deepcache_follows_a_swapped_sampler(sd_pipe):
 
 
 def test_step_index_that_never_advances_turns_caching_off(sd_pipe, caplog):
-    from accel.cache._reuse import MAX_CALLS_PER_STEP
+    from accel.session import MAX_CALLS_PER_STEP
 
     accel.accelerate(sd_pipe, AccelConfig(cache=DeepCacheConfig(cache_interval=2)))
     session = get_session(sd_pipe)

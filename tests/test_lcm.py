@@ -46,6 +46,15 @@ def _lcm_loop(scheduler, unet, ehs, noise, seed=3):
     return x
 
 
+def _loss_after_one_step(distiller, batch) -> bool:
+    """Whether one training step lowers the distillation loss on this fixed batch."""
+    with torch.no_grad():
+        before = distiller.loss(batch).item()
+    distiller.train_step(batch)
+    with torch.no_grad():
+        return distiller.loss(batch).item() < before
+
+
 @pytest.mark.parametrize("n,original", [(1, 50), (4, 50), (8, 50), (3, 20), (50, 50)])
 def test_lcm_timesteps_are_lcm_schedulers(n, original):
     reference = LCMScheduler(original_inference_steps=original)
@@ -123,12 +132,7 @@ def test_one_distillation_step_lowers_the_loss_on_a_fixed_batch(tmp_path, varian
     distiller = LCMDistiller(pipe, config)
     latents = encode_latents(pipe.vae, _data())
     batch = distiller.draw_batch(latents, encode_captions(pipe.text_encoder, pipe.tokenizer, latents.captions), 0)
-    with torch.no_grad():
-        before = distiller.loss(batch).item()
-    distiller.train_step(batch)
-    with torch.no_grad():
-        after = distiller.loss(batch).item()
-    assert after < before
+    assert _loss_after_one_step(distiller, batch)  # one step lowers the loss on a fixed batch
     if variant == "full":
         # the guidance embedding starts at zero (student == teacher) and learns
         assert distiller.student.config.time_cond_proj_dim == config.guidance_embed_dim
@@ -185,12 +189,7 @@ def test_one_sdxl_distillation_step_lowers_the_loss_on_a_fixed_batch(tmp_path, v
     batch = distiller.draw_batch(latents, conditioning, 0)
     assert batch["uncond"].text_embeds.abs().max() == 0  # SDXL's zeroed unconditional embedding
     assert batch["cond"].time_ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
-    with torch.no_grad():
-        before = distiller.loss(batch).item()
-    distiller.train_step(batch)
-    with torch.no_grad():
-        after = distiller.loss(batch).item()
-    assert after < before
+    assert _loss_after_one_step(distiller, batch)  # one step lowers the loss on a fixed batch
     if variant == "full":
         student = StableDiffusionXLPipeline.from_pretrained(distiller.save(tmp_path / "out"))
         assert student.unet.config.time_cond_proj_dim == 32 and isinstance(student.scheduler, LCMScheduler)

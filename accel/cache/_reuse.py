@@ -9,7 +9,6 @@ from the step index of the pipeline loop: a Python int, never a tensor value.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,14 +19,10 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError
 from ..runtime.cuda_graph import get_cuda_graph_hook
-from ..session import get_session
+from ..session import count_step_call, get_session
 
-logger = logging.getLogger(__name__)
 
 FULL, CACHED, OFF = "full", "cached", "off"
-# More UNet calls than this within one step means the step index is not advancing (a pipeline
-# without `callback_on_step_end`): caching turns off for the call instead of growing slots.
-MAX_CALLS_PER_STEP = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,14 +229,7 @@ class FeatureCache:
             return None
         if state.schedule is None:
             state.schedule = self.full_steps(self.num_steps())
-        if step != state.step:
-            state.step, state.call_in_step = step, 0
-        else:
-            state.call_in_step += 1
-        if state.call_in_step >= MAX_CALLS_PER_STEP:
-            if state.call_in_step == MAX_CALLS_PER_STEP:
-                logger.warning("accel: %d UNet calls at step %d; the step index is not advancing, so %s is off "
-                               "for the rest of this call", state.call_in_step, step, self.hook_name)
+        if not count_step_call(state, step, self.hook_name):
             state.mode, state.slot = OFF, None
             if graph is not None:
                 graph.branch = None

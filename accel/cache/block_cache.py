@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError
 from ..runtime.cuda_graph import RUN_EAGERLY, get_cuda_graph_hook
-from ..session import get_session
+from ..session import count_step_call, get_session
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,6 @@ HOOK_NAME = "accel.block_cache"
 _STATE = "_accel_block_cache"
 # DiT block lists in the order the transformer runs them (Flux: dual-stream blocks, then single-stream ones).
 DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
-# More denoiser calls than this within one step means the step index is not advancing: caching turns off.
-MAX_CALLS_PER_STEP = 8
 
 # How a call runs: OFF (untouched), HOST (eager, decided on the host) or DEVICE (decided on the GPU, for a
 # CUDA graph). A DEVICE call executes as BLEND (eager, both branches, selected with `torch.where`: the graph
@@ -484,15 +482,7 @@ class BlockCache:
         sample = args[0] if args else kwargs.get(self.layout.sample_arg)
         off = step is None or not isinstance(sample, torch.Tensor) or torch.is_grad_enabled()
         if not off:
-            if step != state.step:
-                state.step, state.call_in_step = step, 0
-            else:
-                state.call_in_step += 1
-            if state.call_in_step >= MAX_CALLS_PER_STEP:
-                if state.call_in_step == MAX_CALLS_PER_STEP:
-                    logger.warning("accel: %d denoiser calls at step %d; the step index is not advancing, so the block "
-                                   "cache is off for the rest of this call", state.call_in_step, step)
-                off = True
+            off = not count_step_call(state, step, "the block cache")
         if off:
             state.mode, state.slot = OFF, None
             self._tag(graph, None)

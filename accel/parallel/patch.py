@@ -52,15 +52,13 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError, check_choice
 from ..runtime.cuda_graph import RUN_EAGERLY, get_cuda_graph_hook
-from ..session import get_session
+from ..session import MAX_CALLS_PER_STEP, get_session
 from .comm import CommManager, _all_gather_flat
 from .layers import unwrap_layers, wrap_layers
 
 MODES = ("patch", "cfg", "patch+cfg")
 HOOK_NAME = "accel.patch_parallel"
 _STATE = "_accel_patch_parallel"
-# More UNet calls than this within one step: the step index is not advancing; run synchronously.
-MAX_CALLS_PER_STEP = 8
 _COMPILE_REFUSED = ("patch/CFG parallelism over several processes does not compose with torch.compile of the UNet "
                     "(its compiled regions would contain the exchanges); use RuntimeConfig(cuda_graph=True) without "
                     "compile for the UNet (CUDA graphs compose), or compile only components=('vae',)")
