@@ -122,6 +122,8 @@ def apply_lcm_lora(pipe, config: LCMLoRAConfig) -> None:
     pipe.load_lora_weights(str(weight_file.parent), weight_name=weight_file.name, adapter_name=config.adapter_name)
     if active or config.lora_scale != 1.0:
         pipe.set_adapters(active + [config.adapter_name], adapter_weights=[1.0] * len(active) + [config.lora_scale])
+        for layer, _, scaling in user_layers:  # set_adapters reset the user's adapters to weight 1: keep theirs
+            layer.scaling.update(scaling)
     originals = None
     if config.fuse:
         if active or getattr(pipe, "_merged_adapters", None):

@@ -338,6 +338,18 @@ def _user_lora(pipe, folder):
     return folder
 
 
+def test_a_user_lora_keeps_its_weight_while_the_lcm_lora_is_applied(sd_pipe, lora_folder, tmp_path):
+    sd_pipe.load_lora_weights(str(_user_lora(sd_pipe, tmp_path / "style")), adapter_name="style")
+    sd_pipe.set_adapters(["style"], adapter_weights=[0.5])
+    scales = [dict(layer.scaling) for layer in _lora_layers(sd_pipe)]
+    with pytest.warns(UserWarning, match="left unfused"):
+        accel.accelerate(sd_pipe, accel.AccelConfig(model=accel.LCMLoRAConfig(path=lora_folder)))
+    during = [layer.scaling.get("style") for layer in _lora_layers(sd_pipe) if "style" in layer.scaling]
+    accel.restore(sd_pipe)
+    assert during == [s["style"] for s in scales if "style" in s] and during  # 0.5 of alpha / r, not 1
+    assert [dict(layer.scaling) for layer in _lora_layers(sd_pipe)] == scales
+
+
 def test_restore_keeps_a_loaded_but_inactive_user_lora(sd_pipe, lora_folder, tmp_path):
     sd_pipe.load_lora_weights(str(_user_lora(sd_pipe, tmp_path / "style")), adapter_name="style")
     sd_pipe.unet.set_adapters([])  # the user's LoRA stays loaded, with no adapter active
