@@ -34,6 +34,7 @@ VARIANTS = {
     "dynamic": (None, {"dynamic": None}),
     "resnets": (("ResnetBlock2D", "CLIPEncoderLayer"), {}),
     "transformers": (("BasicTransformerBlock", "Transformer2DModel", "CLIPEncoderLayer"), {}),
+    "all-dynamic": (None, {"dynamic": True}),  # every dim symbolic from the start: fewest graphs
     "graph-only": ((), {}),  # no compilation at all: CUDA graphs of the eager UNet, the floor to compare with
 }
 
