@@ -52,7 +52,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError, check_choice
 from ..runtime.cuda_graph import RUN_EAGERLY, get_cuda_graph_hook
-from ..session import MAX_CALLS_PER_STEP, get_session
+from ..session import count_step_call, get_session
 from .comm import CommManager, _all_gather_flat
 from .layers import unwrap_layers, wrap_layers
 
@@ -146,8 +146,8 @@ class PatchParallel:
         self.calls = 0  # split UNet calls, and the bytes each rank sent gathering their outputs
         self.output_bytes = 0
         self._local: tuple[int, int] = (0, 0)
-        self._step: int | None = None
-        self._call_in_step = 0
+        self.step: int | None = None  # the pipeline step of the last split call, and its call within it
+        self.call_in_step = 0
         self._handle = None  # the UNet forward pre-hook that plans each call
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -240,7 +240,7 @@ class PatchParallel:
         self.created_groups = []
 
     def _on_call(self, session) -> None:
-        self._step, self._call_in_step = None, 0
+        self.step, self.call_in_step = None, 0
         if self.comm is not None:
             self.comm.reset()
 
@@ -260,13 +260,9 @@ class PatchParallel:
         step = None if self.session is None else self.session.step_index
         if step is None:
             return None, False
-        if step != self._step:
-            self._step, self._call_in_step = step, 0
-        else:
-            self._call_in_step += 1
-        if self._call_in_step >= MAX_CALLS_PER_STEP:
-            return None, False
-        key = (self._call_in_step, tuple(sample.shape), sample.dtype, sample.device)
+        if not count_step_call(self, step, "patch parallelism's asynchronous exchange"):
+            return None, False  # synchronous, on a throw-away slot
+        key = (self.call_in_step, tuple(sample.shape), sample.dtype, sample.device)
         return key, not self.config.sync and step >= self.config.warmup_steps
 
     def _check_runtime(self) -> None:
