@@ -22,23 +22,28 @@ def _batch(unet, n=4, seed=0):
     return noisy, timesteps, torch.randn(n, 7, 32, generator=g), target, schedule.loss_weights(timesteps, 5.0)
 
 
+def _kd_steps(student, teacher, pairs, args, steps: int) -> list[float]:
+    """Adam steps on `kd_loss(student, teacher, pairs, *args)` over one fixed batch; the loss of each step.
+    Every step has both KD terms."""
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss, parts = kd_loss(student, teacher, pairs, *args)
+        assert parts["feature_kd"] > 0 and parts["output_kd"] > 0
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_kd_steps_lower_the_loss_on_a_fixed_batch():
     teacher = tiny_unet()
     student, _ = pruning.bk_sdm_unet(teacher, "small")
     student.train()
     pairs = stage_pairs(student, teacher)
     assert [n for n, _, _ in pairs] == ["down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"]
-    batch = _batch(teacher)
-    config = KDConfig()
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(4):
-        loss, parts = kd_loss(student, teacher, pairs, *batch, config)
-        assert parts["feature_kd"] > 0 and parts["output_kd"] > 0
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _kd_steps(student, teacher, pairs, (*_batch(teacher), KDConfig()), steps=4)
     assert losses[-1] < 0.9 * losses[0]
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -113,15 +118,7 @@ def test_kd_steps_on_an_sdxl_teacher_and_bk_small_student_lower_the_loss(tmp_pat
     other = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids * 4}
     with torch.no_grad():
         assert kd_loss(student, teacher, pairs, *args, other)[0] != kd_loss(student, teacher, pairs, *args, cond.added_cond_kwargs)[0]
-    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(3):
-        loss, parts = kd_loss(student, teacher, pairs, *args, cond.added_cond_kwargs)
-        assert parts["feature_kd"] > 0 and parts["output_kd"] > 0
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _kd_steps(student, teacher, pairs, (*args, cond.added_cond_kwargs), steps=3)
     assert losses[-1] < 0.9 * losses[0]
 
 

@@ -31,16 +31,9 @@ from diffusers import (
 import samplers
 from samplers.denoiser import NoiseSchedule, UNetDenoiser
 from samplers.schedules import get_sigmas_exponential
+from tiny import GaussianData
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread is fastest, and spares a loaded CI machine from
-    # OpenMP oversubscription (two threads ran these UNet calls 100x slower there)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# One intra-op thread for the tiny models: tests/conftest.py sets it for the whole suite.
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 TOL = 1e-4
@@ -190,14 +183,8 @@ def test_pure_sampler_agrees_with_diffusers(case, make, name, options, unet64, c
 # ---------------------------------------------------------------- convergence order
 # Gaussian data N(mu, diag(sd^2)): the exact denoiser and the exact probability-flow ODE solution
 # x(s) = mu + (x(s0) - mu) * sqrt((sd^2 + s^2) / (sd^2 + s0^2)) are known in closed form.
-_g = torch.Generator().manual_seed(0)
-MU = torch.randn(1, 64, generator=_g, dtype=torch.float64)
-SD_DATA = torch.rand(1, 64, generator=_g, dtype=torch.float64) * 1.5 + 0.2
-
-
-def gaussian_denoiser(x, sigma):
-    s = sigma.reshape(-1, 1)
-    return MU + SD_DATA**2 / (SD_DATA**2 + s**2) * (x - MU)
+GAUSSIAN = GaussianData(64, seed=0)
+MU, SD_DATA, gaussian_denoiser = GAUSSIAN.mu, GAUSSIAN.sd, GAUSSIAN.denoiser
 
 
 def _final_error(name, sigmas, **options):

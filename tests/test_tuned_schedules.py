@@ -13,25 +13,11 @@ from diffusers import DDIMScheduler
 
 import samplers
 from samplers.denoiser import NoiseSchedule
-from tiny import run, tiny_sd_pipeline
+from tiny import GaussianData, run, tiny_sd_pipeline
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-_g = torch.Generator().manual_seed(3)
-MU = torch.randn(1, 32, generator=_g, dtype=torch.float64)
-SD_DATA = torch.rand(1, 32, generator=_g, dtype=torch.float64) * 1.5 + 0.2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def gaussian_denoiser(x, sigma):
-    s = sigma.reshape(-1, 1)
-    return MU + SD_DATA**2 / (SD_DATA**2 + s**2) * (x - MU)
+GAUSSIAN = GaussianData(32, seed=3)
+MU, SD_DATA, gaussian_denoiser = GAUSSIAN.mu, GAUSSIAN.sd, GAUSSIAN.denoiser
 
 
 def _problem(batch, seed):

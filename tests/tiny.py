@@ -189,3 +189,17 @@ def tiny_flux_pipeline(tmp: Path):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class GaussianData:
+    """Data N(mu, diag(sd^2)) of `dim` features: its exact denoiser is known in closed form, and so is the
+    probability-flow ODE's solution x(s) = mu + (x(s0) - mu) * sqrt((sd^2 + s^2) / (sd^2 + s0^2))."""
+
+    def __init__(self, dim: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.mu = torch.randn(1, dim, generator=generator, dtype=torch.float64)
+        self.sd = torch.rand(1, dim, generator=generator, dtype=torch.float64) * 1.5 + 0.2
+
+    def denoiser(self, x, sigma):
+        s = sigma.reshape(-1, 1)
+        return self.mu + self.sd**2 / (self.sd**2 + s**2) * (x - self.mu)
