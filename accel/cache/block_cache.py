@@ -12,6 +12,14 @@ conditional nodes, "run the remaining blocks" and its negation, so the replayed 
 never waits for the host. Everything a call changes goes to `next_*` buffers that the next call of the same
 position commits before it runs: the graph hook's warm-up runs and its capture, which execute one call
 several times, then leave the same state as a single replay.
+
+A torch without conditional nodes (2.11, say) cannot capture that decision. There the call is not captured
+whole: it runs eagerly, deciding on the host once per step after the head, and the head, each remaining block
+and the tail run as per-block CUDA graphs (captured per block and input signature on first use, one memory
+pool), so the launch-bound bulk of the network still replays from graphs and a cached call replays only the
+head's. The denoiser's own small ops between blocks (time embedding, `conv_in`, the output layers; a DiT's
+patch embedding and final layer) stay eager. The cache's state lives in its own buffers, written eagerly
+from copies of the blocks' outputs, never in a graph's static buffers.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError
-from ..runtime.cuda_graph import RUN_EAGERLY, get_cuda_graph_hook
+from ..runtime.cuda_graph import RUN_EAGERLY, capture_graph, get_cuda_graph_hook, signature_key
 from ..session import count_step_call, get_session
 
 logger = logging.getLogger(__name__)
@@ -36,10 +44,13 @@ _STATE = "_accel_block_cache"
 # DiT block lists in the order the transformer runs them (Flux: dual-stream blocks, then single-stream ones).
 DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
-# How a call runs: OFF (untouched), HOST (eager, decided on the host) or DEVICE (decided on the GPU, for a
-# CUDA graph). A DEVICE call executes as BLEND (eager, both branches, selected with `torch.where`: the graph
-# hook's warm-up) or GRAPH (being captured: both branches recorded as conditional nodes).
+# How a call runs: OFF (untouched), HOST (decided on the host: eagerly, or its blocks from per-block CUDA graphs)
+# or DEVICE (decided on the GPU, for a CUDA graph of the whole call). A DEVICE call executes as BLEND (eager,
+# both branches, selected with `torch.where`: the graph hook's warm-up) or GRAPH (being captured: both branches
+# recorded as conditional nodes).
 OFF, HOST, DEVICE, BLEND, GRAPH = "off", "host", "device", "blend", "graph"
+# Which path a call the graph hook would capture takes (`BlockCache.graph_path`).
+CONDITIONAL_NODES, PER_BLOCK_GRAPHS = "conditional nodes", "per-block graphs"
 
 
 @dataclass(frozen=True)
@@ -258,6 +269,8 @@ class BlockCacheState:
         self.step: int | None = None
         self.call_in_step = 0
         self.force = False  # HOST calls: this call must compute
+        self.per_block = False  # HOST calls: the blocks run from per-block CUDA graphs
+        self.device_type = "cuda"  # ... keyed on inputs of this device type
         self.compute = True  # HOST calls: the decision, once the head has run
         self.execution: str | None = None  # BLEND / GRAPH of the latest execution of a DEVICE call
         self.stem: list | None = None
@@ -266,6 +279,7 @@ class BlockCacheState:
         for slot in self.slots.values():
             slot.reset()
         self.mode, self.slot, self.step, self.call_in_step, self.execution = OFF, None, None, 0, None
+        self.per_block = False
 
     def slot_for(self, sample: torch.Tensor) -> _Slot:
         key = (self.call_in_step, tuple(sample.shape), sample.dtype, sample.device)
@@ -344,7 +358,7 @@ class _HeadHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         cache = self.cache
-        output = self.fn_ref.original_forward(*args, **kwargs)
+        output = cache.run_block(module, self.fn_ref.original_forward, args, kwargs)
         if cache.state.mode == OFF:
             return output
         leaves = cache.layout.head_outputs.split(output)
@@ -376,7 +390,7 @@ class _RestHook(ModelHook):
         record = state.slot.records.get(id(module))
         if state.mode == HOST and not state.compute and record is not None:
             return _placeholder(record)
-        output = forward(*args, **kwargs)
+        output = self.cache.run_block(module, forward, args, kwargs)
         state.slot.records[id(module)] = _record(output)
         return output
 
@@ -407,7 +421,7 @@ class _TailHook(ModelHook):
         if state.mode == HOST and not state.compute and slot.residuals is not None:
             cached = [None if r is None else base + r for base, r in zip(stem, slot.residuals)]
             return outputs.join(cached, slot.tail_length)
-        output = forward(*args, **kwargs)
+        output = self.cache.run_block(module, forward, args, kwargs)
         leaves = outputs.split(output)
         slot.tail_length = len(output) if isinstance(output, (tuple, list)) else None
         slot.ensure_residuals(leaves, stem)
@@ -427,6 +441,53 @@ def _store_residuals(slot: _Slot, leaves: list, stem: list) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-block CUDA graphs: the graph path on a torch without conditional nodes.
+
+
+class BlockGraphs:
+    """The blocks' CUDA graphs: one per block and input signature (`signature_key`), captured on first use
+    by `capture` (`capture_graph`; the CPU tests put a stand-in here), all drawing from one memory pool.
+    A replay copies the inputs into the graph's static buffers and returns a copy of its static output."""
+
+    def __init__(self, names: dict[int, str]):
+        self.names = names  # id(block) -> its name in the denoiser, for keys and log lines
+        self.capture = capture_graph
+        self.graphs: dict[tuple, object] = {}  # (block name, signature) -> graph; None: capture failed, eager
+        self.pool = None
+
+    def run(self, module, forward, args: tuple, kwargs: dict, device_type: str):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = signature_key(leaves, spec, device_type=device_type)
+        if key is None:  # inputs the graph hook would not replay either
+            return forward(*args, **kwargs)
+        key = (self.names[id(module)], key)
+        entry = self.graphs.get(key, False)
+        if entry is False:
+            entry = self.graphs[key] = self._capture(key[0], forward, leaves, spec, key[1][-1])
+        if entry is None:
+            return forward(*args, **kwargs)
+        return entry.replay(leaves)
+
+    def _capture(self, name: str, forward, leaves, spec, device):
+        try:
+            entry = self.capture(lambda tree: forward(*tree[0], **tree[1]), leaves, spec, device, pool=self.pool)
+        except Exception as err:  # capture is an optimisation: this block runs eagerly, said once per signature
+            logger.warning("accel: CUDA-graph capture of the block %s failed (%s: %s); that block runs eagerly for "
+                           "this input signature", name, type(err).__name__, err)
+            return None
+        self.pool = entry.pool
+        return entry
+
+    def captured(self) -> list[str]:
+        """Names of the blocks with a captured graph (one entry per signature)."""
+        return [name for (name, _), entry in self.graphs.items() if entry is not None]
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+
+
+# ---------------------------------------------------------------------------------------------
 # Applying: hooks on the blocks, a pre-hook on the denoiser that picks each call's slot and mode.
 
 
@@ -442,9 +503,12 @@ class BlockCache:
         self.config = config
         self.state = BlockCacheState()
         self.conditional_nodes = conditional_nodes_supported()
-        self._said_eager = False
+        self.graph_path: str | None = None  # CONDITIONAL_NODES / PER_BLOCK_GRAPHS of the latest graph-hooked call
+        self._said: set[str] = set()
         self._hooked: list[torch.nn.Module] = []
         layout = self.layout
+        blocks = {id(m) for m in (layout.head, *layout.rest, layout.tail)}
+        self.block_graphs = BlockGraphs({id(m): name for name, m in self.denoiser.named_modules() if id(m) in blocks})
         hooks = [(layout.head, _HeadHook(self)), *[(m, _RestHook(self)) for m in layout.rest], (layout.tail, _TailHook(self))]
         if layout.stem is not None:
             hooks.insert(0, (layout.stem, _StemHook(self)))
@@ -465,20 +529,28 @@ class BlockCache:
     def _on_call(self, session) -> None:
         self.state.reset()
 
-    def _eager_from_now(self, why: str) -> None:
+    def _host_decisions_from_now(self, why: str) -> None:
         self.conditional_nodes = False
-        if not self._said_eager:
-            logger.warning("accel: the block cache cannot decide inside a CUDA graph here (%s); its calls run "
-                           "eagerly from now on, deciding on the host once per step", why)
-            self._said_eager = True
+        if PER_BLOCK_GRAPHS not in self._said:
+            logger.warning("accel: the block cache cannot decide inside a CUDA graph here (%s); from now on it decides "
+                           "on the host once per step and runs its blocks from per-block CUDA graphs (the first block "
+                           "on every call, the others on full calls), the rest of the denoiser eagerly", why)
+            self._said.add(PER_BLOCK_GRAPHS)
+
+    def run_block(self, module, forward, args: tuple, kwargs: dict):
+        """Run one hooked block: from its per-block CUDA graph on that path, else as it is."""
+        state = self.state
+        if state.mode == HOST and state.per_block:
+            return self.block_graphs.run(module, forward, args, kwargs, state.device_type)
+        return forward(*args, **kwargs)
 
     def _before_call(self, module, args, kwargs):
         state, step = self.state, self.session.step_index
         graph = get_cuda_graph_hook(self.denoiser)
         if graph is not None and state.mode == DEVICE and state.execution == BLEND:
             # The previous call ran eagerly although it was meant for a graph: capture failed or was refused.
-            self._eager_from_now("the call was not replayed from a captured graph; see the CUDA-graph log line")
-        state.execution = None
+            self._host_decisions_from_now("the call was not replayed from a captured graph; see the CUDA-graph log line")
+        state.execution, state.per_block = None, False
         sample = args[0] if args else kwargs.get(self.layout.sample_arg)
         off = step is None or not isinstance(sample, torch.Tensor) or torch.is_grad_enabled()
         if not off:
@@ -496,8 +568,14 @@ class BlockCache:
             state.mode = DEVICE
             slot.force.fill_(force)  # a device write, not a sync: the graph reads it
             self._tag(graph, (HOOK_NAME, slot.index))
+            if graph is not None:
+                self.graph_path = CONDITIONAL_NODES
         else:
             state.mode, state.force, state.compute = HOST, force, True
+            # A call the graph hook would capture, decided on the host: its blocks replay per-block graphs.
+            state.per_block = graph is not None and self._replayable(sample)
+            if state.per_block:
+                state.device_type, self.graph_path = sample.device.type, PER_BLOCK_GRAPHS
             self._tag(graph, RUN_EAGERLY)
         return None
 
@@ -510,7 +588,10 @@ class BlockCache:
         if graph is None or not self._replayable(sample):
             return False
         if not self.conditional_nodes:
-            self._eager_from_now("this torch has no CUDA-graph conditional nodes")
+            self._host_decisions_from_now("this torch has no CUDA-graph conditional nodes")
+        elif CONDITIONAL_NODES not in self._said:
+            logger.info("accel: the block cache decides inside the denoiser's CUDA graphs (conditional nodes)")
+            self._said.add(CONDITIONAL_NODES)
         return self.conditional_nodes
 
     @staticmethod
@@ -558,6 +639,7 @@ class BlockCache:
         self._remove_hooks()
         self._tag(get_cuda_graph_hook(self.denoiser), None)
         self.state.slots.clear()
+        self.block_graphs.clear()
 
 
 def apply_block_cache(pipe, config: BlockCacheConfig) -> BlockCache:

@@ -22,10 +22,45 @@ RUN_EAGERLY = "accel.run_eagerly"
 
 
 class _Graph:
-    def __init__(self, graph, static_inputs, static_output):
+    """A captured call: the CUDA graph, its static inputs (flattened leaves), its static output, its memory pool."""
+
+    def __init__(self, graph, static_inputs, static_output, pool=None):
         self.graph = graph
         self.static_inputs = static_inputs
         self.static_output = static_output
+        self.pool = pool
+
+    def replay(self, leaves):
+        """Copy `leaves` (flattened as at capture) into the static inputs, replay, return a copy of the output."""
+        for static, leaf in zip(self.static_inputs, leaves):
+            if isinstance(static, torch.Tensor):
+                static.copy_(leaf)
+        self.graph.replay()
+        # The next replay overwrites the static output; callers may keep this one across steps.
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, self.static_output)
+
+
+def capture_graph(fn, leaves, spec, device, *, warmup_iters: int = 2, pool=None) -> _Graph:
+    """Capture `fn(tree)` as one CUDA graph, `tree` being static copies (on `device`) of `leaves` unflattened
+    with `spec`. `warmup_iters` eager runs on a side stream come first; the graph draws from `pool` (a new
+    one when None, kept as the result's `.pool` for the next capture to share). Raises what capture raises."""
+    static_inputs = [leaf.to(device).clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+
+    def run():
+        return fn(pytree.tree_unflatten(static_inputs, spec))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_iters):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    if pool is None:
+        pool = torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        static_output = run()
+    return _Graph(graph, static_inputs, static_output, pool)
 
 
 class CUDAGraphHook(ModelHook):
@@ -87,35 +122,17 @@ class CUDAGraphHook(ModelHook):
             entry = self.graphs[key] = self._capture(forward, leaves, spec, key[-1])
         if entry is None:
             return forward(**arguments)
-        for static, leaf in zip(entry.static_inputs, leaves):
-            if isinstance(static, torch.Tensor):
-                static.copy_(leaf)
-        entry.graph.replay()
-        # The next replay overwrites the static output; callers may keep this one across steps.
-        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, entry.static_output)
+        return entry.replay(leaves)
 
     def _capture(self, forward, leaves, spec, device) -> _Graph | None:
-        static_inputs = [leaf.to(device).clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-
-        def run():
-            return forward(**pytree.tree_unflatten(static_inputs, spec))
-
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(self.warmup_iters):
-                    run()
-            torch.cuda.current_stream().wait_stream(stream)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_output = run()
+            entry = capture_graph(lambda arguments: forward(**arguments), leaves, spec, device,
+                                  warmup_iters=self.warmup_iters, pool=self.pool)
         except Exception as err:  # capture is an optimisation: fall back to eager, say so once
             logger.warning("accel: CUDA-graph capture failed (%s: %s); running this signature eagerly", type(err).__name__, err)
             return None
-        return _Graph(graph, static_inputs, static_output)
+        self.pool = entry.pool
+        return entry
 
     def reset_graphs(self) -> None:
         self.graphs.clear()
