@@ -12,7 +12,7 @@ import torch
 
 from ..errors import check_choice
 from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
-from .compile import apply_compile, first_call_seconds, remove_compile
+from .compile import apply_compile, first_call_seconds, precompile_report, remove_compile
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -29,6 +29,7 @@ __all__ = [
     "apply_compile",
     "remove_compile",
     "first_call_seconds",
+    "precompile_report",
 ]
 
 
@@ -44,6 +45,8 @@ class RuntimeConfig:
     dtype: cast every pipeline module to "float16" / "bfloat16" / "float32"; the original weights
         are kept on the CPU so `restore` is exact.
     compile: None, "regional" (repeated blocks, short compile) or "full".
+    compile_workers: with "regional", how many worker processes compile the distinct blocks alongside
+        the first call (None: half the host's cores, at most 8; 0: all in this process).
     cuda_graph: capture calls as CUDA graphs; eager where capture fails.
     components: which modules `compile` and `cuda_graph` cover: "unet" (with ControlNet),
         "vae" (the decoder) and "text_encoder" (every text encoder of the pipeline).
@@ -54,6 +57,7 @@ class RuntimeConfig:
     channels_last: bool = False
     dtype: str | None = None
     compile: str | None = None
+    compile_workers: int | None = None
     cuda_graph: bool = False
     components: tuple[str, ...] = ("unet",)
 
@@ -64,6 +68,13 @@ class RuntimeConfig:
         for name in ("fuse_qkv", "channels_last", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compile_workers is not None:
+            if isinstance(self.compile_workers, bool) or not isinstance(self.compile_workers, int) or self.compile_workers < 0:
+                raise ValueError(f"RuntimeConfig.compile_workers must be None (automatic) or an integer >= 0, "
+                                 f"got {self.compile_workers!r}")
+            if self.compile != "regional":
+                raise ValueError(f"RuntimeConfig.compile_workers applies to compile='regional' only; "
+                                 f"compile is {self.compile!r}")
         if isinstance(self.components, str) or not self.components:
             raise ValueError(f"RuntimeConfig.components must be a non-empty tuple from {COMPONENTS}, got {self.components!r}")
         for component in self.components:
@@ -144,8 +155,9 @@ def apply_runtime(pipe, config: RuntimeConfig) -> None:
         # Steps are recorded before they run: their removal is safe on a partly applied step.
         if config.compile is not None:
             state["steps"].append("compile")
+            workers = {"workers": config.compile_workers} if config.compile == "regional" else {}
             for module in state["modules"]:
-                apply_compile(module, config.compile)
+                apply_compile(module, config.compile, **workers)
         if config.cuda_graph:
             state["steps"].append("cuda_graph")
             for module in state["modules"]:

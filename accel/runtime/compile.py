@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .precompile import Precompile, Workers, compiled_before, default_workers, record_calls
+
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "accel.compile"
@@ -60,24 +62,61 @@ class CompileHook(ModelHook):
 
 
 class _FirstCallTimer(ModelHook):
-    """Records how long the first call (where regional compilation happens) took."""
+    """Starts the compile workers (`precompile.py`) when applied, hands them the distinct regions of the first
+    call, and records how long that first call, where regional compilation happens, took."""
 
-    def __init__(self):
+    def __init__(self, regions: list[torch.nn.Module], compile_kwargs: dict, workers: int | None):
         super().__init__()
+        self.regions, self.compile_kwargs = regions, compile_kwargs
+        count = default_workers() if workers is None else workers
+        if workers is None and compiled_before(regions, compile_kwargs):
+            count = 0  # a warm cache: starting workers would only slow this process down
+        modules = sorted({type(m).__module__ for region in regions for m in region.modules()})
+        self.workers = Workers(count, modules) if count > 0 else None
         self.first_call_seconds: float | None = None
+        self.precompile: dict | None = None
 
     def new_forward(self, module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
         if self.first_call_seconds is not None:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         start = time.perf_counter()
-        out = self.fn_ref.original_forward(*args, **kwargs)
+        precompile = None
+        if self.workers is not None:
+            regions = [r for r in self.regions if not _hooked(r)]  # a hooked block's graph holds its hooks
+            try:
+                jobs = record_calls(regions, lambda: forward(*args, **kwargs))
+                precompile = Precompile(jobs, self.workers, self.compile_kwargs, self.regions)
+            except Exception as err:  # an optimisation of compile time only: the call compiles as it would
+                self.workers.stop()
+                logger.warning("accel: parallel precompilation did not start (%s: %s); compiling in this process",
+                               type(err).__name__, err)
+            self.workers = None
+        compiled = False
+        try:
+            out = forward(*args, **kwargs)
+            compiled = True
+        finally:
+            if precompile is not None:
+                self.precompile = precompile.finish(compiled)
         self.first_call_seconds = time.perf_counter() - start
         logger.info("accel: first call with regional compilation took %.1f s", self.first_call_seconds)
         return out
 
+    def stop_workers(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
 
-def apply_compile(module: torch.nn.Module, mode: str, **compile_kwargs) -> ModelHook:
-    """`mode` is "regional" (compile each repeated block in place) or "full" (compile the forward)."""
+
+def _hooked(region: torch.nn.Module) -> bool:
+    return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in region.modules())
+
+
+def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None, **compile_kwargs) -> ModelHook:
+    """`mode` is "regional" (compile each repeated block in place) or "full" (compile the forward).
+    `workers`: processes that compile the distinct regions in parallel with the first call (None: half the
+    cores, at most 8; 0: none, the regions compile one after another in this process)."""
     use_persistent_cache()
     registry = HookRegistry.check_if_exists_or_initialize(module)
     if HOOK_NAME in registry.hooks:
@@ -92,10 +131,11 @@ def apply_compile(module: torch.nn.Module, mode: str, **compile_kwargs) -> Model
         outer = [m for m in regions if not any(m is not r and _contains(r, m) for r in regions)]
         if not outer:
             raise ValueError(f"regional compilation found none of {REGIONAL_BLOCKS} in {type(module).__name__}")
+        compile_kwargs = {**REGIONAL_COMPILE_DEFAULTS, **compile_kwargs}
         for region in outer:
-            region.compile(**{**REGIONAL_COMPILE_DEFAULTS, **compile_kwargs})
+            region.compile(**compile_kwargs)
         module.__dict__[_COMPILED] = outer
-        hook = _FirstCallTimer()
+        hook = _FirstCallTimer(outer, compile_kwargs, workers)
     registry.register_hook(hook, HOOK_NAME)
     return hook
 
@@ -105,9 +145,18 @@ def _contains(parent: torch.nn.Module, child: torch.nn.Module) -> bool:
 
 
 def first_call_seconds(module: torch.nn.Module) -> float | None:
-    registry = getattr(module, "_diffusers_hook", None)
-    hook = None if registry is None else registry.get_hook(HOOK_NAME)
+    hook = _hook(module)
     return None if hook is None else hook.first_call_seconds
+
+
+def precompile_report(module: torch.nn.Module) -> dict | None:
+    """What the parallel precompilation of a regionally compiled module did (None before its first call)."""
+    return getattr(_hook(module), "precompile", None)
+
+
+def _hook(module: torch.nn.Module):
+    registry = getattr(module, "_diffusers_hook", None)
+    return None if registry is None else registry.get_hook(HOOK_NAME)
 
 
 def remove_compile(module: torch.nn.Module) -> None:
@@ -115,4 +164,7 @@ def remove_compile(module: torch.nn.Module) -> None:
         region._compiled_call_impl = None  # what nn.Module.compile set; None is the uncompiled default
     registry = getattr(module, "_diffusers_hook", None)
     if registry is not None and HOOK_NAME in registry.hooks:
+        hook = registry.get_hook(HOOK_NAME)
+        if isinstance(hook, _FirstCallTimer):
+            hook.stop_workers()  # applied but never called: the idle workers go too
         registry.remove_hook(HOOK_NAME, recurse=False)

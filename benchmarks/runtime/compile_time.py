@@ -3,7 +3,8 @@
     python benchmarks/runtime/compile_time.py --out $OUT                   # on the GPU
     python benchmarks/runtime/compile_time.py --smoke --out /tmp/ct        # tiny SD pipeline, CPU
 
-Each variant runs in a fresh process with an empty TORCHINDUCTOR_CACHE_DIR (a cold start): SD1.5
+Each variant runs in a fresh process with an empty TORCHINDUCTOR_CACHE_DIR (a cold start; a "-warm" variant
+reuses the cache its cold variant left): SD1.5
 architecture, fp16, 512 px, DPM-Solver++ 20 steps, CFG, `RuntimeConfig(compile="regional",
 cuda_graph=True)`. Recorded: the first call (compile + graph capture), dynamo's graph count and its
 own compile-time breakdown, and the steady-state median of 5 calls, so a faster compile is never
@@ -28,7 +29,11 @@ _BEFORE = ("BasicTransformerBlock", "Transformer2DModel", "ResnetBlock2D", "Down
            "CLIPEncoderLayer")  # the regional set before 2026-11-23
 VARIANTS = {
     # name: (regional block classes or None for the current default, compile kwargs)
-    "default": (None, {}),
+    "default": (None, {}),  # distinct blocks compiled in parallel worker processes first (precompile.py)
+    "serial": (None, {"workers": 0}),  # the same blocks, compiled one after another in the calling process
+    "workers-4": (None, {"workers": 4}),
+    "workers-16": (None, {"workers": 16}),
+    "default-warm": (None, {}),  # 'default' again in a new process on the cache 'default' left (run it after it)
     "before": (_BEFORE, {"dynamic": None}),  # what 'default' was: more block classes, automatic dynamic shapes
     "before-static": (_BEFORE, {"dynamic": False}),
     "dynamic": (None, {"dynamic": None}),
@@ -54,7 +59,7 @@ def child(name: str, smoke: bool) -> dict:
         compile_mod_kwargs = dict(kwargs)
 
         def apply_compile(module, mode, **extra):
-            return original(module, mode, **{**compile_mod_kwargs, **extra})
+            return original(module, mode, **{**extra, **compile_mod_kwargs})  # the variant's settings win
 
         import accel.runtime as runtime_pkg
         runtime_pkg.apply_compile = apply_compile
@@ -78,7 +83,8 @@ def child(name: str, smoke: bool) -> dict:
         from dataclasses import replace
 
         runtime = replace(runtime, compile=None)
-    accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
+    applied = time.perf_counter()
+    accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))  # compile workers start here (precompile.py)
 
     def call():
         pipe("a photo of a cat", height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
@@ -91,6 +97,7 @@ def child(name: str, smoke: bool) -> dict:
     start = time.perf_counter()
     call()
     first = time.perf_counter() - start
+    from_accelerate = time.perf_counter() - applied  # the honest cold cost when the first call follows at once
     graphs_after_first = counters["stats"].get("unique_graphs", 0)
     times = []
     for _ in range(1 if smoke else 5):
@@ -99,8 +106,15 @@ def child(name: str, smoke: bool) -> dict:
         times.append(time.perf_counter() - start)
     stats = {k: v for k, v in counters["stats"].items()}
     stats["unique_graphs_after_first_call"] = graphs_after_first  # more later: recompiles in steady state
-    record = {"variant": name, "first_call_s": first, "median_s": statistics.median(times), "dynamo_stats": stats,
+    from accel.runtime import precompile_report
+
+    record = {"variant": name, "first_call_s": first, "accelerate_to_first_call_end_s": from_accelerate,
+              "median_s": statistics.median(times), "dynamo_stats": stats,
+              "precompile": precompile_report(pipe.unet), "inductor": dict(counters["inductor"]),
               "regions": list(compile_mod.REGIONAL_BLOCKS if blocks is None else blocks), "compile_kwargs": kwargs}
+    logs = (record["precompile"] or {}).get("logs")
+    if logs:  # each worker's timeline, and why a graph it compiled was not the caller's
+        record["worker_logs"] = {p.name: p.read_text()[-3000:] for p in sorted(Path(logs).glob("worker-*.log"))}
     try:
         from torch._dynamo.utils import compile_times
 
@@ -123,13 +137,15 @@ def main() -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    start, records = time.perf_counter(), []
+    start, records, caches = time.perf_counter(), [], {}
     for name in args.variants.split(","):
         left = args.budget - (time.perf_counter() - start)
         if left < 60 and not args.smoke:
             records.append({"variant": name, "error": "skipped: time budget spent"})
             continue
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{name}-"))
+        cache = caches.get(name.removesuffix("-warm")) if name.endswith("-warm") else None
+        caches[name] = cache or tempfile.mkdtemp(prefix=f"inductor-{name}-")
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=caches[name])
         command = [sys.executable, __file__, "--child", name, "--out", str(out)] + (["--smoke"] if args.smoke else [])
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=left)
@@ -138,7 +154,8 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             record = {"variant": name, "error": f"timed out after {left:.0f} s"}
         records.append(record)
-        print(f"{name}: first call {record.get('first_call_s', float('nan')):.1f} s, median "
+        print(f"{name}: first call {record.get('first_call_s', float('nan')):.1f} s (from accelerate "
+              f"{record.get('accelerate_to_first_call_end_s', float('nan')):.1f} s), median "
               f"{1e3 * record.get('median_s', float('nan')):.1f} ms, graphs "
               f"{record.get('dynamo_stats', {}).get('unique_graphs')} {record.get('error', '')[:300]}", flush=True)
         (out / "compile_time.json").write_text(json.dumps(records, indent=1))

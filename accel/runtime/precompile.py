@@ -1,0 +1,301 @@
+"""Cold regional compilation in parallel: worker processes compile the distinct blocks alongside the caller.
+
+Regional compilation compiles one graph per distinct block (class, weight shapes, input shapes): 19 for
+the SD1.5 UNet at one resolution, one after another in the calling process; most of its cold first call
+is inductor lowering, code generation and Triton compiles (dynamo's compile metrics in
+`benchmarks/runtime/compile_time.py`), and the blocks do not depend on each other. So the first call
+records each distinct block call (one eager forward) and hands the blocks (their weights left behind:
+shapes are all a compile needs) and their inputs to worker processes, which compile them with the same
+settings into the shared on-disk inductor cache, starting from the last block called. The caller does
+not wait: it compiles as usual from the first block, and reads from the cache every block a worker
+finished before it got there. Its result never depends on the workers; a block they miss (a failed
+worker, a graph that differs) costs what it would have cost anyway.
+
+A marker in the inductor cache remembers a compiled block set, so a warm start spawns no workers.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
+
+MARKERS = "accel-precompiled"
+# Global switches that enter inductor's cache key or change what a graph does; workers copy them.
+_BACKEND_FLAGS = (
+    ("cuda.matmul", "allow_tf32"),
+    ("cuda.matmul", "allow_fp16_reduced_precision_reduction"),
+    ("cuda.matmul", "allow_bf16_reduced_precision_reduction"),
+    ("cudnn", "allow_tf32"),
+    ("cudnn", "benchmark"),
+)
+
+
+@dataclass
+class Job:
+    """One distinct block call: the block and the inputs it was called with."""
+
+    region: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    cost: int  # parameter count, to balance the workers
+
+
+def default_workers() -> int:
+    """Half the host's cores, at most 8; 0 (compile in-process only) below 2."""
+    workers = min(8, (os.cpu_count() or 1) // 2)
+    return workers if workers >= 2 else 0
+
+
+def call_key(region: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What makes a compiled block graph distinct: class, weight shapes, input structure and shapes."""
+    weights = tuple((name, tuple(t.shape), t.dtype, t.stride(), t.requires_grad)
+                    for name, t in [*region.named_parameters(), *region.named_buffers()])
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    inputs = tuple((tuple(x.shape), x.stride(), x.dtype, str(x.device)) if isinstance(x, torch.Tensor) else repr(x)
+                   for x in leaves)
+    return (type(region).__module__, type(region).__qualname__, weights, str(spec), inputs)
+
+
+def record_calls(regions: list[torch.nn.Module], run) -> list[Job]:
+    """Run `run()` eagerly (compiled regions too) and keep the first call of each distinct block."""
+    jobs: dict[tuple, Job] = {}
+
+    def record(module, args, kwargs):
+        key = call_key(module, args, kwargs)
+        if key not in jobs:
+            jobs[key] = Job(module, args, kwargs, sum(p.numel() for p in module.parameters()))
+
+    handles = [region.register_forward_pre_hook(record, with_kwargs=True) for region in regions]
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(jobs.values())
+
+
+def _shapes_only(region: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the block whose parameters and buffers live on the meta device (no weight is copied)."""
+    memo = {}
+    for module in region.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                memo[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    return copy.deepcopy(region, memo)
+
+
+def _split(jobs: list[Job], workers: int) -> list[list[Job]]:
+    """Deal the blocks out from the last one called: the caller compiles from the first, so the two meet."""
+    last_first = jobs[::-1]
+    return [last_first[index::workers] for index in range(min(workers, len(jobs)))]
+
+
+def _backend_flags() -> dict:
+    flags = {f"{group}.{name}": getattr(_backend(group), name) for group, name in _BACKEND_FLAGS}
+    flags["deterministic"] = torch.are_deterministic_algorithms_enabled()
+    return flags
+
+
+def _backend(group: str):
+    module = torch.backends
+    for part in group.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _cache_dir() -> Path:
+    from .compile import use_persistent_cache
+
+    return use_persistent_cache()
+
+
+def _marker(regions: list[torch.nn.Module], compile_kwargs: dict, calls: list[str] = ()) -> Path:
+    """Where a compiled set is remembered: the regions' classes and weight shapes, the device, torch and the
+    settings, and (for a set of calls) each distinct call; without `calls`, any earlier compile of the regions."""
+    device = next((str(t.device) for region in regions for t in region.parameters()), "cpu")
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
+    weights = sorted({repr(call_key(region, (), {})) for region in regions})
+    text = repr((torch.__version__, name, sorted(compile_kwargs.items()), _backend_flags(), weights, sorted(calls)))
+    return _cache_dir() / MARKERS / hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def compiled_before(regions: list[torch.nn.Module], compile_kwargs: dict) -> bool:
+    """Whether these regions were compiled with these settings into this cache before (at some input shape)."""
+    return _marker(regions, compile_kwargs).exists()
+
+
+class Workers:
+    """Compile worker processes, started when regional compilation is applied: their start-up (importing
+    torch, diffusers and inductor, about 10 s on an H100 host) overlaps what the caller does before its
+    first call. They touch no GPU until they get work, and exit when the caller closes their input."""
+
+    def __init__(self, count: int, modules: list[str]):
+        self.folder = Path(tempfile.mkdtemp(prefix="accel-precompile-"))
+        # Each worker's inductor compiles its Triton kernels in a pool of this many processes (1: in-process).
+        threads = int(os.environ.get("ACCEL_PRECOMPILE_THREADS", 0)) or max(1, (os.cpu_count() or 1) // count)
+        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        command = [sys.executable, "-c", f"import sys; from {__name__} import serve; serve(sys.argv[1:])", *modules]
+        self.processes: list[tuple[int, object, subprocess.Popen]] = []
+        for index in range(count):
+            log = open(self.folder / f"worker-{index}.log", "w")
+            process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                       text=True)
+            self.processes.append((index, log, process))
+
+    def submit(self, parts: list[list[Job]], compile_kwargs: dict) -> None:
+        """Hand each worker its blocks (a worker without any exits)."""
+        for (index, _, process), part in zip(self.processes, [*parts, *[[]] * len(self.processes)]):
+            if part:
+                path = self.folder / f"jobs-{index}.pt"
+                torch.save({"jobs": [{"region": _shapes_only(job.region), "args": job.args, "kwargs": job.kwargs}
+                                     for job in part],
+                            "compile_kwargs": compile_kwargs, "grad": torch.is_grad_enabled(),
+                            "flags": _backend_flags(), "recompile_limit": torch._dynamo.config.recompile_limit,
+                            "threads": torch.get_num_threads()}, path)  # CPU kernels are generated for a thread count
+                _send(process, f"{path}\n")
+            _send(process, None)
+
+    def wait(self, timeout: float = 900.0) -> None:
+        """Let every worker finish (tests, and callers that want the cache filled before their call)."""
+        deadline = time.monotonic() + timeout
+        for _, _, process in self.processes:
+            try:
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    def stop(self) -> tuple[list[int], int]:
+        """End every worker: the ones still compiling are killed. Returns (failed workers, stopped count)."""
+        failed, stopped = [], 0
+        for index, log, process in self.processes:
+            _send(process, None)
+            code = process.poll()
+            if code is None:
+                process.kill()  # inductor writes its cache entries atomically: a killed worker leaves no half entry
+                process.wait()
+                stopped += 1
+            elif code != 0:
+                failed.append(index)
+                tail = (self.folder / f"worker-{index}.log").read_text()[-600:]
+                logger.warning("accel: compile worker %d ended with %s; the caller compiled its blocks. %s",
+                               index, code, tail)
+            log.close()
+        self.processes = []
+        return failed, stopped
+
+
+def _send(process: subprocess.Popen, line: str | None) -> None:
+    try:
+        if line is None:
+            process.stdin.close()
+        elif not process.stdin.closed:
+            process.stdin.write(line)
+            process.stdin.flush()
+    except OSError:  # the worker is gone already: stop() reports it
+        pass
+
+
+class Precompile:
+    """The distinct blocks of one call, compiled by the workers while the caller compiles them too.
+
+    The caller's compile goes through the blocks in call order; the workers take them from the last one
+    called. Whatever a worker has put in the cache by the time the caller gets there is read, not compiled.
+    `finish()` after the caller's call stops the workers that are left: every block is compiled by then.
+    """
+
+    def __init__(self, jobs: list[Job], workers: Workers | None, compile_kwargs: dict,
+                 regions: list[torch.nn.Module] | None = None):
+        """`regions`: every compiled region of the module (default: the jobs' ones), for `compiled_before`."""
+        self.jobs, self.workers, self.start = jobs, workers, time.perf_counter()
+        regions = [job.region for job in jobs] if regions is None else regions
+        self.marker = _marker(regions, compile_kwargs, [repr(call_key(j.region, j.args, j.kwargs)) for j in jobs])
+        self.regions_marker = _marker(regions, compile_kwargs)
+        self.report = {"jobs": len(jobs), "workers": 0, "failed": [], "stopped": 0, "skipped": None}
+        if workers is None or not workers.processes:
+            self.report["skipped"] = "no workers"
+        elif self.marker.exists():
+            self.report["skipped"] = "compiled before (warm cache)"
+        elif len(jobs) < 2:
+            self.report["skipped"] = "fewer than two distinct blocks"
+        else:
+            parts = _split(jobs, len(workers.processes))
+            workers.submit(parts, compile_kwargs)
+            self.report.update(workers=len(parts), logs=str(workers.folder))
+        if self.report["skipped"] is not None and workers is not None:
+            workers.stop()
+
+    def finish(self, compiled: bool) -> dict:
+        """Stop the workers still running; with `compiled` (the caller's call went through), remember the set."""
+        if self.workers is not None:
+            self.report["failed"], self.report["stopped"] = self.workers.stop()
+        if compiled and self.report["skipped"] is None:
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text(f"{len(self.jobs)} distinct block calls\n")
+            self.regions_marker.write_text(f"{len(self.jobs)} distinct block calls\n")
+        self.report["seconds"] = time.perf_counter() - self.start
+        return self.report
+
+
+def serve(modules: list[str]) -> None:
+    """Worker side: import what compiling the blocks needs, then compile the job file named on stdin."""
+    start = time.perf_counter()
+    import importlib
+
+    import torch._inductor.compile_fx  # noqa: F401  (the bulk of inductor)
+
+    for name in modules:
+        importlib.import_module(name)  # the block classes the job file unpickles
+    print(f"ready at {time.perf_counter() - start:.1f} s", flush=True)
+    line = sys.stdin.readline().strip()
+    if line:
+        compile_jobs(line)
+
+
+def compile_jobs(path: str) -> None:
+    """Worker side: compile every block of a job file as the caller would, and run it once."""
+    start = time.perf_counter()
+    # Our own file, written a moment ago by the calling process: full unpickling is what it holds.
+    payload = torch.load(path, weights_only=False)
+    print(f"loaded {len(payload['jobs'])} blocks at {time.perf_counter() - start:.1f} s", flush=True)
+    mine = _backend_flags()
+    for key, value in payload["flags"].items():
+        if value == mine[key]:
+            continue  # setting a flag to its default still changes the precision setting it maps to
+        if key == "deterministic":
+            torch.use_deterministic_algorithms(value)
+        else:
+            group, name = key.rsplit(".", 1)
+            setattr(_backend(group), name, value)
+    torch._dynamo.config.recompile_limit = payload["recompile_limit"]
+    torch.set_num_threads(payload["threads"])
+    torch.set_grad_enabled(payload["grad"])
+    for job in payload["jobs"]:
+        device = next((x.device for x in pytree.tree_leaves((job["args"], job["kwargs"]))
+                       if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        region = job["region"].to_empty(device=device)
+        with torch.no_grad():
+            for tensor in [*region.parameters(), *region.buffers()]:
+                tensor.zero_()  # values never enter a compiled graph; shapes, dtypes and strides do
+        region.compile(**payload["compile_kwargs"])
+        region(*job["args"], **job["kwargs"])
+        print(f"compiled {type(region).__name__} at {time.perf_counter() - start:.1f} s", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

@@ -1,0 +1,136 @@
+"""Parallel precompilation of regional compilation: distinct block calls are found, compiled by worker
+processes into the on-disk inductor cache, and the caller's own compile then only reads that cache."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+
+from accel.runtime.precompile import (Job, Precompile, Workers, _shapes_only, _split, call_key, compiled_before,
+                                     default_workers, record_calls)
+
+
+class Tower(torch.nn.Module):
+    """Three resnet blocks, two of them the same shape: two distinct compiled graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([
+            ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4),
+            ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4),
+            ResnetBlock2D(in_channels=8, out_channels=4, temb_channels=16, groups=4),
+        ])
+
+    def forward(self, x, temb):
+        for block in self.blocks:
+            x = block(x, temb)
+        return x
+
+
+def test_record_calls_keeps_one_call_per_distinct_block():
+    torch.manual_seed(0)
+    tower = Tower()
+    x, temb = torch.randn(1, 8, 6, 6), torch.randn(1, 16)
+    jobs = record_calls(list(tower.blocks), lambda: tower(x, temb))
+    assert [job.region for job in jobs] == [tower.blocks[0], tower.blocks[2]]
+    assert jobs[1].args[0].shape == (1, 8, 6, 6) and jobs[1].cost == sum(p.numel() for p in tower.blocks[2].parameters())
+    # a different input shape is a different graph
+    assert call_key(tower.blocks[0], (torch.randn(1, 8, 4, 4), temb), {}) != call_key(tower.blocks[0], (x, temb), {})
+    assert not any(block._forward_pre_hooks for block in tower.blocks)  # recording hooks are gone
+
+
+def test_shapes_only_copy_holds_no_weights_and_leaves_the_block_alone():
+    block = ResnetBlock2D(in_channels=8, out_channels=4, temb_channels=16, groups=4)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    copy = _shapes_only(block)
+    assert all(p.device.type == "meta" for p in copy.parameters())
+    assert [(n, p.shape, p.requires_grad) for n, p in copy.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in block.named_parameters()]
+    assert all(torch.equal(v, before[k]) and v.device.type == "cpu" for k, v in block.state_dict().items())
+
+
+def test_split_deals_from_the_last_block_called():
+    jobs = [Job(torch.nn.Identity(), (), {}, cost) for cost in range(5)]
+    assert [[j.cost for j in part] for part in _split(jobs, 2)] == [[4, 2, 0], [3, 1]]
+    assert len(_split(jobs, 8)) == 5  # never an empty worker
+
+
+def _sleeper(tmp_path) -> Workers:
+    workers = Workers.__new__(Workers)
+    workers.folder = tmp_path
+    command = [sys.executable, "-c", "import sys, time; sys.stdin.readline(); time.sleep(60)"]
+    workers.processes = [(0, open(tmp_path / "worker-0.log", "w"),
+                          subprocess.Popen(command, stdin=subprocess.PIPE, text=True))]
+    return workers
+
+
+def test_finish_stops_running_workers_and_marks_a_compiled_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4)
+    jobs = [Job(block, (torch.randn(1, 8, 4, 4), torch.randn(1, 16)), {}, 1), Job(block, (torch.randn(1, 8, 2, 2),
+                                                                                      torch.randn(1, 16)), {}, 1)]
+    assert Precompile(jobs, None, {}).report["skipped"] == "no workers"
+    monkeypatch.setattr(Workers, "submit", lambda self, parts, kwargs: None)  # keep the sleeper busy
+    run = Precompile(jobs, _sleeper(tmp_path), {})
+    assert run.report["skipped"] is None and run.report["workers"] == 1
+    report = run.finish(compiled=True)
+    assert report["stopped"] == 1 and report["failed"] == [] and run.marker.exists()
+    warm = Precompile(jobs, _sleeper(tmp_path), {})  # the same set again: nothing to compile, the worker goes
+    assert warm.report["skipped"] == "compiled before (warm cache)" and warm.workers.processes == []
+    assert compiled_before([block], {}) and not compiled_before([block], {"dynamic": True})
+    assert default_workers() in (0, *range(2, 9))
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    from test_precompile import Tower
+    from accel.runtime.compile import REGIONAL_COMPILE_DEFAULTS, apply_compile, precompile_report
+    from accel.runtime.precompile import Precompile, Workers, record_calls
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    x, temb = torch.randn(1, 8, 6, 6), torch.randn(1, 16)
+    with torch.no_grad():
+        eager = tower(x, temb)
+        if sys.argv[2] == "cold":  # let the workers finish first, so that every graph the caller needs is cached
+            workers = Workers(2, ["diffusers.models.resnet"])
+            Precompile(record_calls(list(tower.blocks), lambda: tower(x, temb)), workers, dict(REGIONAL_COMPILE_DEFAULTS))
+            workers.wait()
+            assert workers.stop() == ([], 0)
+        apply_compile(tower, "regional", workers=2)
+        out = tower(x, temb)
+    print("RESULT " + json.dumps({"report": precompile_report(tower), "inductor": dict(counters["inductor"]),
+                                  "close": bool(torch.allclose(out, eager, atol=1e-5))}))
+""")
+
+
+def _compile_in_fresh_process(cache: Path, mode: str) -> dict:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), TORCHINDUCTOR_COMPILE_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).parent), mode], env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, done.stderr[-3000:]
+    return json.loads(line[7:])
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on CPU")
+def test_workers_fill_the_cache_the_caller_reads(tmp_path):
+    """Cold: two workers compile the two distinct blocks; the caller's compile reads both from the cache.
+    Warm (a new process on that cache): no worker starts."""
+    cold = _compile_in_fresh_process(tmp_path / "cache", "cold")
+    assert cold["close"]
+    assert cold["report"]["jobs"] == 2 and cold["report"]["workers"] == 2 and cold["report"]["failed"] == []
+    assert cold["inductor"].get("fxgraph_cache_hit", 0) >= 2 and cold["inductor"].get("fxgraph_cache_miss", 0) == 0
+    assert list((tmp_path / "cache" / "accel-precompiled").iterdir())  # the marker of a compiled set
+    warm = _compile_in_fresh_process(tmp_path / "cache", "warm")
+    assert warm["report"]["skipped"] == "compiled before (warm cache)" and warm["close"]
