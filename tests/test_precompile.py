@@ -40,7 +40,7 @@ def test_record_calls_keeps_one_call_per_distinct_block():
     x, temb = torch.randn(1, 8, 6, 6), torch.randn(1, 16)
     jobs = record_calls(list(tower.blocks), lambda: tower(x, temb))
     assert [job.region for job in jobs] == [tower.blocks[0], tower.blocks[2]]
-    assert jobs[1].args[0].shape == (1, 8, 6, 6) and jobs[1].cost == sum(p.numel() for p in tower.blocks[2].parameters())
+    assert jobs[1].args[0].shape == (1, 8, 6, 6) and jobs[1].args[1] is temb
     # a different input shape is a different graph
     assert call_key(tower.blocks[0], (torch.randn(1, 8, 4, 4), temb), {}) != call_key(tower.blocks[0], (x, temb), {})
     assert not any(block._forward_pre_hooks for block in tower.blocks)  # recording hooks are gone
@@ -57,8 +57,8 @@ def test_shapes_only_copy_holds_no_weights_and_leaves_the_block_alone():
 
 
 def test_split_deals_from_the_last_block_called():
-    jobs = [Job(torch.nn.Identity(), (), {}, cost) for cost in range(5)]
-    assert [[j.cost for j in part] for part in _split(jobs, 2)] == [[4, 2, 0], [3, 1]]
+    jobs = [Job(torch.nn.Identity(), (index,), {}) for index in range(5)]
+    assert [[j.args[0] for j in part] for part in _split(jobs, 2)] == [[4, 2, 0], [3, 1]]
     assert len(_split(jobs, 8)) == 5  # never an empty worker
 
 
@@ -74,8 +74,7 @@ def _sleeper(tmp_path) -> Workers:
 def test_finish_stops_running_workers_and_marks_a_compiled_set(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4)
-    jobs = [Job(block, (torch.randn(1, 8, 4, 4), torch.randn(1, 16)), {}, 1), Job(block, (torch.randn(1, 8, 2, 2),
-                                                                                      torch.randn(1, 16)), {}, 1)]
+    jobs = [Job(block, (torch.randn(1, 8, size, size), torch.randn(1, 16)), {}) for size in (4, 2)]
     assert Precompile(jobs, None, {}).report["skipped"] == "no workers"
     monkeypatch.setattr(Workers, "submit", lambda self, parts, kwargs: None)  # keep the sleeper busy
     run = Precompile(jobs, _sleeper(tmp_path), {})

@@ -50,7 +50,6 @@ class Job:
     region: torch.nn.Module
     args: tuple
     kwargs: dict
-    cost: int  # parameter count, to balance the workers
 
 
 def default_workers() -> int:
@@ -76,7 +75,7 @@ def record_calls(regions: list[torch.nn.Module], run) -> list[Job]:
     def record(module, args, kwargs):
         key = call_key(module, args, kwargs)
         if key not in jobs:
-            jobs[key] = Job(module, args, kwargs, sum(p.numel() for p in module.parameters()))
+            jobs[key] = Job(module, args, kwargs)
 
     handles = [region.register_forward_pre_hook(record, with_kwargs=True) for region in regions]
     try:
@@ -92,10 +91,10 @@ def _shapes_only(region: torch.nn.Module) -> torch.nn.Module:
     """A copy of the block whose parameters and buffers live on the meta device (no weight is copied)."""
     memo = {}
     for module in region.modules():
-        for name, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None:
                 memo[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad)
-        for name, buffer in module._buffers.items():
+        for buffer in module._buffers.values():
             if buffer is not None:
                 memo[id(buffer)] = torch.empty_like(buffer, device="meta")
     return copy.deepcopy(region, memo)
