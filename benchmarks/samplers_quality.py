@@ -94,6 +94,8 @@ def main() -> int:
         tuned = TunedSchedule.load(path)
         label = f"{tuned.sampler} tuned" + (f" order {tuned.sampler_options['order']}" if "order" in tuned.sampler_options else "")
         label += " + per-step orders" if tuned.orders else ""
+        if tuned.coefficients is not None:  # OLSS: fitted coefficients, on searched or given sigmas
+            label = f"{path.stem.rsplit('-', 1)[0]} (fitted coefficients)"
         # the searched options and per-step orders come with the schedule
         scheduler = make_scheduler(tuned.sampler, schedule="tuned", tuned=str(path), base=base)
         images, seconds = run(scheduler, tuned.num_steps)
@@ -121,8 +123,9 @@ def main() -> int:
             cells.append("" if r is None else f"{r['psnr_db']:.2f} / {r['adherence']:.1%} / {r['frechet_distance']:.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     gains = []
-    for r in rows:  # each tuned schedule against the default schedule of the same solver and options
-        same = [d for d in rows if d["schedule"] == "default" and d["sampler"] == r["sampler"]
+    for r in rows:  # each tuned schedule against the default schedule of the same solver (olss: its base, 2M)
+        solver = "dpmpp_2m" if r["sampler"] == "olss" else r["sampler"]
+        same = [d for d in rows if d["schedule"] == "default" and d["sampler"] == solver
                 and d["steps"] == r["steps"] and d["options"] == r["options"]]
         if r["schedule"] == "tuned" and same:
             gains.append(f"{r['label']} at {r['steps']} steps: {r['psnr_db'] - same[0]['psnr_db']:+.2f} dB "

@@ -8,6 +8,9 @@ error to the 200-step reference (minus the mean PSNR, in dB), and UniPC's per-st
 searched with its sigmas (S^3). `--init default,karras,logsnr` runs one search from each and keeps
 the best (3x the cost; on CPU at 5 steps the Karras / log-SNR starts ended in worse minima);
 `--objective mse --space latent --no-orders` is the original latent-space search.
+The OLSS solver (`samplers.olss`, fitted per-step coefficients) comes in three variants: "olss"
+searches the sigmas with the coefficients refitted for each candidate, "olss-fit" fits them on the
+default sigmas only, and "olss-on-2m" on this run's tuned dpmpp_2m sigmas (list dpmpp_2m first).
 Judging the schedules on held-out prompts (PSNR to a 200-step reference, adherence, Frechet
 distance, next to the default schedule and diffusers' schedulers) is
 `benchmarks/samplers_quality.py`'s job, which reads the saved files.
@@ -26,11 +29,14 @@ from pathlib import Path
 import torch
 
 from accel.embedded import CIFAR10_CLASSES, load_embedded_pipeline
-from samplers.tuned import OBJECTIVES, SPACES, save_tuned_schedule, tune_pipeline_schedule
+from samplers.tuned import OBJECTIVES, SPACES, load_tuned_schedule, save_tuned_schedule, tune_pipeline_schedule
 
-# (solver, options): DPM-Solver++ 2M and UniPC at diffusers' default order 2
-SOLVERS = (("dpmpp_2m", {}), ("unipc_bh2", {"order": 2}))
-SOLVER_NAMES = tuple(name for name, _ in SOLVERS)
+# (name, sampler, options, search arguments): DPM-Solver++ 2M and UniPC at diffusers' default order 2,
+# and the OLSS coefficient solver on searched sigmas, on the default ones and on the tuned 2M ones
+SOLVERS = (("dpmpp_2m", "dpmpp_2m", {}, {}), ("unipc_bh2", "unipc_bh2", {"order": 2}, {}),
+           ("olss", "olss", {}, {}), ("olss-fit", "olss", {}, {"passes": 0}),
+           ("olss-on-2m", "olss", {}, {"passes": 0}))
+SOLVER_NAMES = tuple(name for name, *_ in SOLVERS)
 
 
 def main() -> int:
@@ -45,11 +51,13 @@ def main() -> int:
     parser.add_argument("--init", default="default", help="initial schedules, comma-separated: one search from each")
     parser.add_argument("--no-orders", action="store_true", help="keep the solver's own per-step orders")
     parser.add_argument("--reference-steps", type=int, default=200)
+    parser.add_argument("--history", default="3", help="olss: denoiser outputs each step combines (or 'all')")
+    parser.add_argument("--ridge", type=float, default=0.0, help="olss: pull towards DPM-Solver++(2M)'s coefficients")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default="benchmarks/results/tuned-embedded")
     args = parser.parse_args()
-    solvers = [s for s in SOLVERS if s[0] in args.solvers.split(",")]
+    solvers = [next(s for s in SOLVERS if s[0] == name) for name in args.solvers.split(",") if name in SOLVER_NAMES]
     if not solvers or len(solvers) != len(args.solvers.split(",")):
         parser.error(f"--solvers {args.solvers!r}: valid choices are {SOLVER_NAMES}")
     if args.threads:
@@ -74,20 +82,28 @@ def main() -> int:
     rows = []
     # step budgets in the order given, both solvers each: a run cut short keeps the first budgets
     for n in (int(s) for s in args.steps.split(",")):
-        for solver, options in solvers:
+        for name, solver, options, search in solvers:
             start = time.perf_counter()
+            search = dict(search)
+            if solver == "olss":
+                search.update(history=None if args.history == "all" else int(args.history), ridge=args.ridge)
+            if name == "olss-on-2m":
+                search["init_sigmas"] = load_tuned_schedule(f"dpmpp_2m-{n}", out / "schedules").sigmas
             tuned = tune_pipeline_schedule(pipe, prompts=calibration, sampler=solver, num_steps=n,
-                                           guidance_scale=args.guidance, seed=10_000, passes=args.passes,
+                                           guidance_scale=args.guidance, seed=10_000,
+                                           **{"passes": args.passes, **search},
                                            init_schedule=tuple(args.init.split(",")), sampler_options=options,
                                            objective=args.objective, space=args.space,
                                            reference_steps=args.reference_steps,
                                            search_orders=not args.no_orders and solver.startswith("unipc"))
-            path = save_tuned_schedule(tuned, out / "schedules", f"{solver}-{n}")
-            rows.append({"solver": solver, "steps": n, "loss_init": tuned.loss_init, "loss_tuned": tuned.loss_tuned,
+            if name == "olss-on-2m":
+                tuned.init_schedule = f"tuned dpmpp_2m-{n}"
+            path = save_tuned_schedule(tuned, out / "schedules", f"{name}-{n}")
+            rows.append({"solver": name, "steps": n, "loss_init": tuned.loss_init, "loss_tuned": tuned.loss_tuned,
                          "init_schedule": tuned.init_schedule, "orders": tuned.orders,
                          "search_seconds": round(time.perf_counter() - start, 1),
                          "search_denoiser_calls": tuned.search_denoiser_calls, "file": str(path)})
-            lines.append(f"| {solver} | {n} | {tuned.loss_init:.4g} | {tuned.loss_tuned:.4g} | {tuned.init_schedule} | "
+            lines.append(f"| {name} | {n} | {tuned.loss_init:.4g} | {tuned.loss_tuned:.4g} | {tuned.init_schedule} | "
                          f"{tuned.orders or ''} | {rows[-1]['search_seconds']} | {tuned.search_denoiser_calls} | "
                          f"`{path.name}` |")
             print(lines[-1], flush=True)

@@ -16,6 +16,7 @@ from .dpm_solver import (
 from .euler import sample_ddim, sample_euler, sample_heun
 from .evaluate import format_table, psnr, sampler_table
 from .lcm import sample_lcm
+from .olss import ReferenceTrajectory, dpmpp_2m_coefficients, fit_olss_coefficients, sample_olss
 from .pndm import sample_ipndm, sample_pndm
 from .registry import SAMPLER_FUNCTIONS
 from .scheduler import SamplerScheduler
@@ -79,6 +80,10 @@ __all__ = [
     "sample_heun",
     "sample_ipndm",
     "sample_lcm",
+    "sample_olss",
+    "ReferenceTrajectory",
+    "dpmpp_2m_coefficients",
+    "fit_olss_coefficients",
     "sample_pndm",
     "sample_unipc",
     "sigmas_from_timesteps",

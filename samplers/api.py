@@ -55,6 +55,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "pndm": SamplerSpec(orders=(4,), default_order=4),
     "ipndm": SamplerSpec(orders=(1, 2, 3, 4), default_order=4),
     "lcm": SamplerSpec(options=("timestep_scaling",)),
+    # DPM-Solver++(2M)'s family with fitted per-step coefficients (samplers.olss)
+    "olss": SamplerSpec(orders=(2,), default_order=2, options=("coefficients",)),
 }
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
@@ -119,6 +121,10 @@ def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, A
             raise ValueError(f"orders={orders!r} must list one order per step, each one of {_choices(spec.orders)}")
         if num_steps is not None and len(per_step) != num_steps:
             raise ValueError(f"orders gives {len(per_step)} per-step orders for num_steps={num_steps}")
+    if options.get("coefficients") is not None:
+        from .olss import check_coefficients
+
+        check_coefficients(options["coefficients"], num_steps)
     if options.get("backend", "samplers") not in BACKENDS:
         raise ValueError(f"backend={options['backend']!r} is not supported; valid choices: {_choices(BACKENDS)}")
     if options.get("solver_type", "midpoint") not in SOLVER_TYPES:
@@ -160,12 +166,13 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
             steps (see `samplers.lcm.lcm_timesteps`). "explicit" takes the option
             `timesteps=[...]` (descending train timesteps) or `sigmas=[...]` (descending; a trailing 0 is added when missing).
             "tuned" takes `tuned=<name>` with `model_dir=<dir>` or `tuned=<json path>`
-            (see `samplers.tuned`).
+            (see `samplers.tuned`); a file with fitted coefficients runs with sampler "olss" only.
         base: the pipeline's current scheduler; its config gives betas, prediction type,
             timestep spacing, zero-SNR rescaling. None means Stable Diffusion's schedule.
         options: `order` (UniPC, DEIS: 1-3; iPNDM: 1-4), `eta` (DDIM, SDE samplers),
             `use_corrector` (UniPC), `lower_order_final`, `solver_type` ("midpoint"/"heun"),
-            `r` (dpmpp_sde), `diffusers_3m` (3M as diffusers computes it), `rho` (Karras),
+            `r` (dpmpp_sde), `coefficients` (olss: one row per step, see `samplers.olss`),
+            `diffusers_3m` (3M as diffusers computes it), `rho` (Karras),
             `timestep_scaling` (LCM's boundary condition, default 10), `original_inference_steps`
             (the "lcm" schedule),
             `thresholding`, `dynamic_thresholding_ratio`, `sample_max_value` (pixel models),
@@ -182,13 +189,22 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
     if schedule == "tuned":
         from .tuned import load_tuned_schedule
 
-        tuned = load_tuned_schedule(options.pop("tuned"), options.pop("model_dir", None))
+        tuned_name = options.pop("tuned")
+        tuned = load_tuned_schedule(tuned_name, options.pop("model_dir", None))
         if num_steps is not None and num_steps != tuned.num_steps:
             raise ValueError(f"num_steps={num_steps} disagrees with the tuned schedule's {tuned.num_steps} steps")
+        if (tuned.coefficients is not None) != (name == "olss"):
+            raise ValueError(
+                f"sampler {name!r} cannot run tuned schedule {str(tuned_name)!r}: sampler 'olss' runs the files with "
+                f"fitted coefficients and only those (this one is for {tuned.sampler!r}, "
+                f"{'with' if tuned.coefficients is not None else 'without'} coefficients)"
+            )
         schedule, options["sigmas"] = "explicit", list(tuned.sigmas)
         num_steps = tuned.num_steps
         if name == tuned.sampler:  # the options and per-step orders it was searched with, unless overridden
             searched = dict(tuned.sampler_options, **({} if tuned.orders is None else {"orders": list(tuned.orders)}))
+            if tuned.coefficients is not None:
+                searched["coefficients"] = tuned.coefficients
             options = dict(searched, **options)
             check_sampler_args(name, num_steps, schedule, options)
     options.pop("model_dir", None)

@@ -20,6 +20,7 @@ from .dpm_solver import (
 )
 from .euler import ddim_steps, euler_steps, heun_steps, sample_ddim, sample_euler, sample_heun
 from .lcm import lcm_steps, sample_lcm
+from .olss import olss_steps, sample_olss
 from .pndm import ipndm_steps, pndm_steps, sample_ipndm, sample_pndm
 from .unipc import sample_unipc, unipc_steps
 
@@ -44,6 +45,7 @@ SAMPLER_FUNCTIONS = {
     "pndm": sample_pndm,
     "ipndm": sample_ipndm,
     "lcm": sample_lcm,
+    "olss": sample_olss,
 }
 
 # Options that only shape the schedule or the model output, never the solver's update
@@ -103,4 +105,6 @@ def solver_steps(name: str, x, sigmas, options: dict, *, noise_sampler=None, gen
     if name == "lcm":
         return lcm_steps(x, sigmas, **noise, timestep_scaling=o.get("timestep_scaling", 10.0),
                          noise_schedule=noise_schedule)
+    if name == "olss":
+        return olss_steps(x, sigmas, o.get("coefficients"), begin=begin)
     raise ValueError(f"sampler {name!r} is not supported; valid choices: {tuple(SAMPLER_FUNCTIONS)}")

@@ -7,7 +7,10 @@ In the spirit of Align Your Steps (Sabour et al. 2024), OLSS (Duan et al. 2023),
 search that works on a handful of parameters: a derivative-free pattern search over the
 log-sigmas of the interior steps (the first sigma stays at the model's sigma_max, the schedule
 ends in 0), started from the best of a few standard schedules, alternating with a coordinate
-search over the per-step orders. The distance is measured where the judge measures it: through
+search over the per-step orders. For the sampler "olss" (`samplers.olss`) every evaluated schedule
+gets its own per-step coefficients, fitted by least squares against the reference trajectory at its
+sigmas (N denoiser calls, like any evaluation), so sigmas and coefficients are searched together.
+The distance is measured where the judge measures it: through
 an optional `decode` (a latent model's VAE) and as the mean over inputs of the log squared error
 (mean PSNR) rather than the pooled squared error, which the few worst inputs dominate.
 The result is a small JSON file saved next to the model and reused by name through
@@ -28,6 +31,7 @@ import torch
 
 from .api import SAMPLERS, check_sampler_args, sample
 from .denoiser import NoiseSchedule, UNetDenoiser
+from .olss import ReferenceTrajectory, check_coefficients, fit_olss_coefficients
 from .schedules import get_sigmas
 
 TUNED_DIRNAME = "tuned_schedules"
@@ -61,6 +65,19 @@ class TunedSchedule:
     # 10 log10 of each input's squared error, i.e. minus the mean PSNR at data range 1), in `space`
     objective: str = "mse"
     space: str = "latent"
+    # sampler "olss": one fitted row [a_i, b...] per step (`samplers.olss`) and how they were fitted
+    coefficients: list[list[float]] | None = None
+    coefficient_fit: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.coefficients is not None:
+            if self.sampler != "olss":
+                raise ValueError(f"this tuned schedule holds fitted coefficients, which only the sampler 'olss' "
+                                 f"runs, but names sampler {self.sampler!r}")
+            try:
+                self.coefficients = check_coefficients(self.coefficients, self.num_steps)
+            except ValueError as error:
+                raise ValueError(f"tuned schedule of {self.num_steps} steps: {error}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -72,7 +89,10 @@ class TunedSchedule:
     def load(cls, path: str | os.PathLike) -> "TunedSchedule":
         data = json.loads(Path(path).read_text())
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 def tuned_schedule_path(model_dir: str | os.PathLike, name: str) -> Path:
@@ -141,6 +161,9 @@ def tune_schedule(
     space: str = "latent",
     search_orders: bool = False,
     rounds: int = 2,
+    init_sigmas: Sequence[float] | None = None,
+    history: int | None = 3,
+    ridge: float = 0.0,
 ) -> TunedSchedule:
     """Search `num_steps` sigmas for `sampler` minimising the distance of its final sample to the
     reference solution from the same starting noise.
@@ -165,6 +188,12 @@ def tune_schedule(
         search_orders: also search the solver order of each step (S^3), for samplers that take
             the option `orders` (UniPC); the orders and the sigmas are searched in turn for up
             to `rounds` rounds.
+        init_sigmas: start from these sigmas (`num_steps + 1`, from sigma_max down to 0, e.g. a
+            tuned schedule's) instead of `init_schedule`; `passes=0` keeps them as they are.
+        history, ridge: for sampler "olss", the outputs each step combines and the pull towards
+            DPM-Solver++(2M)'s coefficients (see `samplers.olss.fit_olss_coefficients`); its
+            `reference` is a `ReferenceTrajectory` (None: solved as above), and `loss_init` is
+            DPM-Solver++(2M)'s loss on the initial schedule.
     """
     options = dict(sampler_options or {})
     check_sampler_args(sampler, num_steps, "default", options)
@@ -177,6 +206,21 @@ def tune_schedule(
     inits = [init_schedule] if isinstance(init_schedule, str) else list(init_schedule)
     if not inits:
         raise ValueError("init_schedule must name at least one schedule")
+    s_max, s_min = noise_schedule.sigma_max, noise_schedule.sigma_min
+    if init_sigmas is not None:
+        init_sigmas = [float(v) for v in init_sigmas]
+        interior = init_sigmas[1:-1]
+        if (len(init_sigmas) != num_steps + 1 or init_sigmas[-1] != 0 or abs(init_sigmas[0] / s_max - 1) > 1e-6
+                or any(not s_min * (1 - 1e-9) <= v < u for u, v in zip(init_sigmas, interior))):
+            raise ValueError(f"init_sigmas must hold {num_steps + 1} descending sigmas from sigma_max={s_max:.6g} "
+                             f"to 0, the interior ones >= sigma_min={s_min:.6g}; got {init_sigmas}")
+        inits = ["given"]
+    olss = sampler == "olss"
+    if olss and reference is not None and not isinstance(reference, ReferenceTrajectory):
+        raise ValueError("sampler 'olss' fits its coefficients to the reference at every sigma: pass a "
+                         "samplers.olss.ReferenceTrajectory as `reference`, or None to solve one")
+    if "coefficients" in options:
+        raise ValueError("the option 'coefficients' is what sampler 'olss' fits; leave it out of sampler_options")
     order_choices = _order_choices(sampler, options) if search_orders else ()
     if search_orders and not order_choices:
         with_orders = [name for name, spec in SAMPLERS.items() if "orders" in spec.options]
@@ -186,7 +230,6 @@ def tune_schedule(
     extra_args = extra_args or {}
     decode = decode or (lambda y: y)
     start = time.perf_counter()
-    s_max, s_min = noise_schedule.sigma_max, noise_schedule.sigma_min
     x_T = noise * math.sqrt(1 + s_max**2)  # VP unit noise at sigma_max, in VE scale
     calls = 0
 
@@ -199,11 +242,25 @@ def tune_schedule(
     with torch.no_grad():
         if reference is None:
             ref_sigmas = get_sigmas("karras", reference_steps, noise_schedule)
-            reference = sample(reference_sampler, counted, x_T, ref_sigmas, extra_args=extra_args, disable=True)
-        reference = decode(reference)
+            if olss:
+                reference = ReferenceTrajectory.solve(counted, x_T, ref_sigmas, sampler=reference_sampler,
+                                                      extra_args=extra_args)
+            else:
+                reference = sample(reference_sampler, counted, x_T, ref_sigmas, extra_args=extra_args, disable=True)
+        trajectory = reference if olss else None
+        reference = decode(trajectory.final if olss else reference)
 
         evaluations = 0
         memo: dict[tuple, float] = {}
+        fitted: dict[tuple, list[list[float]]] = {}
+
+        def run_solver(sigmas: torch.Tensor, run: dict, key: tuple) -> torch.Tensor:
+            if not olss:
+                return sample(sampler, counted, x_T, sigmas, extra_args=extra_args, disable=True, **run)
+            fit = fit_olss_coefficients(counted, x_T, sigmas, trajectory, extra_args=extra_args, history=history,
+                                        ridge=ridge)
+            fitted[key] = fit.coefficients
+            return fit.sample
 
         def loss(log_interior: list[float], orders: tuple[int, ...] | None) -> float:
             nonlocal evaluations
@@ -212,7 +269,7 @@ def tune_schedule(
                 evaluations += 1
                 sigmas = torch.tensor([s_max] + [math.exp(v) for v in log_interior] + [0.0], dtype=torch.float64)
                 run = dict(options, orders=list(orders)) if orders is not None else options
-                out = sample(sampler, counted, x_T, sigmas, extra_args=extra_args, disable=True, **run)
+                out = run_solver(sigmas, run, key)
                 memo[key] = _objective_value(objective, _per_input_error(decode(out), reference))
             return memo[key]
 
@@ -260,12 +317,19 @@ def tune_schedule(
             return best, u, orders
 
         # a search from each initial schedule (the loss has local minima); the best one wins
+        def initial(name: str) -> list[float]:
+            init = init_sigmas if name == "given" else get_sigmas(name, num_steps, noise_schedule)
+            return [math.log(float(s)) for s in init[1:-1]]
+
         results = []
         for name in inits:
-            init = get_sigmas(name, num_steps, noise_schedule)
-            results.append((*search([math.log(float(s)) for s in init[1:-1]], default_orders()), name))
-        loss_init = loss([math.log(float(s)) for s in get_sigmas(inits[0], num_steps, noise_schedule)[1:-1]],
-                         default_orders())
+            results.append((*search(initial(name), default_orders()), name))
+        if olss:  # the base solver, DPM-Solver++(2M), on the first initial schedule
+            first = torch.tensor([s_max] + [math.exp(v) for v in initial(inits[0])] + [0.0], dtype=torch.float64)
+            out = sample("olss", counted, x_T, first, extra_args=extra_args, disable=True)
+            loss_init = _objective_value(objective, _per_input_error(decode(out), reference))
+        else:
+            loss_init = loss(initial(inits[0]), default_orders())
         best, u, orders, init_name = min(results, key=lambda item: item[0])
     sigmas = [s_max] + [math.exp(v) for v in u] + [0.0]
     timesteps = noise_schedule.sigma_to_t(torch.tensor(sigmas[:-1], dtype=torch.float64)).tolist()
@@ -287,6 +351,8 @@ def tune_schedule(
         orders=None if orders is None else list(orders),
         objective=objective,
         space=space,
+        coefficients=fitted[(tuple(round(v, 12) for v in u), orders)] if olss else None,
+        coefficient_fit={"history": history, "ridge": ridge} if olss else {},
     )
 
 
