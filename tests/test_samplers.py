@@ -504,7 +504,12 @@ def _image():
     return torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16).sin()
 
 
-def test_adapter_in_inpaint_pipeline(tiny_pipe_components):
+# OLSS with its default coefficients is DPM-Solver++ 2M: the same pipelines must give the same images.
+TWO_M = ("dpmpp_2m", "olss")
+
+
+@pytest.mark.parametrize("name", TWO_M)
+def test_adapter_in_inpaint_pipeline(tiny_pipe_components, name):
     """A 4-channel UNet: the pipeline re-noises the kept region with `add_noise` every step and
     hands the blended latents back, so the adapter must take the sample it is given."""
     base = tiny_pipe_components["scheduler"]
@@ -513,11 +518,12 @@ def test_adapter_in_inpaint_pipeline(tiny_pipe_components):
     mask[..., 4:12, 4:12] = 1
     kwargs = dict(**_embeds(), image=_image(), mask_image=mask, strength=0.7, height=16, width=16)
     ref = _run_pipe(pipe, DPMSolverMultistepScheduler.from_config(base.config), **kwargs)
-    out = _run_pipe(pipe, samplers.make_scheduler("dpmpp_2m", base=base), **kwargs)
+    out = _run_pipe(pipe, samplers.make_scheduler(name, base=base), **kwargs)
     assert abs(out - ref).max() < TOL
 
 
-def test_adapter_in_controlnet_pipeline(tiny_pipe_components):
+@pytest.mark.parametrize("name", TWO_M)
+def test_adapter_in_controlnet_pipeline(tiny_pipe_components, name):
     base = tiny_pipe_components["scheduler"]
     torch.manual_seed(0)
     controlnet = ControlNetModel(
@@ -532,12 +538,13 @@ def test_adapter_in_controlnet_pipeline(tiny_pipe_components):
     pipe = StableDiffusionControlNetPipeline(**tiny_pipe_components, controlnet=controlnet)
     kwargs = dict(**_embeds(), image=(_image() + 1) / 2, height=16, width=16)
     ref = _run_pipe(pipe, DPMSolverMultistepScheduler.from_config(base.config), **kwargs)
-    out = _run_pipe(pipe, samplers.make_scheduler("dpmpp_2m", base=base), **kwargs)
+    out = _run_pipe(pipe, samplers.make_scheduler(name, base=base), **kwargs)
     assert abs(out - ref).max() < TOL
 
 
+@pytest.mark.parametrize("name", TWO_M)
 @pytest.mark.parametrize("denoising_end", [None, 0.5])
-def test_adapter_in_sdxl_pipeline(tiny_pipe_components, denoising_end):
+def test_adapter_in_sdxl_pipeline(tiny_pipe_components, denoising_end, name):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -569,7 +576,7 @@ def test_adapter_in_sdxl_pipeline(tiny_pipe_components, denoising_end):
         denoising_end=denoising_end,
     )
     ref = _run_pipe(pipe, DPMSolverMultistepScheduler.from_config(base.config), **kwargs)
-    out = _run_pipe(pipe, samplers.make_scheduler("dpmpp_2m", base=base), **kwargs)
+    out = _run_pipe(pipe, samplers.make_scheduler(name, base=base), **kwargs)
     assert abs(out - ref).max() < TOL
 
 
