@@ -9,9 +9,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
+from tiny import run
+
+import accel
 
 from accel.runtime.precompile import (Job, Precompile, Workers, _shapes_only, _split, call_key, compiled_before,
                                      default_workers, record_calls)
@@ -133,3 +137,37 @@ def test_workers_fill_the_cache_the_caller_reads(tmp_path):
     assert list((tmp_path / "cache" / "accel-precompiled").iterdir())  # the marker of a compiled set
     warm = _compile_in_fresh_process(tmp_path / "cache", "warm")
     assert warm["report"]["skipped"] == "compiled before (warm cache)" and warm["close"]
+
+
+@pytest.mark.parametrize("cache", [
+    accel.DeepCacheConfig(cache_interval=2),
+    accel.EncoderPropagationConfig(),
+    accel.BlockCacheConfig(threshold=0.5),
+], ids=["deepcache", "encoder-propagation", "block-cache"])
+def test_recording_forward_leaves_caches_as_one_call(sd_pipe, cache, monkeypatch):
+    """The first call runs the UNet once more, eagerly, to record the blocks: a cache that keeps state
+    across steps must give the same images as without that extra run (compiled regions run eagerly here)."""
+    from accel.runtime import compile as compile_mod
+
+    started = []
+
+    class NoWorkers:
+        def __init__(self, count, modules):
+            started.append(count)
+            self.processes, self.folder = [], None
+
+        def stop(self):
+            return [], 0
+
+    monkeypatch.setattr(compile_mod, "Workers", NoWorkers)
+    accel.accelerate(sd_pipe, accel.AccelConfig(cache=cache))
+    expected = run(sd_pipe, steps=4)
+    accel.restore(sd_pipe)
+    accel.accelerate(sd_pipe, accel.AccelConfig(cache=cache, runtime=accel.RuntimeConfig(compile="regional",
+                                                                                         compile_workers=2)))
+    with torch.compiler.set_stance("force_eager"):
+        out = run(sd_pipe, steps=4)
+    report = compile_mod.precompile_report(sd_pipe.unet)
+    accel.restore(sd_pipe)
+    assert started == [2] and report["skipped"] == "no workers" and report["jobs"] >= 2  # the recording ran
+    np.testing.assert_array_equal(out, expected)
