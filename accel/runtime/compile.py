@@ -72,7 +72,12 @@ class _FirstCallTimer(ModelHook):
         if workers is None and compiled_before(regions, compile_kwargs):
             count = 0  # a warm cache: starting workers would only slow this process down
         modules = sorted({type(m).__module__ for region in regions for m in region.modules()})
-        self.workers = Workers(count, modules) if count > 0 else None
+        self.workers = None
+        if count > 0:
+            try:
+                self.workers = Workers(count, modules)
+            except OSError as err:  # compile time only: without workers every block compiles in this process
+                logger.warning("accel: could not start %d compile workers (%s); compiling in this process", count, err)
         self.first_call_seconds: float | None = None
         self.precompile: dict | None = None
 

@@ -153,11 +153,15 @@ class Workers:
                    PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         command = [sys.executable, "-c", f"import sys; from {__name__} import serve; serve(sys.argv[1:])", *modules]
         self.processes: list[tuple[int, object, subprocess.Popen]] = []
-        for index in range(count):
-            log = open(self.folder / f"worker-{index}.log", "w")
-            process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                       text=True)
-            self.processes.append((index, log, process))
+        try:
+            for index in range(count):
+                log = open(self.folder / f"worker-{index}.log", "w")
+                process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=log,
+                                           stderr=subprocess.STDOUT, text=True)
+                self.processes.append((index, log, process))
+        except BaseException:
+            self.stop()  # the ones that did start
+            raise
 
     def submit(self, parts: list[list[Job]], compile_kwargs: dict) -> None:
         """Hand each worker its blocks (a worker without any exits)."""
