@@ -633,10 +633,8 @@ def test_bad_steps_and_explicit_mismatch_raise_at_set_timesteps():
 # ---------------------------------------------------------------- tuned schedules
 def _gaussian_problem(batch, seed):
     ns = NoiseSchedule.from_config(DDIMScheduler(**SD).config)
-    noise = torch.randn(batch, 64, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x_T = noise * math.sqrt(1 + ns.sigma_max**2)
-    exact = MU + (x_T - MU) * (SD_DATA**2 / (SD_DATA**2 + ns.sigma_max**2)).sqrt()
-    return ns, noise, x_T, exact
+    noise, x_T = GAUSSIAN.start(batch, seed, ns.sigma_max)
+    return ns, noise, x_T, GAUSSIAN.exact(x_T, 0.0, ns.sigma_max)
 
 
 def test_tuned_schedule_beats_default_and_karras_on_held_out_inputs():

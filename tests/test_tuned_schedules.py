@@ -22,10 +22,8 @@ MU, SD_DATA, gaussian_denoiser = GAUSSIAN.mu, GAUSSIAN.sd, GAUSSIAN.denoiser
 
 def _problem(batch, seed):
     ns = NoiseSchedule.from_config(DDIMScheduler(**SD).config)
-    noise = torch.randn(batch, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x_T = noise * math.sqrt(1 + ns.sigma_max**2)
-    exact = MU + (x_T - MU) * (SD_DATA**2 / (SD_DATA**2 + ns.sigma_max**2)).sqrt()
-    return ns, noise, x_T, exact
+    noise, x_T = GAUSSIAN.start(batch, seed, ns.sigma_max)
+    return ns, noise, x_T, GAUSSIAN.exact(x_T, 0.0, ns.sigma_max)
 
 
 def _psnr_loss(out, exact):

@@ -27,15 +27,11 @@ NS = NoiseSchedule.from_config(DDIMScheduler(**SD).config)
 
 
 def _problem(batch, seed):
-    noise = torch.randn(batch, 32, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    x_T = noise * math.sqrt(1 + NS.sigma_max**2)
-    return noise, x_T
+    return GAUSSIAN.start(batch, seed, NS.sigma_max)
 
 
 def _exact(x_T, sigma):
-    """The probability-flow ODE's solution at `sigma` from x_T at sigma_max."""
-    mu, sd = GAUSSIAN.mu, GAUSSIAN.sd
-    return mu + (x_T - mu) * ((sd**2 + sigma**2) / (sd**2 + NS.sigma_max**2)).sqrt()
+    return GAUSSIAN.exact(x_T, sigma, NS.sigma_max)
 
 
 @pytest.mark.parametrize("steps, schedule", [(2, "linspace"), (5, "linspace"), (8, "karras"), (16, "logsnr")])

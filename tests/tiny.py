@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -197,8 +198,18 @@ class GaussianData:
 
     def __init__(self, dim: int, seed: int):
         generator = torch.Generator().manual_seed(seed)
+        self.dim = dim
         self.mu = torch.randn(1, dim, generator=generator, dtype=torch.float64)
         self.sd = torch.rand(1, dim, generator=generator, dtype=torch.float64) * 1.5 + 0.2
+
+    def start(self, batch: int, seed: int, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit noise and the sampler's starting point at `sigma_max` (VE scale: noise * sqrt(1 + sigma_max^2))."""
+        noise = torch.randn(batch, self.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return noise, noise * math.sqrt(1 + sigma_max**2)
+
+    def exact(self, x_start: torch.Tensor, sigma, sigma_max: float) -> torch.Tensor:
+        """The probability-flow ODE's solution at `sigma` from `x_start` at `sigma_max`."""
+        return self.mu + (x_start - self.mu) * ((self.sd**2 + sigma**2) / (self.sd**2 + sigma_max**2)).sqrt()
 
     def denoiser(self, x, sigma):
         s = sigma.reshape(-1, 1)
