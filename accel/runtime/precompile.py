@@ -50,6 +50,10 @@ class Job:
     region: torch.nn.Module
     args: tuple
     kwargs: dict
+    key: tuple = ()  # its `call_key` (computed when not given)
+
+    def __post_init__(self):
+        self.key = self.key or call_key(self.region, self.args, self.kwargs)
 
 
 def default_workers() -> int:
@@ -75,7 +79,7 @@ def record_calls(regions: list[torch.nn.Module], run) -> list[Job]:
     def record(module, args, kwargs):
         key = call_key(module, args, kwargs)
         if key not in jobs:
-            jobs[key] = Job(module, args, kwargs)
+            jobs[key] = Job(module, args, kwargs, key)
 
     handles = [region.register_forward_pre_hook(record, with_kwargs=True) for region in regions]
     try:
@@ -229,7 +233,7 @@ class Precompile:
         """`regions`: every compiled region of the module (default: the jobs' ones), for `compiled_before`."""
         self.jobs, self.workers, self.start = jobs, workers, time.perf_counter()
         regions = [job.region for job in jobs] if regions is None else regions
-        self.marker = _marker(regions, compile_kwargs, [repr(call_key(j.region, j.args, j.kwargs)) for j in jobs])
+        self.marker = _marker(regions, compile_kwargs, [repr(j.key) for j in jobs])
         self.regions_marker = _marker(regions, compile_kwargs)
         self.report = {"jobs": len(jobs), "workers": 0, "failed": [], "stopped": 0, "skipped": None}
         if workers is None or not workers.processes:
