@@ -6,8 +6,8 @@ import logging
 
 from .config import AccelConfig
 from .errors import AlreadyAcceleratedError, NotAcceleratedError, UnsupportedPipelineError
-from .registry import all_techniques, technique_for
-from .session import AccelSession, accelerated_class, get_session
+from .registry import all_techniques, check_conflicts, technique_for
+from .session import AccelSession, accelerated_class, attach, detach, get_session
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def _check_plan(pipe, plan) -> None:
                 f"{_DENOISERS.get(kind, kind)}, on which the accepted configs are: {accepted}")
         if technique.check is not None:
             technique.check(pipe)
+    check_conflicts(plan)
 
 
 def resolve_config(config: AccelConfig | None = None, preset: str | None = None) -> AccelConfig:
@@ -87,11 +88,11 @@ def accelerate(pipe, config: AccelConfig | None = None, *, preset: str | None = 
     plan = sorted(((technique_for(c), c) for _, c in config.items()), key=lambda tc: tc[0].order)
     _check_plan(pipe, plan)
 
-    session = AccelSession(config, type(pipe))
+    session = AccelSession(config, type(pipe), pipe)
     pipe.__dict__["_accel_session"] = session
     try:
         for technique, sub_config in plan:
-            technique.apply(pipe, sub_config)
+            attach(pipe, technique.name, technique.build, sub_config)
             session.applied.append((technique, sub_config))
             logger.info("accel: applied %s: %r", technique.name, sub_config)
     except BaseException:
@@ -105,10 +106,11 @@ def _undo(pipe, session: AccelSession) -> None:
     errors = []
     for technique, _ in reversed(session.applied):
         try:
-            technique.remove(pipe)
+            detach(pipe, technique.name)
         except Exception as err:  # keep undoing the rest; report everything at the end
             errors.append(f"{technique.name}: {err}")
     session.applied.clear()
+    session.close()
     pipe.__class__ = session.original_class
     del pipe.__dict__["_accel_session"]
     if errors:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-SLOTS = ("model", "sampler", "cache", "parallel", "runtime")
+from .registry import SLOTS, techniques_for_slot
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,6 @@ class AccelConfig:
     runtime: object | None = None
 
     def __post_init__(self):
-        from .registry import techniques_for_slot
-
         for slot in SLOTS:
             value = getattr(self, slot)
             if value is None:

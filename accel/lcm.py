@@ -6,7 +6,7 @@ The LoRA is one that `distill.lcm` (or the LCM-LoRA authors) trained on the same
 loads through diffusers' `load_lora_weights` under its own adapter name, so it also plugs into a
 fine-tuned model of that base and next to other LoRAs. By default it is then fused into the base
 weights (`fuse_lora`): unfused peft layers cost extra kernel launches in every adapted layer, which
-dominates a small, launch-bound UNet. `remove_lcm_lora` copies back the original tensors of the
+dominates a small, launch-bound UNet. Removing it (`restore`) copies back the original tensors of the
 fused layers (unfusing subtracts in floating point, which is not exact), unloads the LoRA and puts
 the original scheduler back: the weights and modules are those of before, bit for bit. LoRAs the
 user had loaded stay loaded, each layer with the active adapters and scales it had before.
@@ -21,9 +21,6 @@ from pathlib import Path
 
 import torch
 
-from .session import get_session
-
-_STATE = "_accel_lcm_lora"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -93,50 +90,58 @@ class LCMLoRAConfig:
                                 f"the folder holding {LORA_WEIGHT_NAME}")
 
 
-def apply_lcm_lora(pipe, config: LCMLoRAConfig) -> None:
-    import samplers
+class LCMLoRA:
+    """The applied LCM-LoRA: adapter loaded (and fused), LCM scheduler set; `remove()` undoes both exactly."""
 
-    if _STATE in pipe.__dict__:
-        raise RuntimeError("an LCM-LoRA is already applied to this pipeline; call remove_lcm_lora first")
-    if not hasattr(pipe, "load_lora_weights"):
-        raise TypeError(f"{type(pipe).__name__} cannot load LoRA weights (no load_lora_weights); "
-                        "supported: Stable Diffusion pipelines with diffusers' LoRA loader")
-    session = get_session(pipe)
-    if session is not None and getattr(session.config, "sampler", None) is not None:
-        raise ValueError("LCMLoRAConfig sets the sampler (LCM, num_steps) itself; leave AccelConfig.sampler as None "
-                         f"(got {session.config.sampler!r})")
-    weight_file = config.weight_file()
-    loaded = {name for names in pipe.get_list_adapters().values() for name in names} if _has_adapters(pipe) else set()
-    if config.adapter_name in loaded:
-        raise ValueError(f"the pipeline already has an adapter named {config.adapter_name!r}; "
-                         f"choose another LCMLoRAConfig.adapter_name (loaded: {sorted(loaded)})")
-    active = list(pipe.get_active_adapters()) if loaded else []
-    scheduler = samplers.make_scheduler(
-        "lcm",
-        num_steps=config.num_steps,
-        base=pipe.scheduler,
-        original_inference_steps=config.original_inference_steps,
-        timestep_scaling=config.timestep_scaling,
-    )
-    user_layers = _adapter_state(pipe) if loaded else []
-    pipe.load_lora_weights(str(weight_file.parent), weight_name=weight_file.name, adapter_name=config.adapter_name)
-    if active or config.lora_scale != 1.0:
-        pipe.set_adapters(active + [config.adapter_name], adapter_weights=[1.0] * len(active) + [config.lora_scale])
-        for layer, _, scaling in user_layers:  # set_adapters reset the user's adapters to weight 1: keep theirs
-            layer.scaling.update(scaling)
-    originals = None
-    if config.fuse:
-        if active or getattr(pipe, "_merged_adapters", None):
-            warnings.warn(f"the pipeline has other active or fused LoRAs ({sorted(loaded)}); the LCM-LoRA is left "
-                          "unfused so that they keep working (slower: extra kernels in every adapted layer)")
-        else:
-            originals = _fuse(pipe, config.adapter_name)
-    pipe.__dict__[_STATE] = {"scheduler": pipe.scheduler, "user_layers": user_layers,
-                             "adapter_name": config.adapter_name, "originals": originals}
-    pipe.scheduler = scheduler
-    if session is not None:
+    def __init__(self, pipe, config: LCMLoRAConfig, session):
+        import samplers
+
+        if not hasattr(pipe, "load_lora_weights"):
+            raise TypeError(f"{type(pipe).__name__} cannot load LoRA weights (no load_lora_weights); "
+                            "supported: Stable Diffusion pipelines with diffusers' LoRA loader")
+        weight_file = config.weight_file()
+        loaded = {name for names in pipe.get_list_adapters().values() for name in names} if _has_adapters(pipe) else set()
+        if config.adapter_name in loaded:
+            raise ValueError(f"the pipeline already has an adapter named {config.adapter_name!r}; "
+                             f"choose another LCMLoRAConfig.adapter_name (loaded: {sorted(loaded)})")
+        active = list(pipe.get_active_adapters()) if loaded else []
+        scheduler = samplers.make_scheduler(
+            "lcm",
+            num_steps=config.num_steps,
+            base=pipe.scheduler,
+            original_inference_steps=config.original_inference_steps,
+            timestep_scaling=config.timestep_scaling,
+        )
+        self.user_layers = _adapter_state(pipe) if loaded else []
+        pipe.load_lora_weights(str(weight_file.parent), weight_name=weight_file.name, adapter_name=config.adapter_name)
+        if active or config.lora_scale != 1.0:
+            pipe.set_adapters(active + [config.adapter_name], adapter_weights=[1.0] * len(active) + [config.lora_scale])
+            for layer, _, scaling in self.user_layers:  # set_adapters reset the user's adapters to weight 1: keep theirs
+                layer.scaling.update(scaling)
+        self.originals = None
+        if config.fuse:
+            if active or getattr(pipe, "_merged_adapters", None):
+                warnings.warn(f"the pipeline has other active or fused LoRAs ({sorted(loaded)}); the LCM-LoRA is left "
+                              "unfused so that they keep working (slower: extra kernels in every adapted layer)")
+            else:
+                self.originals = _fuse(pipe, config.adapter_name)
+        self.pipe, self.session, self.scheduler, self.adapter_name = pipe, session, pipe.scheduler, config.adapter_name
+        pipe.scheduler = scheduler
         session.call_defaults["num_inference_steps"] = config.num_steps
         session.call_defaults["guidance_scale"] = config.guidance_scale
+
+    def remove(self) -> None:
+        pipe = self.pipe
+        pipe.scheduler = self.scheduler
+        if self.originals is not None:
+            _unfuse(pipe, self.originals)
+        if self.user_layers:
+            _restore_user_adapters(pipe, self.adapter_name, self.user_layers)
+        else:
+            # no other adapter: take the LoRA layers out entirely, leaving the original modules
+            pipe.unload_lora_weights()
+        self.session.call_defaults.pop("num_inference_steps", None)
+        self.session.call_defaults.pop("guidance_scale", None)
 
 
 def _adapted_layers(pipe, adapter_name: str):
@@ -213,21 +218,3 @@ def _restore_user_adapters(pipe, adapter_name: str, user_layers: list) -> None:
 def _has_adapters(pipe) -> bool:
     unet = getattr(pipe, "unet", None)
     return bool(getattr(unet, "peft_config", None))
-
-
-def remove_lcm_lora(pipe) -> None:
-    if _STATE not in pipe.__dict__:
-        raise RuntimeError("no LCM-LoRA was applied to this pipeline")
-    state = pipe.__dict__.pop(_STATE)
-    pipe.scheduler = state["scheduler"]
-    if state["originals"] is not None:
-        _unfuse(pipe, state["originals"])
-    if state["user_layers"]:
-        _restore_user_adapters(pipe, state["adapter_name"], state["user_layers"])
-    else:
-        # no other adapter: take the LoRA layers out entirely, leaving the original modules
-        pipe.unload_lora_weights()
-    session = get_session(pipe)
-    if session is not None:
-        session.call_defaults.pop("num_inference_steps", None)
-        session.call_defaults.pop("guidance_scale", None)

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-_ORIGINAL = "_accel_original_unet"
-
 
 @dataclass(frozen=True)
 class UNetSwapConfig:
@@ -56,27 +54,25 @@ def _check_compatible(student, teacher) -> None:
         raise ValueError("the swapped-in UNet does not fit this pipeline (" + "; ".join(wrong) + ")")
 
 
-def apply_unet_swap(pipe, config: UNetSwapConfig) -> None:
-    if _ORIGINAL in pipe.__dict__:
-        raise RuntimeError("a UNet swap is already applied to this pipeline; call remove_unet_swap first")
-    if config.unet is not None:
-        student = config.unet
-    else:
-        from pruning import load_unet
+class UNetSwap:
+    """The applied swap: the pipeline's own UNet is kept and registered again by `remove()`."""
 
-        student = load_unet(config.path)
-    original = pipe.unet
-    _check_compatible(student, original)
-    if student.device != original.device:
-        student = student.to(original.device)
-    if student.dtype != original.dtype:
-        student = student.to(original.dtype)
-    student.eval()
-    pipe.__dict__[_ORIGINAL] = original
-    pipe.register_modules(unet=student)
+    def __init__(self, pipe, config: UNetSwapConfig, session):
+        if config.unet is not None:
+            student = config.unet
+        else:
+            from pruning import load_unet
 
+            student = load_unet(config.path)
+        original = pipe.unet
+        _check_compatible(student, original)
+        if student.device != original.device:
+            student = student.to(original.device)
+        if student.dtype != original.dtype:
+            student = student.to(original.dtype)
+        student.eval()
+        self.pipe, self.original = pipe, original
+        pipe.register_modules(unet=student)
 
-def remove_unet_swap(pipe) -> None:
-    if _ORIGINAL not in pipe.__dict__:
-        raise RuntimeError("no UNet swap was applied to this pipeline")
-    pipe.register_modules(unet=pipe.__dict__.pop(_ORIGINAL))
+    def remove(self) -> None:
+        self.pipe.register_modules(unet=self.original)

@@ -1,7 +1,9 @@
-"""The technique registry: config type -> how to apply and remove it.
+"""The technique registry: config type -> how to apply it, and which techniques cannot run together.
 
-Adding a technique is one file holding its frozen config, its hooks and `apply_x` / `remove_x`,
-plus one entry in `_TECHNIQUES` below.
+Adding a technique is one file holding its frozen config, its state object (with `remove()`) and its hooks,
+one `Technique` entry in `_builtin_techniques` below, and, if it cannot run beside another technique, one
+`Conflict` row. `accelerate` checks the whole plan before applying anything, applies in `order`, keeps each
+state on the session under the technique's name, and `restore` removes them in reverse order.
 """
 
 from __future__ import annotations
@@ -9,24 +11,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .errors import UnsupportedPipelineError
+
+# AccelConfig's slots, in the order they are applied.
+SLOTS = ("model", "sampler", "cache", "parallel", "runtime")
+
 
 @dataclass(frozen=True)
 class Technique:
     name: str
     slot: str
     config_type: type
-    apply: Callable  # apply(pipe, config) -> None; raises before changing anything on bad input
-    remove: Callable  # remove(pipe) -> None; undoes apply exactly
+    build: Callable  # build(pipe, config, session) -> state whose remove() undoes it exactly; raises before changing anything on bad input
     order: int  # applied in ascending order, removed in descending order
     # The denoisers it works on: "unet" (a UNet2DConditionModel `.unet`), "transformer" (a DiT `.transformer`).
     denoisers: tuple[str, ...] = ("unet",)
     check: Callable | None = None  # check(pipe) -> None; raises UnsupportedPipelineError before anything is applied
 
 
+@dataclass(frozen=True)
+class Conflict:
+    """`first` with a config for which `when_first` holds cannot run beside `second` when `when_second` holds."""
+
+    first: str
+    second: str
+    when_first: Callable
+    when_second: Callable
+    error: type
+    message: str  # formatted with first=..., second=... (the two configs)
+
+
 def _check_betas_schedule(pipe) -> None:
     """The samplers run on a discrete noise schedule given by betas (SD, SDXL, PixArt), not on flow matching."""
-    from .errors import UnsupportedPipelineError
-
     scheduler = getattr(pipe, "scheduler", None)
     if "beta_schedule" not in (getattr(scheduler, "config", None) or {}):
         raise UnsupportedPipelineError(
@@ -36,29 +52,47 @@ def _check_betas_schedule(pipe) -> None:
 
 def _builtin_techniques() -> list[Technique]:
     from . import cache
-    from .lcm import LCMLoRAConfig, apply_lcm_lora, remove_lcm_lora
-    from .model_swap import UNetSwapConfig, apply_unet_swap, remove_unet_swap
-    from .parallel.patch import PatchParallelConfig, apply_patch_parallel, remove_patch_parallel
-    from .runtime import RuntimeConfig, apply_runtime, remove_runtime
-    from .sampler import SamplerConfig, apply_sampler, remove_sampler
+    from .lcm import LCMLoRA, LCMLoRAConfig
+    from .model_swap import UNetSwap, UNetSwapConfig
+    from .parallel.patch import PatchParallel, PatchParallelConfig
+    from .runtime import Runtime, RuntimeConfig
+    from .sampler import SamplerConfig, SamplerSwap
 
     return [
-        Technique("lcm_lora", "model", LCMLoRAConfig, apply_lcm_lora, remove_lcm_lora, order=10),
-        Technique("unet_swap", "model", UNetSwapConfig, apply_unet_swap, remove_unet_swap, order=5),
-        Technique("sampler", "sampler", SamplerConfig, apply_sampler, remove_sampler, order=20,
+        Technique("lcm_lora", "model", LCMLoRAConfig, LCMLoRA, order=10),
+        Technique("unet_swap", "model", UNetSwapConfig, UNetSwap, order=5),
+        Technique("sampler", "sampler", SamplerConfig, SamplerSwap, order=20,
                   denoisers=("unet", "transformer"), check=_check_betas_schedule),
-        Technique("deepcache", "cache", cache.DeepCacheConfig, cache.apply_deepcache, cache.remove_deepcache, order=50),
-        Technique("encoder_propagation", "cache", cache.EncoderPropagationConfig, cache.apply_encoder_propagation,
-                  cache.remove_encoder_propagation, order=50),
-        Technique("block_cache", "cache", cache.BlockCacheConfig, cache.apply_block_cache, cache.remove_block_cache,
-                  order=50, denoisers=("unet", "transformer")),
-        Technique("patch_parallel", "parallel", PatchParallelConfig, apply_patch_parallel, remove_patch_parallel,
-                  order=70),
-        Technique("runtime", "runtime", RuntimeConfig, apply_runtime, remove_runtime, order=90),
+        Technique(cache.deepcache.NAME, "cache", cache.DeepCacheConfig, cache.deepcache.build, order=50),
+        Technique(cache.faster_diffusion.NAME, "cache", cache.EncoderPropagationConfig, cache.faster_diffusion.EncoderPropagation,
+                  order=50),
+        Technique(cache.block_cache.NAME, "cache", cache.BlockCacheConfig, cache.block_cache.BlockCache, order=50,
+                  denoisers=("unet", "transformer")),
+        Technique("patch_parallel", "parallel", PatchParallelConfig, PatchParallel, order=70),
+        Technique("runtime", "runtime", RuntimeConfig, Runtime, order=90),
+    ]
+
+
+def _builtin_conflicts() -> list[Conflict]:
+    from .parallel.patch import COMPILE_REFUSED, world_size
+
+    return [
+        Conflict("lcm_lora", "sampler", lambda lcm: True, lambda sampler: True, ValueError,
+                 "LCMLoRAConfig sets the sampler (LCM, num_steps) itself; leave AccelConfig.sampler as None "
+                 "(got {second!r})"),
+        Conflict("encoder_propagation", "runtime", lambda encoder: encoder.parallel_decode,
+                 lambda runtime: runtime.cuda_graph or runtime.compile == "full", ValueError,
+                 "EncoderPropagationConfig(parallel_decode=True) changes the decoder's batch size from key step to key "
+                 "step and cannot run inside CUDA graphs or a fully compiled UNet; use it with "
+                 "RuntimeConfig(cuda_graph=False, compile=None or 'regional'), or parallel_decode=False"),
+        Conflict("patch_parallel", "runtime", lambda patch: world_size(patch) > 1,
+                 lambda runtime: runtime.compile is not None and "unet" in runtime.components,
+                 UnsupportedPipelineError, COMPILE_REFUSED),
     ]
 
 
 _TECHNIQUES: dict[type, Technique] | None = None
+_CONFLICTS: list[Conflict] | None = None
 
 
 def _registry() -> dict[type, Technique]:
@@ -68,16 +102,15 @@ def _registry() -> dict[type, Technique]:
     return _TECHNIQUES
 
 
-def register_technique(technique: Technique) -> None:
-    """Register a technique from outside the suite (a plug-in)."""
-    from .config import SLOTS
-
+def register_technique(technique: Technique, conflicts: tuple[Conflict, ...] = ()) -> None:
+    """Register a technique from outside the suite (a plug-in), with the techniques it cannot run beside."""
     if technique.slot not in SLOTS:
         raise ValueError(f"slot {technique.slot!r} is not one of {SLOTS}")
     registry = _registry()
     if technique.config_type in registry:
         raise ValueError(f"{technique.config_type.__name__} is already registered as {registry[technique.config_type].name!r}")
     registry[technique.config_type] = technique
+    all_conflicts().extend(conflicts)
 
 
 def technique_for(config) -> Technique:
@@ -94,3 +127,19 @@ def techniques_for_slot(slot: str) -> tuple[type, ...]:
 
 def all_techniques() -> list[Technique]:
     return sorted(_registry().values(), key=lambda t: t.order)
+
+
+def all_conflicts() -> list[Conflict]:
+    global _CONFLICTS
+    if _CONFLICTS is None:
+        _CONFLICTS = _builtin_conflicts()
+    return _CONFLICTS
+
+
+def check_conflicts(plan: list[tuple[Technique, object]]) -> None:
+    """Raise the first conflict between two configs of the plan, before anything is applied."""
+    configs = {technique.name: config for technique, config in plan}
+    for conflict in all_conflicts():
+        first, second = configs.get(conflict.first), configs.get(conflict.second)
+        if first is not None and second is not None and conflict.when_first(first) and conflict.when_second(second):
+            raise conflict.error(conflict.message.format(first=first, second=second))

@@ -12,9 +12,6 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import check_choice
-from .session import get_session
-
-_ORIGINAL = "_accel_original_scheduler"
 
 
 @dataclass(frozen=True)
@@ -36,25 +33,20 @@ class SamplerConfig:
         samplers.check_sampler_args(self.name, self.num_steps, self.schedule, dict(self.options))
 
 
-def apply_sampler(pipe, config: SamplerConfig) -> None:
-    import samplers
+class SamplerSwap:
+    """The applied sampler: the pipeline's own scheduler is kept and put back by `remove()`."""
 
-    if _ORIGINAL in pipe.__dict__:
-        raise RuntimeError("a sampler is already applied to this pipeline; call remove_sampler first")
-    scheduler = samplers.make_scheduler(
-        config.name, num_steps=config.num_steps, schedule=config.schedule, base=pipe.scheduler, **config.options
-    )
-    pipe.__dict__[_ORIGINAL] = pipe.scheduler
-    pipe.scheduler = scheduler
-    session = get_session(pipe)
-    if session is not None and config.num_steps is not None:
-        session.call_defaults["num_inference_steps"] = config.num_steps
+    def __init__(self, pipe, config: SamplerConfig, session):
+        import samplers
 
+        scheduler = samplers.make_scheduler(
+            config.name, num_steps=config.num_steps, schedule=config.schedule, base=pipe.scheduler, **config.options
+        )
+        self.pipe, self.session, self.original = pipe, session, pipe.scheduler
+        pipe.scheduler = scheduler
+        if config.num_steps is not None:
+            session.call_defaults["num_inference_steps"] = config.num_steps
 
-def remove_sampler(pipe) -> None:
-    if _ORIGINAL not in pipe.__dict__:
-        raise RuntimeError("no sampler was applied to this pipeline")
-    pipe.scheduler = pipe.__dict__.pop(_ORIGINAL)
-    session = get_session(pipe)
-    if session is not None:
-        session.call_defaults.pop("num_inference_steps", None)
+    def remove(self) -> None:
+        self.pipe.scheduler = self.original
+        self.session.call_defaults.pop("num_inference_steps", None)

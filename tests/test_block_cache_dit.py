@@ -29,7 +29,6 @@ from accel.cache.block_cache import (
     should_compute,
 )
 from accel.runtime import get_cuda_graph_hook
-from accel.runtime.cuda_graph import RUN_EAGERLY
 from accel.session import get_session
 
 TOLERANCE = 0.1
@@ -189,7 +188,7 @@ def test_graphs_without_conditional_nodes_take_the_per_block_path_with_one_log_l
     lines = [r.message for r in caplog.records if "block cache cannot decide inside a CUDA graph" in r.message]
     assert len(lines) == 1 and "no CUDA-graph conditional nodes" in lines[0] and "per-block CUDA graphs" in lines[0]
     assert not any("CUDA graphs need the inputs" in r.message for r in caplog.records)  # the graph hook was told: eager
-    assert get_cuda_graph_hook(sd_pipe.unet).tags[HOOK_NAME] is RUN_EAGERLY
+    assert get_session(sd_pipe).planner(sd_pipe.unet).current.eager
     failed = sorted(r.message.split(" failed")[0].rsplit(" ", 1)[1] for r in caplog.records if "capture of the block" in r.message)
     assert failed == sorted(name for (name, _), entry in cache.block_graphs.graphs.items() if entry is None)
     assert failed == ["down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"]  # once each
@@ -279,7 +278,7 @@ def test_dit_block_cache_under_cuda_graphs_matches_eager_on_gpu(tmp_path):
         for out in graphed:
             np.testing.assert_allclose(out, eager, rtol=0, atol=2e-3)
         pytest.skip(f"torch {torch.__version__} has no CUDA-graph conditional nodes: checked the per-block graph path only")
-    assert get_block_cache(pipe) is None and (HOOK_NAME, 0) in captured
+    assert get_block_cache(pipe) is None and (("block_cache", 0),) in captured
     assert counts == eager_counts and eager_counts[1] >= 1
     for out in graphed:
         np.testing.assert_allclose(out, eager, rtol=0, atol=2e-3)

@@ -18,9 +18,10 @@ from torch.utils import _pytree as pytree
 import accel
 from accel import AccelConfig, RuntimeConfig
 from accel.cache import BlockCacheConfig, get_block_cache
-from accel.cache.block_cache import HOOK_NAME, PER_BLOCK_GRAPHS, BlockCache
+from accel.cache.block_cache import PER_BLOCK_GRAPHS, BlockCache
+from accel.capture import _Graph
 from accel.runtime import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
-from accel.runtime.cuda_graph import RUN_EAGERLY, _Graph
+from accel.session import planner_of
 
 STEPS = 8
 PIXART_KWARGS = {"use_resolution_binning": False, "clean_caption": False}
@@ -125,7 +126,7 @@ def test_per_block_graphs_replay_the_head_always_and_the_rest_on_full_calls(whic
     assert len(kept) == 2 * STEPS and all(
         all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(out), pytree.tree_leaves(copy))) for out, copy in kept)
     hook = get_cuda_graph_hook(denoiser)
-    assert hook.tags[HOOK_NAME] is RUN_EAGERLY and not hook.graphs  # the whole call is never captured
+    assert planner_of(denoiser).current.eager and not hook.graphs  # the whole call is never captured
     lines = [r.message for r in caplog.records if "block cache cannot decide inside a CUDA graph" in r.message]
     assert len(lines) == 1 and "no CUDA-graph conditional nodes" in lines[0] and "per-block CUDA graphs" in lines[0]
     assert not any("capture of the block" in r.message for r in caplog.records)

@@ -208,23 +208,23 @@ def test_img2img_uses_the_steps_actually_run(tmp_path):
 
 
 def test_graph_hook_sees_the_branch_before_each_call(sd_pipe, monkeypatch):
-    """With the runtime's CUDA-graph hook outside ours, each call is tagged full or cached first."""
+    """With the runtime's CUDA-graph hook outside ours, each call is planned full or cached first."""
     from accel.runtime.cuda_graph import CUDAGraphHook
 
     seen = []
     original = CUDAGraphHook.new_forward
 
     def spy(self, module, *args, **kwargs):
-        seen.append(self.branch)
+        seen.append(self.planner.current.decisions["deepcache"])  # (mode, slot), part of the graph key
         return original(self, module, *args, **kwargs)
 
     monkeypatch.setattr(CUDAGraphHook, "new_forward", spy)
     before = run(sd_pipe, steps=5)
     accel.accelerate(sd_pipe, AccelConfig(cache=DeepCacheConfig(cache_interval=3), runtime=RuntimeConfig(cuda_graph=True)))
     out = run(sd_pipe, steps=5)
-    modes = [branch[1] for branch in seen]
+    modes = [decision[0] for decision in seen]
     assert modes == ["full", "cached", "cached", "full", "cached"]
-    assert {branch[2] for branch in seen} == {0}
+    assert {decision[1] for decision in seen} == {0}
     accel.restore(sd_pipe)
     assert np.abs(out - before).max() < TOLERANCE
     assert np.array_equal(run(sd_pipe, steps=5), before)
@@ -241,7 +241,7 @@ def test_deepcache_with_cuda_graphs_matches_eager_on_gpu(sd_pipe):
     again = run(pipe, steps=7)  # replays: cached graphs read the buffers the full graph wrote
     graphs = dict(get_cuda_graph_hook_graphs(pipe))  # restore clears the hook's own dict
     accel.restore(pipe)
-    assert {key[1][1] for key in graphs if graphs[key] is not None} == {"full", "cached"}
+    assert {dict(key[1])["deepcache"][0] for key in graphs if graphs[key] is not None} == {"full", "cached"}
     np.testing.assert_allclose(graphed, eager, atol=1e-3)
     np.testing.assert_allclose(again, eager, atol=1e-3)
 
@@ -318,11 +318,11 @@ def test_encoder_propagation_default_key_steps_and_prior_noise(sd_pipe):
     accel.restore(sd_pipe)
 
     accel.accelerate(sd_pipe, AccelConfig(cache=EncoderPropagationConfig(prior_noise=0.05, prior_noise_from=0.5)))
-    assert "step" in sd_pipe.scheduler.__dict__
+    assert "step" not in sd_pipe.scheduler.__dict__  # injected at each step's end, the scheduler left alone
     injected = run(sd_pipe, steps=6)
     assert np.array_equal(run(sd_pipe, steps=6), injected)  # z_T is taken afresh every call
     accel.restore(sd_pipe)
-    assert "step" not in sd_pipe.scheduler.__dict__
+    assert not get_session(sd_pipe) and "step" not in sd_pipe.scheduler.__dict__
     assert not np.array_equal(injected, plain) and np.abs(injected - plain).max() < TOLERANCE
     assert np.array_equal(run(sd_pipe, steps=6), before)
 
@@ -526,10 +526,6 @@ def test_step_index_that_never_advances_turns_caching_off(sd_pipe, caplog):
 
 def test_block_cache_runs_under_the_graph_hook_on_cpu(sd_pipe):
     """Graphs and the block cache compose; on the CPU the call runs eagerly with the same decisions."""
-    from accel.cache.block_cache import HOOK_NAME
-    from accel.runtime import get_cuda_graph_hook
-    from accel.runtime.cuda_graph import RUN_EAGERLY
-
     before = run(sd_pipe, steps=8)
     accel.accelerate(sd_pipe, AccelConfig(cache=BlockCacheConfig(threshold=0.5)))
     plain = run(sd_pipe, steps=8)
@@ -537,7 +533,7 @@ def test_block_cache_runs_under_the_graph_hook_on_cpu(sd_pipe):
     accel.accelerate(sd_pipe, AccelConfig(cache=BlockCacheConfig(threshold=0.5), runtime=RuntimeConfig(cuda_graph=True)))
     assert np.array_equal(run(sd_pipe, steps=8), plain)
     assert get_block_cache(sd_pipe).state.cached_calls >= 2
-    assert get_cuda_graph_hook(sd_pipe.unet).tags[HOOK_NAME] is RUN_EAGERLY  # host-side decisions: never captured
+    assert get_session(sd_pipe).planner(sd_pipe.unet).current.eager  # host-side decisions: never captured
     accel.restore(sd_pipe)
     assert np.array_equal(run(sd_pipe, steps=8), before)
 
@@ -549,7 +545,7 @@ def test_block_cache_under_cuda_graphs_decides_on_the_gpu(sd_pipe, monkeypatch, 
     A torch without conditional nodes (2.11) checks the documented fallback instead, then skips."""
     from dataclasses import replace
 
-    from accel.cache.block_cache import HOOK_NAME, conditional_nodes_supported
+    from accel.cache.block_cache import NAME, conditional_nodes_supported
 
     pipe = sd_pipe.to("cuda")
     before = run(pipe, steps=8)
@@ -598,7 +594,7 @@ def test_block_cache_under_cuda_graphs_decides_on_the_gpu(sd_pipe, monkeypatch, 
         hook.remove()
     accel.restore(pipe)
 
-    assert (HOOK_NAME, 0) in captured
+    assert ((NAME, 0),) in captured  # keyed on the block cache's decision for slot 0
     assert first_counts == second_counts == eager_counts
     assert len(replays) == 8
     assert executed.item() == second_counts[0] < 8  # the mid block ran on full steps only

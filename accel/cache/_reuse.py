@@ -2,14 +2,13 @@
 
 A feature cache splits UNet calls into "full" calls, which run everything and copy the outputs of
 the cached modules into persistent buffers, and "cached" calls, on which those modules return the
-buffers without computing. The decision is taken once per UNet call, in a forward pre-hook that
-runs before every diffusers hook (so before a CUDA-graph hook, which then keys its graph by it),
-from the step index of the pipeline loop: a Python int, never a tensor value.
+buffers without computing. The decision is taken once per UNet call, when the session plans the call
+(before every hook, so a CUDA-graph hook keys its graph by it), from the step index of the pipeline
+loop: a Python int, never a tensor value.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,8 +17,6 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError
-from ..runtime.cuda_graph import get_cuda_graph_hook
-from ..session import count_step_call, get_session
 
 
 FULL, CACHED, OFF = "full", "cached", "off"
@@ -96,7 +93,7 @@ def skip_layout(unet) -> SkipLayout:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-call state, one slot per UNet call of a step (cond / uncond when a pipeline calls twice).
+# Per-call state, one slot per UNet call position of a step (cond / uncond when a pipeline calls twice).
 
 
 class Slot:
@@ -113,10 +110,9 @@ class FeatureCacheState:
     def __init__(self):
         self.mode = OFF
         self.slot: Slot | None = None
-        self.slots: dict[tuple, Slot] = {}  # never emptied while applied: captured graphs hold the buffers
+        self.slots: dict[int, Slot] = {}  # by the session's slot; never emptied while applied: graphs hold the buffers
         self.schedule: frozenset[int] | None = None
         self.step: int | None = None
-        self.call_in_step = 0
         self.full_calls = 0
         self.cached_calls = 0
         self.repeat = 1  # cached outputs are tiled this many times along the batch (batched decoders)
@@ -125,14 +121,8 @@ class FeatureCacheState:
         """Start of a pipeline call: no slot holds features of this call yet."""
         for slot in self.slots.values():
             slot.filled = False
-        self.mode, self.slot, self.schedule, self.step, self.call_in_step, self.repeat = OFF, None, None, None, 0, 1
+        self.mode, self.slot, self.schedule, self.step, self.repeat = OFF, None, None, None, 1
         self.full_calls = self.cached_calls = 0
-
-    def slot_for(self, sample: torch.Tensor) -> Slot:
-        key = (self.call_in_step, tuple(sample.shape), sample.dtype, sample.device)
-        if key not in self.slots:
-            self.slots[key] = Slot(len(self.slots))
-        return self.slots[key]
 
 
 class ReuseHook(ModelHook):
@@ -143,16 +133,19 @@ class ReuseHook(ModelHook):
         self.state = state
         # No counters here: torch.compile guards on hook attributes, and a changing one recompiles.
         self.buffers: dict[int, tuple[list[torch.Tensor], object]] = {}
+        self.outputs: dict[int, object] = {}  # per slot, the buffers in the module's output structure
 
     def new_forward(self, module, *args, **kwargs):
         state = self.state
         if state.mode == CACHED:
-            stored = self.buffers.get(state.slot.index)
-            if stored is not None:
-                leaves, spec = stored
-                if state.repeat > 1:
-                    leaves = [tile_batch(x, state.repeat) for x in leaves]
-                return pytree.tree_unflatten(leaves, spec)
+            if state.repeat == 1:
+                output = self.outputs.get(state.slot.index)
+                if output is not None:
+                    return output
+            else:
+                stored = self.buffers.get(state.slot.index)
+                if stored is not None:
+                    return pytree.tree_unflatten([tile_batch(x, state.repeat) for x in stored[0]], stored[1])
         output = self.fn_ref.original_forward(*args, **kwargs)
         if state.mode == FULL:
             self._store(state.slot.index, output)
@@ -169,40 +162,39 @@ class ReuseHook(ModelHook):
             # Allocated once per slot and kept: a captured graph reads these addresses on replay.
             stored = ([torch.empty_like(x) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
             self.buffers[index] = stored
+            self.outputs[index] = pytree.tree_unflatten(stored[0], spec)
         for buffer, leaf in zip(stored[0], leaves):
             if isinstance(buffer, torch.Tensor):
                 buffer.copy_(leaf)
 
 
 # ---------------------------------------------------------------------------------------------
-# Applying: hooks on the chosen modules, a pre-hook on the UNet that decides each call's mode.
+# Applying: hooks on the chosen modules, a decider in the session's plan of each UNet call.
 
 
 class FeatureCache:
     """One applied feature cache on a pipeline's UNet; `remove()` undoes it exactly."""
 
-    def __init__(self, pipe, hook_name: str, modules: list[torch.nn.Module],
+    def __init__(self, pipe, session, name: str, modules: list[torch.nn.Module],
                  full_steps: Callable[[int], frozenset[int]]):
-        session = get_session(pipe)
-        if session is None:
-            raise RuntimeError("feature caches need the step index of an accelerated pipeline; use accel.accelerate")
         self.unet = pipe.unet
-        self.hook_name = hook_name
+        self.name = name
+        self.hook_name = f"accel.{name}"
         self.state = FeatureCacheState()
         self.full_steps = full_steps
-        self._pipe = weakref.ref(pipe)
-        self._session = session
+        self.session = session
+        self.planner = session.planner(self.unet)
         self.hooks: dict[int, ReuseHook] = {}
         self.modules = modules
         for module in modules:
-            if _has_hook(module, hook_name):
-                raise RuntimeError(f"{hook_name} is already applied to this UNet")
+            if _has_hook(module, self.hook_name):
+                raise RuntimeError(f"{self.hook_name} is already applied to this UNet")
         try:
             for module in modules:
                 hook = ReuseHook(self.state)
-                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, hook_name)
+                HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, self.hook_name)
                 self.hooks[id(module)] = hook
-            self._handle = self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True)
+            self.planner.add_decider(name, self.decide)
         except BaseException:
             self._remove_hooks()
             raise
@@ -211,40 +203,25 @@ class FeatureCache:
     def _on_call(self, session) -> None:
         self.state.reset()
 
-    def num_steps(self) -> int:
-        """The steps of the pipeline call in progress."""
-        # Set by diffusers pipelines before their loop, after img2img strength has cut the schedule.
-        pipe = self._pipe()
-        steps = getattr(pipe, "_num_timesteps", None) if pipe is not None else None
-        return int(steps or self._session.num_inference_steps or 1)
-
-    def _before_unet(self, module, args, kwargs):
-        state, step = self.state, self._session.step_index
-        sample = args[0] if args else kwargs.get("sample")
-        graph = get_cuda_graph_hook(self.unet)
-        if step is None or not isinstance(sample, torch.Tensor) or torch.is_grad_enabled():
+    def decide(self, call) -> tuple:
+        """This UNet call's mode (full / cached / off) and slot: the decision the session records for it."""
+        state = self.state
+        if call.step is None:
             state.mode, state.slot = OFF, None
-            if graph is not None:
-                graph.branch = None
-            return None
+            return OFF, None
         if state.schedule is None:
-            state.schedule = self.full_steps(self.num_steps())
-        if not count_step_call(state, step, self.hook_name):
-            state.mode, state.slot = OFF, None
-            if graph is not None:
-                graph.branch = None
-            return None
-        slot = state.slot_for(sample)
-        full = step in state.schedule or not slot.filled
-        state.mode, state.slot = (FULL if full else CACHED), slot
+            state.schedule = self.full_steps(self.session.num_steps())
+        slot = state.slots.get(call.slot)
+        if slot is None:
+            slot = state.slots[call.slot] = Slot(call.slot)
+        full = call.step in state.schedule or not slot.filled
+        state.mode, state.slot, state.step = (FULL if full else CACHED), slot, call.step
         slot.filled = True
         if full:
             state.full_calls += 1
         else:
             state.cached_calls += 1
-        if graph is not None:
-            graph.branch = (self.hook_name, state.mode, slot.index)
-        return None
+        return state.mode, slot.index
 
     def _remove_hooks(self) -> None:
         for module in self.modules:
@@ -253,12 +230,9 @@ class FeatureCache:
                 registry.remove_hook(self.hook_name, recurse=False)
 
     def remove(self) -> None:
-        self._handle.remove()
-        self._session.remove_call_listener(self._on_call)
+        self.planner.remove_decider(self.name)
+        self.session.remove_call_listener(self._on_call)
         self._remove_hooks()
-        graph = get_cuda_graph_hook(self.unet)
-        if graph is not None:
-            graph.branch = None
         self.hooks.clear()
         self.state.slots.clear()
 

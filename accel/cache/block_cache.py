@@ -33,14 +33,14 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
+from ..capture import capture_graph, signature_key
 from ..errors import UnsupportedPipelineError
-from ..runtime.cuda_graph import RUN_EAGERLY, capture_graph, get_cuda_graph_hook, signature_key
-from ..session import count_step_call, get_session
+from ..session import technique_functions
 
 logger = logging.getLogger(__name__)
 
-HOOK_NAME = "accel.block_cache"
-_STATE = "_accel_block_cache"
+NAME = "block_cache"
+HOOK_NAME = f"accel.{NAME}"
 # DiT block lists in the order the transformer runs them (Flux: dual-stream blocks, then single-stream ones).
 DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
@@ -265,9 +265,7 @@ class BlockCacheState:
     def __init__(self):
         self.mode = OFF
         self.slot: _Slot | None = None
-        self.slots: dict[tuple, _Slot] = {}  # never emptied while applied: captured graphs hold the buffers
-        self.step: int | None = None
-        self.call_in_step = 0
+        self.slots: dict[int, _Slot] = {}  # by the session's slot; never emptied while applied: graphs hold the buffers
         self.force = False  # HOST calls: this call must compute
         self.per_block = False  # HOST calls: the blocks run from per-block CUDA graphs
         self.device_type = "cuda"  # ... keyed on inputs of this device type
@@ -278,14 +276,14 @@ class BlockCacheState:
     def reset(self) -> None:
         for slot in self.slots.values():
             slot.reset()
-        self.mode, self.slot, self.step, self.call_in_step, self.execution = OFF, None, None, 0, None
+        self.mode, self.slot, self.execution = OFF, None, None
         self.per_block = False
 
-    def slot_for(self, sample: torch.Tensor) -> _Slot:
-        key = (self.call_in_step, tuple(sample.shape), sample.dtype, sample.device)
-        if key not in self.slots:
-            self.slots[key] = _Slot(len(self.slots), sample.device)
-        return self.slots[key]
+    def slot_for(self, index: int, device: torch.device) -> _Slot:
+        slot = self.slots.get(index)
+        if slot is None:
+            slot = self.slots[index] = _Slot(index, device)
+        return slot
 
     def counts(self) -> tuple[int, int]:
         """(full, cached) calls since the start of the pipeline call; reads device counters (a host sync)."""
@@ -494,10 +492,8 @@ class BlockGraphs:
 class BlockCache:
     """The applied block cache on a pipeline's denoiser; `remove()` undoes it exactly."""
 
-    def __init__(self, pipe, config: BlockCacheConfig):
-        self.session = get_session(pipe)
-        if self.session is None:
-            raise RuntimeError("the block cache needs the step index of an accelerated pipeline; use accel.accelerate")
+    def __init__(self, pipe, config: BlockCacheConfig, session):
+        self.session = session
         self.layout = denoiser_layout(pipe)
         self.denoiser = pipe.unet if self.layout.kind == "unet" else pipe.transformer
         self.config = config
@@ -520,7 +516,8 @@ class BlockCache:
             for module, hook in hooks:
                 HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
                 self._hooked.append(module)
-            self._handle = self.denoiser.register_forward_pre_hook(self._before_call, with_kwargs=True)
+            self.planner = self.session.planner(self.denoiser)
+            self.planner.add_decider(NAME, self.plan)
         except BaseException:
             self._remove_hooks()
             raise
@@ -544,48 +541,44 @@ class BlockCache:
             return self.block_graphs.run(module, forward, args, kwargs, state.device_type)
         return forward(*args, **kwargs)
 
-    def _before_call(self, module, args, kwargs):
-        state, step = self.state, self.session.step_index
-        graph = get_cuda_graph_hook(self.denoiser)
-        if graph is not None and state.mode == DEVICE and state.execution == BLEND:
+    def plan(self, call):
+        """This call's mode and slot, made once before it runs: the decision the session records for it (the slot
+        a CUDA graph with conditional nodes is keyed on, or None); host-decided calls under graphs run eagerly."""
+        state = self.state
+        if call.graphed and state.mode == DEVICE and state.execution == BLEND:
             # The previous call ran eagerly although it was meant for a graph: capture failed or was refused.
             self._host_decisions_from_now("the call was not replayed from a captured graph; see the CUDA-graph log line")
         state.execution, state.per_block = None, False
-        sample = args[0] if args else kwargs.get(self.layout.sample_arg)
-        off = step is None or not isinstance(sample, torch.Tensor) or torch.is_grad_enabled()
-        if not off:
-            off = not count_step_call(state, step, "the block cache")
-        if off:
+        sample = call.sample
+        if call.step is None:
             state.mode, state.slot = OFF, None
-            self._tag(graph, None)
             return None
-        slot = state.slot_for(sample)
+        slot = state.slot_for(call.slot, sample.device)
         slot.commit()
-        force = step < self.config.warmup_steps or not slot.filled
+        force = call.step < self.config.warmup_steps or not slot.filled
         slot.filled = True
         state.slot, state.stem = slot, None
-        if self._device_path(graph, sample):
+        if self._device_path(call.graphed, sample):
             state.mode = DEVICE
             slot.force.fill_(force)  # a device write, not a sync: the graph reads it
-            self._tag(graph, (HOOK_NAME, slot.index))
-            if graph is not None:
-                self.graph_path = CONDITIONAL_NODES
-        else:
-            state.mode, state.force, state.compute = HOST, force, True
-            # A call the graph hook would capture, decided on the host: its blocks replay per-block graphs.
-            state.per_block = graph is not None and self._replayable(sample)
-            if state.per_block:
-                state.device_type, self.graph_path = sample.device.type, PER_BLOCK_GRAPHS
-            self._tag(graph, RUN_EAGERLY)
+            self.graph_path = CONDITIONAL_NODES
+            return slot.index
+        state.mode, state.force, state.compute = HOST, force, True
+        # A call the graph hook would capture, decided on the host: its blocks replay per-block graphs.
+        state.per_block = call.graphed and self._replayable(sample)
+        if state.per_block:
+            state.device_type, self.graph_path = sample.device.type, PER_BLOCK_GRAPHS
+        if call.graphed:
+            call.run_eagerly()
         return None
 
     @staticmethod
     def _replayable(sample: torch.Tensor) -> bool:
         return sample.is_cuda  # the graph hook captures calls whose inputs live on a CUDA device
 
-    def _device_path(self, graph, sample: torch.Tensor) -> bool:
+    def _device_path(self, graphed: bool, sample: torch.Tensor) -> bool:
         """Whether this call is decided on the device: the CUDA-graph hook will capture or replay it."""
-        if graph is None or not self._replayable(sample):
+        if not graphed or not self._replayable(sample):
             return False
         if not self.conditional_nodes:
             self._host_decisions_from_now("this torch has no CUDA-graph conditional nodes")
@@ -593,17 +586,6 @@ class BlockCache:
             logger.info("accel: the block cache decides inside the denoiser's CUDA graphs (conditional nodes)")
             self._said.add(CONDITIONAL_NODES)
         return self.conditional_nodes
-
-    @staticmethod
-    def _tag(graph, branch) -> None:
-        if graph is None:
-            return
-        if branch is RUN_EAGERLY:
-            graph.branch = None
-            graph.tags[HOOK_NAME] = RUN_EAGERLY
-        else:
-            graph.branch = branch
-            graph.tags.pop(HOOK_NAME, None)
 
     def decide(self, probe: torch.Tensor) -> None:
         """After the first block: take this call's decision and stage the state it leaves behind."""
@@ -634,29 +616,12 @@ class BlockCache:
         self._hooked.clear()
 
     def remove(self) -> None:
-        self._handle.remove()
+        self.planner.remove_decider(NAME)
         self.session.remove_call_listener(self._on_call)
         self._remove_hooks()
-        self._tag(get_cuda_graph_hook(self.denoiser), None)
         self.state.slots.clear()
         self.block_graphs.clear()
 
 
-def apply_block_cache(pipe, config: BlockCacheConfig) -> BlockCache:
-    if _STATE in pipe.__dict__:
-        raise RuntimeError("the block cache is already applied to this pipeline; call remove_block_cache first")
-    cache = BlockCache(pipe, config)
-    pipe.__dict__[_STATE] = cache
-    return cache
-
-
-def remove_block_cache(pipe) -> None:
-    cache = pipe.__dict__.pop(_STATE, None)
-    if cache is None:
-        raise RuntimeError("the block cache was not applied to this pipeline")
-    cache.remove()
-
-
-def get_block_cache(pipe) -> BlockCache | None:
-    """The applied cache; its `state` counts full and cached calls of the last pipeline call."""
-    return pipe.__dict__.get(_STATE)
+# Without AccelConfig, on an accelerated pipeline; `get_block_cache(pipe).state` counts full and cached calls.
+apply_block_cache, remove_block_cache, get_block_cache = technique_functions(NAME, BlockCache)

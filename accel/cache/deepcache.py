@@ -13,10 +13,11 @@ import math
 from dataclasses import dataclass
 
 from ..errors import UnsupportedPipelineError
+from ..session import technique_functions
 from ._reuse import FeatureCache, skip_layout
 
-HOOK_NAME = "accel.deepcache"
-_STATE = "_accel_deepcache"
+NAME = "deepcache"
+HOOK_NAME = f"accel.{NAME}"
 
 
 @dataclass(frozen=True)
@@ -94,24 +95,13 @@ def deep_modules(unet, cache_branch: int) -> list:
     return modules
 
 
-def apply_deepcache(pipe, config: DeepCacheConfig) -> FeatureCache:
-    if _STATE in pipe.__dict__:
-        raise RuntimeError("DeepCache is already applied to this pipeline; call remove_deepcache first")
+def build(pipe, config: DeepCacheConfig, session) -> FeatureCache:
+    """The applied DeepCache: reuse hooks on the deep modules, full steps from `full_steps`."""
     if not hasattr(pipe.unet, "down_blocks") or not hasattr(pipe.unet, "up_blocks"):
         raise UnsupportedPipelineError(f"DeepCache needs a UNet with down and up blocks, got {type(pipe.unet).__name__}")
     modules = deep_modules(pipe.unet, config.cache_branch)
-    cache = FeatureCache(pipe, HOOK_NAME, modules, lambda num_steps: full_steps(num_steps, config))
-    pipe.__dict__[_STATE] = cache
-    return cache
+    return FeatureCache(pipe, session, NAME, modules, lambda num_steps: full_steps(num_steps, config))
 
 
-def remove_deepcache(pipe) -> None:
-    cache = pipe.__dict__.pop(_STATE, None)
-    if cache is None:
-        raise RuntimeError("DeepCache was not applied to this pipeline")
-    cache.remove()
-
-
-def get_deepcache(pipe) -> FeatureCache | None:
-    """The applied cache (its `state` counts full and cached UNet calls of the last pipeline call)."""
-    return pipe.__dict__.get(_STATE)
+# Without AccelConfig, on an accelerated pipeline; `get_deepcache(pipe).state` counts full and cached calls.
+apply_deepcache, remove_deepcache, get_deepcache = technique_functions(NAME, build)

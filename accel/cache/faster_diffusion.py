@@ -17,9 +17,10 @@ The key step's own decoder runs in its ordinary UNet call (the pipeline needs it
 a key step makes two decoder calls: its own at the pipeline's batch and one for all the steps ahead.
 This holds only where nothing the decoder reads depends on the step's latent: ControlNet and
 T2I-Adapter residuals do, so those calls decode sequentially (and a pipeline with a ControlNet is
-refused). The timesteps of the steps ahead are read from `scheduler.timesteps` at the key step's
-index (the pipeline loop walks that list in order), checked once per key step against the
-timestep the pipeline passed.
+refused). The timesteps of the steps ahead are read from `scheduler.timesteps` at the session's step
+index (the pipeline loop walks that list in order); the timestep the pipeline passed is checked to be
+that entry by its address (the loop hands out views of the list), so no step waits for the GPU; a
+copy is compared by value once per pipeline call.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError
-from ..session import get_session
+from ..session import technique_functions
 from ._reuse import CACHED, FULL, FeatureCache, tile_batch
 
 logger = logging.getLogger(__name__)
 
-HOOK_NAME = "accel.encoder_propagation"
-DECODE_HOOK_NAME = "accel.encoder_propagation.parallel_decode"
-_STATE = "_accel_encoder_propagation"
+NAME = "encoder_propagation"
+HOOK_NAME = f"accel.{NAME}"
+DECODE_HOOK_NAME = f"accel.{NAME}.parallel_decode"
 # The key steps the paper uses for DDIM with 50 steps (its t = 50, 49, 48, 47, 45, 40, 35, 25, 15).
 PAPER_KEY_STEPS = (0, 1, 2, 3, 5, 10, 15, 25, 35)
 # UNet inputs computed from each step's latent (ControlNet, T2I-Adapter): decoders reading them cannot run ahead.
@@ -125,38 +126,24 @@ def encoder_modules(unet, include_mid_block: bool = True) -> list:
 
 
 class _PriorNoise:
-    """Adds `scale * z_T` to the latent the scheduler steps from, from step `start` on."""
+    """The paper's z_t <- z_t + scale * z_T from step `start` on: at the end of each step, the latent the next
+    step starts from gets the initial latent z_T (what the pipeline's `prepare_latents` returned) added."""
 
-    def __init__(self, pipe, config: EncoderPropagationConfig):
-        self.scheduler = pipe.scheduler
-        self.session = get_session(pipe)
-        pipe_ref = weakref.ref(pipe)
-        self.config = config
-        self.initial = None
-        self.session.add_call_listener(self._on_call)
-        original = self.scheduler.step
+    def __init__(self, session, config: EncoderPropagationConfig):
+        self.session, self.config = session, config
+        session.add_step_listener(self._on_step_end)
 
-        def step(model_output, timestep, sample, *args, **kwargs):
-            index = self.session.step_index
-            if index is None:  # outside a pipeline call
-                return original(model_output, timestep, sample, *args, **kwargs)
-            if index == 0 or self.initial is None:
-                self.initial = sample.detach().clone()
-            # The steps this call runs (after img2img strength), as in the feature cache.
-            total = getattr(pipe_ref(), "_num_timesteps", None) or self.session.num_inference_steps or 1
-            if index > 0 and index >= config.prior_noise_from * total:
-                sample = sample + config.prior_noise * self.initial
-            return original(model_output, timestep, sample, *args, **kwargs)
-
-        # A scheduler is not a module: the wrapper is an instance attribute, deleted again on removal.
-        self.scheduler.__dict__["step"] = step
-
-    def _on_call(self, session) -> None:
-        self.initial = None
+    def _on_step_end(self, step_index: int, callback_kwargs: dict) -> None:
+        session, config, upcoming = self.session, self.config, step_index + 1
+        initial, latents = session.initial_latents, callback_kwargs.get("latents")
+        # The steps this call runs (after img2img strength), as in the feature cache.
+        total = session.num_steps()
+        if initial is None or latents is None or upcoming >= total or upcoming < config.prior_noise_from * total:
+            return
+        callback_kwargs["latents"] = latents + config.prior_noise * initial
 
     def remove(self) -> None:
-        self.scheduler.__dict__.pop("step", None)
-        self.session.remove_call_listener(self._on_call)
+        self.session.remove_step_listener(self._on_step_end)
 
 
 class ParallelDecodeHook(ModelHook):
@@ -170,31 +157,27 @@ class ParallelDecodeHook(ModelHook):
         self.decoded: dict[tuple[int, int], torch.Tensor] = {}  # (slot, step) -> noise prediction
         self.batches: list[int] = []  # steps decoded by each batched call of the last pipeline call
         self.enabled = True  # for this pipeline call; off once the steps ahead could not be read
-        self._signature = None
-
-    def initialize_hook(self, module):
-        self._signature = inspect.signature(module.forward)
-        return module
+        self.checked = False  # the pipeline's timestep was compared with scheduler.timesteps by value this call
 
     def reset(self) -> None:
         self.decoded.clear()
         self.batches = []
-        self.enabled = True
+        self.enabled, self.checked = True, False
 
     def new_forward(self, module, *args, **kwargs):
         state = self.cache.state
-        call = self._signature.bind(*args, **kwargs)
+        arguments = self.cache.planner.arguments(args, kwargs)
         if state.mode == CACHED:
             ahead = self.decoded.pop((state.slot.index, state.step), None)
             if ahead is not None:
-                return UNet2DConditionOutput(sample=ahead) if call.arguments.get("return_dict", True) else (ahead,)
+                return UNet2DConditionOutput(sample=ahead) if arguments.get("return_dict", True) else (ahead,)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if state.mode == FULL and self.enabled:
-            self._decode_ahead(call.arguments)
+            self._decode_ahead(arguments)
         return output
 
     def _steps_ahead(self) -> list[int]:
-        state, num_steps = self.cache.state, self.cache.num_steps()
+        state, num_steps = self.cache.state, self.cache.session.num_steps()
         ahead = []
         for step in range(state.step + 1, num_steps):
             if step in state.schedule:
@@ -206,16 +189,25 @@ class ParallelDecodeHook(ModelHook):
         """The timesteps of the `count` steps after this one, from the scheduler; None if they cannot be trusted."""
         timesteps = self._pipe().scheduler.timesteps
         # Pipelines cut img2img's schedule from the front and report the steps they run.
-        begin = len(timesteps) - self.cache.num_steps() + self.cache.state.step
+        begin = len(timesteps) - self.cache.session.num_steps() + self.cache.state.step
         planned = timesteps[begin: begin + count + 1]
-        current = torch.as_tensor(current).flatten()
-        # One host sync per key step: the pipeline must be walking `scheduler.timesteps` in order.
-        if begin < 0 or len(planned) != count + 1 or current.numel() == 0 or float(planned[0]) != float(current[0]):
+        if begin < 0 or len(planned) != count + 1 or not self._walks(current, planned[0]):
             logger.warning("accel: the pipeline's timestep does not match scheduler.timesteps at step %d; "
                            "encoder propagation decodes sequentially for the rest of this call", self.cache.state.step)
             self.enabled = False
             return None
         return planned[1:]
+
+    def _walks(self, current, expected: torch.Tensor) -> bool:
+        """Whether the pipeline passed `scheduler.timesteps`' entry for this step: a view of it (no sync), else
+        equal by value (one host sync, once per pipeline call: then the loop is trusted to walk the list)."""
+        current = torch.as_tensor(current)
+        if current.numel() and current.data_ptr() == expected.data_ptr() and current.dtype == expected.dtype:
+            return True
+        if self.checked:
+            return True
+        self.checked = True
+        return current.numel() > 0 and float(current.flatten()[0]) == float(expected)
 
     def _decode_ahead(self, arguments: dict) -> None:
         if any(arguments.get(name) is not None for name in _PER_STEP_INPUTS):
@@ -249,19 +241,29 @@ class ParallelDecodeHook(ModelHook):
 
 
 class EncoderPropagation:
-    def __init__(self, pipe, config: EncoderPropagationConfig):
+    """The applied encoder propagation: reuse hooks on the encoder, optionally the batched decoders of the steps
+    ahead and the prior-noise injection; `remove()` undoes all of it."""
+
+    def __init__(self, pipe, config: EncoderPropagationConfig, session):
+        if not hasattr(pipe.unet, "down_blocks") or not hasattr(pipe.unet, "conv_in"):
+            raise UnsupportedPipelineError(f"encoder propagation needs a UNet encoder, got {type(pipe.unet).__name__}")
         if config.parallel_decode:
             _check_parallel_decode(pipe)
+        if config.prior_noise > 0 and "callback_on_step_end" not in inspect.signature(type(pipe).__call__).parameters:
+            raise UnsupportedPipelineError(f"EncoderPropagationConfig(prior_noise > 0) adds to the latent at the end of "
+                                           f"each step, through callback_on_step_end, which {type(pipe).__name__} lacks")
         modules = encoder_modules(pipe.unet, config.include_mid_block)
-        self.cache = FeatureCache(pipe, HOOK_NAME, modules, lambda num_steps: key_steps(num_steps, config))
-        self.session = get_session(pipe)
+        self.cache = FeatureCache(pipe, session, NAME, modules, lambda num_steps: key_steps(num_steps, config))
+        self.session = session
         self.decoder = None
+        self.prior_noise = None
         try:
             if config.parallel_decode:
                 self.decoder = ParallelDecodeHook(self.cache, pipe)
                 HookRegistry.check_if_exists_or_initialize(pipe.unet).register_hook(self.decoder, DECODE_HOOK_NAME)
                 self.session.add_call_listener(self._on_call)
-            self.prior_noise = _PriorNoise(pipe, config) if config.prior_noise > 0 else None
+            if config.prior_noise > 0:
+                self.prior_noise = _PriorNoise(session, config)
         except BaseException:
             self._remove_decoder()
             self.cache.remove()
@@ -292,34 +294,11 @@ class EncoderPropagation:
 
 
 def _check_parallel_decode(pipe) -> None:
-    session = get_session(pipe)
-    runtime = session.config.runtime if session is not None else None
-    if getattr(runtime, "cuda_graph", False) or getattr(runtime, "compile", None) == "full":
-        raise ValueError("EncoderPropagationConfig(parallel_decode=True) changes the decoder's batch size from key step "
-                         "to key step and cannot run inside CUDA graphs or a fully compiled UNet; use it with "
-                         "RuntimeConfig(cuda_graph=False, compile=None or 'regional'), or parallel_decode=False")
     for name in ("controlnet", "adapter"):
         if getattr(pipe, name, None) is not None:
             raise UnsupportedPipelineError(f"EncoderPropagationConfig(parallel_decode=True) cannot decode steps ahead with a "
                                            f"{name}: its residuals come from each step's latent; use parallel_decode=False")
 
 
-def apply_encoder_propagation(pipe, config: EncoderPropagationConfig) -> EncoderPropagation:
-    if _STATE in pipe.__dict__:
-        raise RuntimeError("encoder propagation is already applied to this pipeline; call remove_encoder_propagation first")
-    if not hasattr(pipe.unet, "down_blocks") or not hasattr(pipe.unet, "conv_in"):
-        raise UnsupportedPipelineError(f"encoder propagation needs a UNet encoder, got {type(pipe.unet).__name__}")
-    applied = EncoderPropagation(pipe, config)
-    pipe.__dict__[_STATE] = applied
-    return applied
-
-
-def remove_encoder_propagation(pipe) -> None:
-    applied = pipe.__dict__.pop(_STATE, None)
-    if applied is None:
-        raise RuntimeError("encoder propagation was not applied to this pipeline")
-    applied.remove()
-
-
-def get_encoder_propagation(pipe) -> EncoderPropagation | None:
-    return pipe.__dict__.get(_STATE)
+# Without AccelConfig, on an accelerated pipeline.
+apply_encoder_propagation, remove_encoder_propagation, get_encoder_propagation = technique_functions(NAME, EncoderPropagation)

@@ -25,12 +25,12 @@ statistics, self-attention keys and values.
   unchanged. An odd batch is computed whole by both groups. "patch+cfg" on 2P ranks is 2 groups of
   P patches (needs an even world size of at least 4).
 
-Composes with CUDA graphs (`RuntimeConfig(cuda_graph=True)`): a forward pre-hook on the UNet makes
-each call's host-side choices (its comm slot, synchronous or asynchronous) before the graph hook
-runs, and tags the graph key with them, so a synchronous and an asynchronous step replay different
-graphs, and a slot's first call (which registers its exchanges with a host sync) runs eagerly. The
-collectives are captured in the graphs; see `comm.py`. torch.compile of the UNet is refused: its
-compiled regions would contain the exchanges.
+Composes with CUDA graphs (`RuntimeConfig(cuda_graph=True)`): each call's host-side choices (its comm
+slot, synchronous or asynchronous) are its decision in the session's plan of the call, made before the
+graph hook runs, which keys its graphs on them, so a synchronous and an asynchronous step replay
+different graphs, and a slot's first call (which registers its exchanges with a host sync) runs
+eagerly. The collectives are captured in the graphs; see `comm.py`. torch.compile of the UNet is
+refused (`accel.registry`'s conflicts): its compiled regions would contain the exchanges.
 
 The launcher creates the process group (NCCL on GPUs, gloo on CPU) and `group` picks one (default:
 the WORLD group); sub-groups of "patch+cfg" are created here, collectively, and destroyed on remove.
@@ -40,7 +40,6 @@ pass-through, so the single-process path and `restore` run anywhere.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -51,15 +50,14 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError, check_choice
-from ..runtime.cuda_graph import RUN_EAGERLY, get_cuda_graph_hook
-from ..session import count_step_call, get_session
+from ..session import technique_functions
 from .comm import CommManager, _all_gather_flat
 from .layers import unwrap_layers, wrap_layers
 
 MODES = ("patch", "cfg", "patch+cfg")
-HOOK_NAME = "accel.patch_parallel"
-_STATE = "_accel_patch_parallel"
-_COMPILE_REFUSED = ("patch/CFG parallelism over several processes does not compose with torch.compile of the UNet "
+NAME = "patch_parallel"
+HOOK_NAME = f"accel.{NAME}"
+COMPILE_REFUSED = ("patch/CFG parallelism over several processes does not compose with torch.compile of the UNet "
                     "(its compiled regions would contain the exchanges); use RuntimeConfig(cuda_graph=True) without "
                     "compile for the UNet (CUDA graphs compose), or compile only components=('vae',)")
 _CONTROL_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
@@ -103,6 +101,11 @@ class PatchParallelConfig:
                              "group) or a torch.distributed ProcessGroup")
 
 
+def world_size(config: PatchParallelConfig) -> int:
+    """The number of processes `config` runs on here (1 without an initialised torch.distributed)."""
+    return PatchParallel._resolve_group(config)[2]
+
+
 def num_downsamplers(unet) -> int:
     return sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
 
@@ -131,10 +134,10 @@ def split_rows(height: int, unit: int, parts: int, pixels_per_row: int | None = 
 class PatchParallel:
     """The applied state on one pipeline: groups, comm manager, wrapped layers, the UNet hook."""
 
-    def __init__(self, pipe, config: PatchParallelConfig):
+    def __init__(self, pipe, config: PatchParallelConfig, session):
         self.config = config
         self.unet = pipe.unet
-        self.session = get_session(pipe)
+        self.session = session
         self.vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
         self.group, self.rank, self.world = self._resolve_group(config)
         self.cfg_groups, self.patches = self._layout(config.mode, self.world)
@@ -146,9 +149,9 @@ class PatchParallel:
         self.calls = 0  # split UNet calls, and the bytes each rank sent gathering their outputs
         self.output_bytes = 0
         self._local: tuple[int, int] = (0, 0)
-        self.step: int | None = None  # the pipeline step of the last split call, and its call within it
-        self.call_in_step = 0
-        self._handle = None  # the UNet forward pre-hook that plans each call
+        self._bands: tuple[int, list] = (-1, [])  # (latent height, its bands), cut once per call
+        self.planner = None  # the session's planner of the UNet, where this rank splits calls
+        self.apply()
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -190,9 +193,6 @@ class PatchParallel:
         unet = self.unet
         if not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
             raise UnsupportedPipelineError(f"patch parallelism needs a UNet with down and up blocks, got {type(unet).__name__}")
-        runtime = None if self.session is None else getattr(self.session.config, "runtime", None)
-        if self.world > 1 and getattr(runtime, "compile", None) and "unet" in runtime.components:
-            raise UnsupportedPipelineError(_COMPILE_REFUSED)
         registry = HookRegistry.check_if_exists_or_initialize(unet)
         if HOOK_NAME in registry.hooks:
             raise RuntimeError("patch parallelism is already applied to this UNet")
@@ -211,25 +211,21 @@ class PatchParallel:
                 self.comm = CommManager(patch_group, self.patch_index, self.patches)
             registry.register_hook(PatchParallelHook(self), HOOK_NAME)
             if self.world > 1:
-                self._handle = unet.register_forward_pre_hook(self._before_call, with_kwargs=True)
+                self.planner = self.session.planner(unet)
+                self.planner.add_decider(NAME, self.plan)
         except BaseException:
             self.remove()
             raise
-        if self.session is not None:
-            self.session.add_call_listener(self._on_call)
+        self.session.add_call_listener(self._on_call)
 
     def remove(self) -> None:
         registry = getattr(self.unet, "_diffusers_hook", None)
         if registry is not None and HOOK_NAME in registry.hooks:
             registry.remove_hook(HOOK_NAME, recurse=False)
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        graph = get_cuda_graph_hook(self.unet)
-        if graph is not None:
-            graph.tags.pop(HOOK_NAME, None)
-        if self.session is not None:
-            self.session.remove_call_listener(self._on_call)
+        if self.planner is not None:
+            self.planner.remove_decider(NAME)
+            self.planner = None
+        self.session.remove_call_listener(self._on_call)
         unwrap_layers(self.records)
         self.records = []
         if self.comm is not None:
@@ -240,7 +236,6 @@ class PatchParallel:
         self.created_groups = []
 
     def _on_call(self, session) -> None:
-        self.step, self.call_in_step = None, 0
         if self.comm is not None:
             self.comm.reset()
 
@@ -255,54 +250,45 @@ class PatchParallel:
             rows, width = math.ceil(rows / 2), math.ceil(width / 2)
         raise RuntimeError(f"patch parallelism: no level of a {self._local} band has {tokens} tokens")
 
-    def _slot(self, sample: torch.Tensor) -> tuple[tuple | None, bool]:
-        """(comm slot key, asynchronous?) of this call, from the pipeline loop's step index."""
-        step = None if self.session is None else self.session.step_index
-        if step is None:
-            return None, False
-        if not count_step_call(self, step, "patch parallelism's asynchronous exchange"):
-            return None, False  # synchronous, on a throw-away slot
-        key = (self.call_in_step, tuple(sample.shape), sample.dtype, sample.device)
-        return key, not self.config.sync and step >= self.config.warmup_steps
+    def bands(self, height: int) -> list[tuple[int, int]]:
+        """This call's bands of latent rows (cut once per latent height)."""
+        if self._bands[0] != height:
+            self._bands = (height, split_rows(height, self.unit, self.patches, self.vae_scale_factor))
+        return self._bands[1]
 
-    def _check_runtime(self) -> None:
-        from ..runtime.compile import HOOK_NAME as COMPILE_HOOK
-
-        hooks = getattr(self.unet, "_diffusers_hook", None)
-        if hooks is not None and COMPILE_HOOK in hooks.hooks:
-            raise UnsupportedPipelineError(_COMPILE_REFUSED)
-
-    def _before_call(self, module, args, kwargs):
-        """Forward pre-hook: the host-side plan of this UNet call, made once per call even when a CUDA
-        graph replays it; the graph key is tagged with it."""
-        self._check_runtime()
-        sample = args[0] if args else kwargs.get("sample")
+    def plan(self, call):
+        """The host-side plan of this UNet call, made once per call even when a CUDA graph replays it: its comm
+        slot and whether the exchange is fresh or stale; the decision the session records (and keys graphs on)."""
+        sample = call.sample
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
             return None  # forward raises the clear error
         self.calls += 1
         batch, channels, height, width = sample.shape
-        tag: object = "whole"
+        decision: object = "whole"
         if self.patches > 1:
-            bands = split_rows(height, self.unit, self.patches, self.vae_scale_factor)
-            key, asynchronous = self._slot(sample)
-            fresh, laid_out = self.comm.prepare(key, asynchronous)
-            tag = ("fresh" if fresh else "stale", key) if laid_out else RUN_EAGERLY
-            self.comm.join_each_call = get_cuda_graph_hook(self.unet) is not None
+            bands = self.bands(height)
+            # Outside a pipeline's steps (or once they stop advancing): synchronous, on a throw-away slot.
+            slot = call.slot if call.step is not None else None
+            asynchronous = slot is not None and not self.config.sync and call.step >= self.config.warmup_steps
+            fresh, laid_out = self.comm.prepare(slot, asynchronous)
+            if laid_out:
+                decision = ("fresh" if fresh else "stale", slot)
+            else:
+                decision = "registering"
+                call.run_eagerly()  # its exchanges register with a host sync
+            self.comm.join_each_call = call.graphed
         else:
             bands = [(0, height)]
         groups = 2 if self.cfg_groups > 1 and batch % 2 == 0 else 1
         rows = max(end - start for start, end in bands)
         out_channels = getattr(self.unet.config, "out_channels", channels)
         self.output_bytes += batch // groups * out_channels * rows * width * sample.element_size()
-        graph = get_cuda_graph_hook(self.unet)
-        if graph is not None:
-            graph.tags[HOOK_NAME] = tag
-        return None
+        return decision
 
-    def forward(self, forward, signature: inspect.Signature, args, kwargs):
+    def forward(self, forward, args, kwargs):
         if self.world == 1:
             return forward(*args, **kwargs)
-        arguments = _bind(signature, args, kwargs)
+        arguments = dict(self.planner.arguments(args, kwargs))
         sample = arguments["sample"]
         batch, _, height, _ = sample.shape
         split_batch = self.cfg_groups > 1 and batch % 2 == 0
@@ -312,7 +298,7 @@ class PatchParallel:
                          for name, value in arguments.items()}
         bands = [(0, height)]
         if self.patches > 1:
-            bands = split_rows(height, self.unit, self.patches, self.vae_scale_factor)
+            bands = self.bands(height)
             start, end = bands[self.patch_index]
             arguments["sample"] = arguments["sample"][:, :, start:end]
             for name in _CONTROL_RESIDUALS:  # ControlNet / T2I-Adapter residuals: this band's rows at each level
@@ -353,28 +339,9 @@ class PatchParallelHook(ModelHook):
     def __init__(self, plan: PatchParallel):
         super().__init__()
         self.plan = plan
-        self._signature: inspect.Signature | None = None
-
-    def initialize_hook(self, module):
-        self._signature = inspect.signature(module.forward)
-        return module
 
     def new_forward(self, module, *args, **kwargs):
-        return self.plan.forward(self.fn_ref.original_forward, self._signature, args, kwargs)
-
-
-def _bind(signature: inspect.Signature, args, kwargs) -> dict:
-    bound = signature.bind(*args, **kwargs)
-    arguments = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError("patch parallelism cannot split a UNet call with extra positional arguments")
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(value)
-        else:
-            arguments[name] = value
-    return arguments
+        return self.plan.forward(self.fn_ref.original_forward, args, kwargs)
 
 
 def _band_of(residual, height: int, start: int, end: int, name: str):
@@ -398,22 +365,6 @@ def _batch_slice(x, batch: int, start: int, size: int):
 # ---- the technique ------------------------------------------------------------------------------
 
 
-def apply_patch_parallel(pipe, config: PatchParallelConfig) -> PatchParallel:
-    if _STATE in pipe.__dict__:
-        raise RuntimeError("patch parallelism is already applied to this pipeline; call remove_patch_parallel first")
-    plan = PatchParallel(pipe, config)
-    plan.apply()
-    pipe.__dict__[_STATE] = plan
-    return plan
-
-
-def remove_patch_parallel(pipe) -> None:
-    plan = pipe.__dict__.pop(_STATE, None)
-    if plan is None:
-        raise RuntimeError("patch parallelism was not applied to this pipeline")
-    plan.remove()
-
-
-def get_patch_parallel(pipe) -> PatchParallel | None:
-    """The applied state: `.comm.read_stats()` (bytes, collectives, wait time), `.output_bytes`, ranks."""
-    return pipe.__dict__.get(_STATE)
+# Without AccelConfig, on an accelerated pipeline; `get_patch_parallel(pipe)` has `.comm.read_stats()` (bytes,
+# collectives, wait time), `.output_bytes` and the ranks.
+apply_patch_parallel, remove_patch_parallel, get_patch_parallel = technique_functions(NAME, PatchParallel)

@@ -7,6 +7,7 @@ captured CUDA graph (and compiling the blocks first) removes most of that overhe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -20,9 +21,10 @@ COMPILE_MODES = (None, "regional", "full")
 COMPONENTS = ("unet", "vae", "text_encoder")
 
 __all__ = [
+    "RUNTIME_STEPS",
+    "Runtime",
     "RuntimeConfig",
-    "apply_runtime",
-    "remove_runtime",
+    "RuntimeStep",
     "apply_cuda_graph",
     "remove_cuda_graph",
     "get_cuda_graph_hook",
@@ -82,9 +84,6 @@ class RuntimeConfig:
         object.__setattr__(self, "components", tuple(self.components))
 
 
-_STATE = "_accel_runtime"
-
-
 def _denoisers(pipe) -> list[torch.nn.Module]:
     nets = [pipe.unet]
     controlnet = getattr(pipe, "controlnet", None)
@@ -118,15 +117,15 @@ def _cast(pipe, dtype: torch.dtype) -> dict:
     return saved
 
 
-def _uncast(saved: dict) -> None:
+def _uncast(pipe, saved: dict) -> None:
     for tensor, original, device in saved.values():
         tensor.data = original.to(device)
 
 
-def _to_channels_last(nets) -> list[torch.nn.Parameter]:
-    """Convert 4-D weights to NHWC; return the ones that were contiguous, to convert back exactly."""
+def _to_channels_last(pipe, config, session) -> list[torch.nn.Parameter]:
+    """Convert the denoisers' 4-D weights to NHWC; return the ones that were contiguous, to convert back exactly."""
     changed = []
-    for net in nets:
+    for net in _denoisers(pipe):
         for param in net.parameters():
             if param.dim() == 4 and param.is_contiguous():
                 param.data = param.data.contiguous(memory_format=torch.channels_last)
@@ -134,56 +133,86 @@ def _to_channels_last(nets) -> list[torch.nn.Parameter]:
     return changed
 
 
-def apply_runtime(pipe, config: RuntimeConfig) -> None:
-    if _STATE in pipe.__dict__:
-        raise RuntimeError("a runtime config is already applied to this pipeline; call remove_runtime first")
-    state = {"nets": _denoisers(pipe), "modules": _modules(pipe, config.components), "steps": []}
-    pipe.__dict__[_STATE] = state
+def _to_contiguous(pipe, changed: list[torch.nn.Parameter]) -> None:
+    for param in changed:
+        param.data = param.data.contiguous()
+
+
+def _on_each(modules: list[torch.nn.Module], apply, remove) -> list[torch.nn.Module]:
+    """`apply(module)` on every module; if one fails, those done are undone before the error propagates."""
+    done = []
     try:
-        if config.dtype is not None:
-            state["cast"] = _cast(pipe, DTYPES[config.dtype])
-            state["steps"].append("dtype")
-        if config.attention != "default":
-            apply_attention(pipe.unet, config.attention)
-            state["steps"].append("attention")
-        if config.fuse_qkv:
-            state["steps"].append("fuse_qkv")
-            apply_fused_qkv(pipe.unet)
-        if config.channels_last:
-            state["channels_last"] = _to_channels_last(state["nets"])
-            state["steps"].append("channels_last")
-        # Steps are recorded before they run: their removal is safe on a partly applied step.
-        if config.compile is not None:
-            state["steps"].append("compile")
-            workers = {"workers": config.compile_workers} if config.compile == "regional" else {}
-            for module in state["modules"]:
-                apply_compile(module, config.compile, **workers)
-        if config.cuda_graph:
-            state["steps"].append("cuda_graph")
-            for module in state["modules"]:
-                apply_cuda_graph(module)
+        for module in modules:
+            apply(module)
+            done.append(module)
     except BaseException:
-        remove_runtime(pipe)
+        for module in reversed(done):
+            remove(module)
         raise
+    return done
 
 
-def remove_runtime(pipe) -> None:
-    state = pipe.__dict__.pop(_STATE, None)
-    if state is None:
-        raise RuntimeError("no runtime config was applied to this pipeline")
-    for step in reversed(state["steps"]):
-        if step == "cuda_graph":
-            for module in state["modules"]:
-                remove_cuda_graph(module)
-        elif step == "compile":
-            for module in state["modules"]:
-                remove_compile(module)
-        elif step == "fuse_qkv":
-            remove_fused_qkv(pipe.unet)
-        elif step == "attention":
-            remove_attention(pipe.unet)
-        elif step == "channels_last":
-            for param in state["channels_last"]:
-                param.data = param.data.contiguous()
-        elif step == "dtype":
-            _uncast(state["cast"])
+def _compile(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:
+    workers = {"workers": config.compile_workers} if config.compile == "regional" else {}
+    return _on_each(_modules(pipe, config.components), lambda m: apply_compile(m, config.compile, **workers), remove_compile)
+
+
+def _uncompile(pipe, modules: list[torch.nn.Module]) -> None:
+    for module in modules:
+        remove_compile(module)
+
+
+def _capture_graphs(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:
+    """CUDA graphs of the covered modules; the UNet's graphs are keyed on the session's plan of each call."""
+    if "unet" in config.components:
+        session.planner(pipe.unet)  # binds each call's arguments once and plans it, for its graph hook
+    return _on_each(_modules(pipe, config.components), apply_cuda_graph, remove_cuda_graph)
+
+
+def _release_graphs(pipe, modules: list[torch.nn.Module]) -> None:
+    for module in modules:
+        remove_cuda_graph(module)
+
+
+@dataclass(frozen=True)
+class RuntimeStep:
+    """One part of the runtime: applied when `wanted(config)`; `apply(pipe, config, session)` returns what
+    `remove(pipe, state)` needs to undo it exactly, and undoes its own partial work if it fails."""
+
+    name: str
+    wanted: Callable[[RuntimeConfig], bool]
+    apply: Callable
+    remove: Callable
+
+
+# In the order they are applied; removed in reverse.
+RUNTIME_STEPS = (
+    RuntimeStep("dtype", lambda c: c.dtype is not None, lambda pipe, c, s: _cast(pipe, DTYPES[c.dtype]), _uncast),
+    RuntimeStep("attention", lambda c: c.attention != "default", lambda pipe, c, s: apply_attention(pipe.unet, c.attention),
+                lambda pipe, saved: remove_attention(pipe.unet, saved)),
+    RuntimeStep("fuse_qkv", lambda c: c.fuse_qkv, lambda pipe, c, s: apply_fused_qkv(pipe.unet),
+                lambda pipe, saved: remove_fused_qkv(pipe.unet, saved)),
+    RuntimeStep("channels_last", lambda c: c.channels_last, _to_channels_last, _to_contiguous),
+    RuntimeStep("compile", lambda c: c.compile is not None, _compile, _uncompile),
+    RuntimeStep("cuda_graph", lambda c: c.cuda_graph, _capture_graphs, _release_graphs),
+)
+
+
+class Runtime:
+    """The applied runtime: the steps its config asks for, each with what undoes it; `remove()` undoes all."""
+
+    def __init__(self, pipe, config: RuntimeConfig, session):
+        self.pipe = pipe
+        self.applied: list[tuple[RuntimeStep, object]] = []
+        try:
+            for step in RUNTIME_STEPS:
+                if step.wanted(config):
+                    self.applied.append((step, step.apply(pipe, config, session)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while self.applied:
+            step, state = self.applied.pop()
+            step.remove(self.pipe, state)

@@ -14,7 +14,7 @@ SDPA_BACKENDS = {
 ATTENTION_CHOICES = ("default", "sdpa", "xformers", *SDPA_BACKENDS)
 
 _HOOK = "accel.sdpa_backend"
-_SAVED = "_accel_saved_attn_processors"
+
 
 class SDPABackendHook(ModelHook):
     """Run the whole forward under `torch.nn.attention.sdpa_kernel(backend)`."""
@@ -31,6 +31,7 @@ class SDPABackendHook(ModelHook):
         with sdpa_kernel(self.backend):
             return self.fn_ref.original_forward(*args, **kwargs)
 
+
 def _processor_for(attention: str):
     from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
 
@@ -42,49 +43,43 @@ def _processor_for(attention: str):
         return XFormersAttnProcessor()
     return AttnProcessor2_0()
 
-def apply_attention(unet: torch.nn.Module, attention: str) -> None:
-    if attention == "default":
-        return
+
+def apply_attention(unet: torch.nn.Module, attention: str) -> dict:
+    """Set every attention processor; returns the processors before, which `remove_attention` puts back."""
     processor = _processor_for(attention)
-    unet.__dict__[_SAVED] = dict(unet.attn_processors)
+    saved = dict(unet.attn_processors)
     unet.set_attn_processor(processor)
     if attention in SDPA_BACKENDS:
         HookRegistry.check_if_exists_or_initialize(unet).register_hook(SDPABackendHook(attention), _HOOK)
+    return saved
 
-def remove_attention(unet: torch.nn.Module) -> None:
-    saved = unet.__dict__.pop(_SAVED, None)
-    if saved is None:
-        return
+
+def remove_attention(unet: torch.nn.Module, saved: dict) -> None:
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     if _HOOK in registry.hooks:
         registry.remove_hook(_HOOK, recurse=False)
     unet.set_attn_processor(dict(saved))  # set_attn_processor pops from the dict it is given
 
 
-
-_FUSED = "_accel_fused_attention"
-
-
-def apply_fused_qkv(unet: torch.nn.Module) -> None:
-    """diffusers' `fuse_qkv_projections`: one matmul for q/k/v (k/v in cross-attention)."""
+def apply_fused_qkv(unet: torch.nn.Module) -> dict:
+    """diffusers' `fuse_qkv_projections`: one matmul for q/k/v (k/v in cross-attention); returns what
+    `remove_fused_qkv` needs to undo it."""
     from diffusers.models.attention_processor import Attention
 
     attentions = [m for m in unet.modules() if isinstance(m, Attention)]
-    unet.__dict__[_FUSED] = {
+    saved = {
         "processors": dict(unet.attn_processors),
         "original_attn_processors": unet.__dict__.get("original_attn_processors", _MISSING),
         "attentions": [(m, m.fused_projections) for m in attentions],
     }
     unet.fuse_qkv_projections()
+    return saved
 
 
 _MISSING = object()
 
 
-def remove_fused_qkv(unet: torch.nn.Module) -> None:
-    saved = unet.__dict__.pop(_FUSED, None)
-    if saved is None:
-        return
+def remove_fused_qkv(unet: torch.nn.Module, saved: dict) -> None:
     unet.set_attn_processor(dict(saved["processors"]))
     for module, was_fused in saved["attentions"]:
         if not was_fused:  # drop the fused copies so the state dict is the original one again

@@ -8,19 +8,17 @@ The inductor cache is kept on disk so a second process reuses the first one's co
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from . import process
 from .precompile import Precompile, Workers, compiled_before, default_workers, record_calls
 
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "accel.compile"
-_COMPILED = "_accel_compiled_regions"
 # The blocks that hold most kernels. Compiling the single-conv Downsample2D / Upsample2D and stand-alone
 # Attention modules too cost more compile time than it saved (SD1.5, H100, cold inductor cache, first
 # call: 92.3 s with them and automatic dynamic shapes, 65.0 s without them and static shapes; steady
@@ -30,15 +28,6 @@ REGIONAL_BLOCKS = ("BasicTransformerBlock", "Transformer2DModel", "ResnetBlock2D
 # dynamo's automatic dynamic shapes the second shape of a block class turned the graph dynamic, which
 # compiled more slowly and ran slower.
 REGIONAL_COMPILE_DEFAULTS = {"dynamic": False}
-
-
-def use_persistent_cache() -> Path:
-    """Point inductor at a cache folder that outlives the process, unless the user chose one."""
-    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", Path.home() / ".cache" / "diffusion-accel" / "inductor"))
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
-    return cache
 
 
 class CompileHook(ModelHook):
@@ -67,7 +56,7 @@ class _FirstCallTimer(ModelHook):
 
     def __init__(self, regions: list[torch.nn.Module], compile_kwargs: dict, workers: int | None):
         super().__init__()
-        self.regions, self.compile_kwargs = regions, compile_kwargs
+        self.regions, self.compile_kwargs = regions, compile_kwargs  # removal un-compiles these regions
         count = default_workers() if workers is None else workers
         if workers is None and compiled_before(regions, compile_kwargs):
             count = 0  # a warm cache: starting workers would only slow this process down
@@ -122,15 +111,23 @@ def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None
     """`mode` is "regional" (compile each repeated block in place) or "full" (compile the forward).
     `workers`: processes that compile the distinct regions in parallel with the first call (None: half the
     cores, at most 8; 0: none, the regions compile one after another in this process)."""
-    use_persistent_cache()
     registry = HookRegistry.check_if_exists_or_initialize(module)
     if HOOK_NAME in registry.hooks:
         raise RuntimeError("torch.compile is already applied to this module")
+    process.hold()  # the on-disk inductor cache (which compile workers inherit) and the recompile limit
+    try:
+        hook = _compile_hook(module, mode, workers, compile_kwargs)
+    except BaseException:
+        process.release()
+        raise
+    registry.register_hook(hook, HOOK_NAME)
+    return hook
+
+
+def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, compile_kwargs: dict) -> ModelHook:
     if mode == "full":
         hook = CompileHook(**compile_kwargs)
     else:
-        # Repeated blocks share one `forward` but differ in channel counts: each shape is a recompile.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         regions = [m for m in module.modules() if type(m).__name__ in REGIONAL_BLOCKS and m is not module]
         # Nested regions (a resnet inside a compiled transformer) would compile twice.
         outer = [m for m in regions if not any(m is not r and _contains(r, m) for r in regions)]
@@ -139,9 +136,7 @@ def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None
         compile_kwargs = {**REGIONAL_COMPILE_DEFAULTS, **compile_kwargs}
         for region in outer:
             region.compile(**compile_kwargs)
-        module.__dict__[_COMPILED] = outer
         hook = _FirstCallTimer(outer, compile_kwargs, workers)
-    registry.register_hook(hook, HOOK_NAME)
     return hook
 
 
@@ -165,11 +160,13 @@ def _hook(module: torch.nn.Module):
 
 
 def remove_compile(module: torch.nn.Module) -> None:
-    for region in module.__dict__.pop(_COMPILED, []):
-        region._compiled_call_impl = None  # what nn.Module.compile set; None is the uncompiled default
     registry = getattr(module, "_diffusers_hook", None)
-    if registry is not None and HOOK_NAME in registry.hooks:
-        hook = registry.get_hook(HOOK_NAME)
-        if isinstance(hook, _FirstCallTimer):
-            hook.stop_workers()  # applied but never called: the idle workers go too
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    if registry is None or HOOK_NAME not in registry.hooks:
+        return
+    hook = registry.get_hook(HOOK_NAME)
+    if isinstance(hook, _FirstCallTimer):
+        for region in hook.regions:
+            region._compiled_call_impl = None  # what nn.Module.compile set; None is the uncompiled default
+        hook.stop_workers()  # applied but never called: the idle workers go too
+    registry.remove_hook(HOOK_NAME, recurse=False)
+    process.release()

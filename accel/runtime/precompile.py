@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
+from .process import inductor_cache_dir
+
 logger = logging.getLogger(__name__)
 
 MARKERS = "accel-precompiled"
@@ -123,12 +125,6 @@ def _backend(group: str):
     return module
 
 
-def _cache_dir() -> Path:
-    from .compile import use_persistent_cache
-
-    return use_persistent_cache()
-
-
 def _marker(regions: list[torch.nn.Module], compile_kwargs: dict, calls: list[str] = ()) -> Path:
     """Where a compiled set is remembered: the regions' classes and weight shapes, the device, torch and the
     settings, and (for a set of calls) each distinct call; without `calls`, any earlier compile of the regions."""
@@ -136,7 +132,7 @@ def _marker(regions: list[torch.nn.Module], compile_kwargs: dict, calls: list[st
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
     weights = sorted({repr(call_key(region, (), {})) for region in regions})
     text = repr((torch.__version__, name, sorted(compile_kwargs.items()), _backend_flags(), weights, sorted(calls)))
-    return _cache_dir() / MARKERS / hashlib.sha256(text.encode()).hexdigest()[:32]
+    return inductor_cache_dir() / MARKERS / hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def compiled_before(regions: list[torch.nn.Module], compile_kwargs: dict) -> bool:
