@@ -283,9 +283,11 @@ class ComparisonApp:
             raise InputError("both a pruned UNet and an LCM-LoRA were given; accepted: one model change at a time "
                              "(both take the 'model' slot)")
         if pruned:
+            import pruning
+
             folder = _safetensors_folder("pruned UNet", pruned)
-            try:
-                return accel.UNetSwapConfig(path=str(folder))
+            try:  # pruning's loader reads LAPTOP-Diff students as well as plain (BK-SDM) ones
+                return accel.UNetSwapConfig(path=str(folder), loader=pruning.load_unet)
             except ValueError as err:
                 raise InputError(f"pruned UNet: {err}") from None
         if lora:

@@ -15,7 +15,7 @@ layers consume are unchanged, so any selection runs. Such a UNet is not a plain 
 ``PrunedUNet2DConditionModel``, a ``UNet2DConditionModel`` whose config adds ``removed_blocks``; it saves with
 ``save_pretrained`` and loads with ``PrunedUNet2DConditionModel.from_pretrained`` (or ``pruning.load_unet``).
 A ``DiffusionPipeline.from_pretrained`` of a folder holding it does not know the class: load the pipeline's
-teacher and swap the UNet in (``accel.model_swap.UNetSwapConfig``).
+teacher and swap the UNet in (``accel.UNetSwapConfig(path=..., loader=pruning.load_unet)``).
 """
 
 from __future__ import annotations
