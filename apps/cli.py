@@ -333,8 +333,8 @@ def cmd_prune(args) -> int:
     pipe = _teacher_pipeline(args.model, args.device)
     teacher = pipe.unet.eval()
     if args.method == "laptop":
+        from accel.conditioning import encode_conditioning
         from accel.embedded import CIFAR10_CLASSES, eval_prompt
-        from distill.conditioning import encode_conditioning
 
         prompts = [eval_prompt(CIFAR10_CLASSES[i % 10]) for i in range(args.calibration_prompts)]
         try:  # text states (SD 1.x/2.x), plus pooled text embeds and time ids (SDXL)
@@ -359,7 +359,7 @@ def cmd_distill(args) -> int:
     import json
 
     import pruning
-    from distill.conditioning import encode_conditioning
+    from accel.conditioning import encode_conditioning
     from distill.data import encode_latents, load_captioned_images
     from distill.kd import KDConfig, distill_unet
 

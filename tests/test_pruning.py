@@ -65,7 +65,7 @@ def test_laptop_ranks_a_harmless_block_last():
 
 
 def test_laptop_calibrates_an_sdxl_unet_and_ranks_a_harmless_block_last(sdxl_pipe):
-    from distill.conditioning import encode_conditioning
+    from accel.conditioning import encode_conditioning
 
     unet = sdxl_pipe.unet
     harmless = unet.down_blocks[1].attentions[0]
