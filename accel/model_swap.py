@@ -9,17 +9,23 @@ less than the teacher's).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass(frozen=True)
 class UNetSwapConfig:
-    """path: a folder saved by ``pruning.save_unet`` / ``save_pretrained`` (safetensors), or
-    unet: a ``UNet2DConditionModel`` object (moved to the pipeline's device and dtype when applied)."""
+    """path: a folder saved by ``pruning.save_unet`` / ``save_pretrained`` (safetensors), read by ``loader(path)``
+    when applied - by default ``load_unet_folder``, which knows diffusers' ``UNet2DConditionModel`` (BK-SDM
+    students); a LAPTOP-Diff student needs ``loader=pruning.load_unet``. Or unet: a ``UNet2DConditionModel``
+    object. Either is moved to the pipeline's device and dtype when applied."""
 
     path: str | None = None
     unet: object | None = None
+    # Not compared: configs naming one folder swap in the same student, whichever function reads it.
+    loader: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self):
         if (self.path is None) == (self.unet is None):
@@ -34,6 +40,26 @@ class UNetSwapConfig:
 
             if not isinstance(self.unet, UNet2DConditionModel):
                 raise ValueError(f"UNetSwapConfig.unet must be a UNet2DConditionModel, got {type(self.unet).__name__}")
+        if self.loader is not None and (self.path is None or not callable(self.loader)):
+            raise ValueError("UNetSwapConfig.loader must be a function of path (e.g. pruning.load_unet), given with path")
+
+
+def load_unet_folder(path, classes: tuple[type, ...] = (), **kwargs):
+    """Load a saved UNet folder by the class its config names: diffusers' ``UNet2DConditionModel`` or one of
+    ``classes`` (``pruning.load_unet`` adds its pruned class); safetensors weights only, never the Hub."""
+    from diffusers import UNet2DConditionModel
+
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is not a saved UNet folder: {config_path} is missing")
+    class_name = json.loads(config_path.read_text()).get("_class_name")
+    by_name = {cls.__name__: cls for cls in (UNet2DConditionModel, *classes)}
+    if class_name not in by_name:
+        raise ValueError(f"{path} holds a {class_name}, not a UNet; accepted: {', '.join(by_name)}")
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path} has no .safetensors weights (only safetensors are loaded)")
+    return by_name[class_name].from_pretrained(path, use_safetensors=True, local_files_only=True, **kwargs)
 
 
 def _check_compatible(student, teacher) -> None:
@@ -61,9 +87,7 @@ class UNetSwap:
         if config.unet is not None:
             student = config.unet
         else:
-            from pruning import load_unet
-
-            student = load_unet(config.path)
+            student = (config.loader or load_unet_folder)(config.path)
         original = pipe.unet
         _check_compatible(student, original)
         if student.device != original.device:

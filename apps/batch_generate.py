@@ -441,15 +441,12 @@ def _gather(stats: dict, world_size: int) -> list[dict]:
 def run(args) -> int:
     """`accel batch`: see the module docstring."""
     import accel
+    from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
 
     embedded = args.model is None
     if args.guidance is None:
-        from apps.cli import EMBEDDED_GUIDANCE
-
         args.guidance = EMBEDDED_GUIDANCE if embedded else 7.5
     if args.steps is None and embedded and not args.preset:
-        from apps.cli import EMBEDDED_STEPS
-
         args.steps = EMBEDDED_STEPS
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -543,8 +540,11 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
+    import argparse
     import sys
 
-    from apps.cli import main as cli_main
+    from apps.arguments import add_batch_arguments
 
-    sys.exit(cli_main(["batch", *sys.argv[1:]]))
+    parser = argparse.ArgumentParser(prog="accel batch")
+    add_batch_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -7,21 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-# The embedded model's defaults: its quality was measured at DPM-Solver++ 20 steps, guidance 4.
-EMBEDDED_STEPS = 20
-EMBEDDED_GUIDANCE = 4.0
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded CIFAR-10 model)")
-    p.add_argument("--preset", default=None, help="acceleration preset (see `accel presets`); default: none")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="load weights in this dtype")
+from apps.arguments import add_app_arguments, add_batch_arguments, add_model_arguments
 
 
 def cmd_generate(args) -> int:
     import torch
 
+    from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
     from apps.loading import load_pipeline
 
     rank, parallel = _parallel_config(args)
@@ -91,6 +83,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from accel.embedded import EMBEDDED_GUIDANCE
     from accel.quality import evaluate, write_report
     from apps.loading import load_pipeline
 
@@ -122,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
-    _add_model_args(gen)
+    add_model_arguments(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's, else the pipeline's)")
@@ -147,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_presets)
 
     ev = sub.add_parser("eval", help="measure the quality cost of a preset against the unaccelerated pipeline")
-    _add_model_args(ev)
+    add_model_arguments(ev)
     ev.add_argument("--n", type=int, default=1000, help="number of images")
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--guidance", type=float, default=None, help="default: 4 on the embedded model, else 7.5")
@@ -189,18 +182,7 @@ def cmd_bench(args) -> int:
 
 def _add_batch_parser(sub) -> None:
     p = sub.add_parser("batch", help="generate images for every line of a prompt file, on every process launched")
-    p.add_argument("prompts", help="prompt file: text (one per line), .jsonl or .csv (see apps/batch_generate.py)")
-    _add_model_args(p)
-    p.add_argument("--out", required=True, help="folder for the images and manifest.jsonl")
-    p.add_argument("--format", default=None, choices=["txt", "jsonl", "csv"], help="default: from the file extension")
-    p.add_argument("--batch-size", type=int, default=1, help="items of equal settings per pipeline call")
-    p.add_argument("--seed", type=int, default=0, help="item i gets seed + i unless it sets its own")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=None, help="default: 20 on the embedded model, else the preset's or pipeline's")
-    p.add_argument("--guidance", type=float, default=None, help="default: 4 on the embedded model, else 7.5")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_batch_arguments(p)
     p.set_defaults(func=cmd_batch)
 
 
@@ -212,13 +194,7 @@ def cmd_batch(args) -> int:
 
 def _add_app_parser(sub) -> None:
     p = sub.add_parser("app", help="the Gradio app: baseline and accelerated side by side, and the speed/quality plot")
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id, chosen at start (default: the embedded model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
-    p.add_argument("--results", default=None, help="benchmark JSON folder for the plot (default: benchmarks/results)")
+    add_app_arguments(p)
     p.set_defaults(func=cmd_app)
 
 
@@ -260,6 +236,7 @@ def _add_distill_lcm_parser(sub) -> None:
 def cmd_distill_lcm(args) -> int:
     import json
 
+    from accel.embedded import EMBEDDED_GUIDANCE
     from apps.loading import load_pipeline
     from distill.data import load_captioned_images
     from distill.lcm import LCMDistillConfig, distill_lcm
@@ -333,8 +310,8 @@ def cmd_prune(args) -> int:
     pipe = _teacher_pipeline(args.model, args.device)
     teacher = pipe.unet.eval()
     if args.method == "laptop":
+        from accel.conditioning import encode_conditioning
         from accel.embedded import CIFAR10_CLASSES, eval_prompt
-        from distill.conditioning import encode_conditioning
 
         prompts = [eval_prompt(CIFAR10_CLASSES[i % 10]) for i in range(args.calibration_prompts)]
         try:  # text states (SD 1.x/2.x), plus pooled text embeds and time ids (SDXL)
@@ -359,7 +336,7 @@ def cmd_distill(args) -> int:
     import json
 
     import pruning
-    from distill.conditioning import encode_conditioning
+    from accel.conditioning import encode_conditioning
     from distill.data import encode_latents, load_captioned_images
     from distill.kd import KDConfig, distill_unet
 

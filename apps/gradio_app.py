@@ -18,11 +18,11 @@ concurrent users wait their turn instead of interleaving on the shared pipeline.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -33,6 +33,7 @@ import torch
 
 import accel
 from accel.quality import psnr, ssim
+from apps.arguments import add_app_arguments
 
 # Gradio must not phone home (usage statistics, version checks); set before gradio is imported.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -46,8 +47,7 @@ NO_PRESET = "none (use the controls)"
 KEEP_SAMPLER = "model's own scheduler"
 CACHE_CHOICES = ("none", "deepcache", "encoder_propagation", "block_cache")
 COMPILE_CHOICES = ("off", "regional", "full")
-# The embedded model's measured settings (its model card): DPM-Solver++ 20 steps, guidance 4.
-EMBEDDED_STEPS, EMBEDDED_GUIDANCE = 20, 4.0
+# Any other model: the diffusers Stable Diffusion pipelines' own defaults.
 OTHER_STEPS, OTHER_GUIDANCE = 50, 7.5
 GPU_ONLY_NOTE = "torch.compile and CUDA graphs need a CUDA GPU; this app runs on {device}, so they were left out"
 
@@ -163,6 +163,8 @@ class ComparisonApp:
 
     def __init__(self, pipe, *, model_name: str, embedded: bool = False, model_dir: str | Path | None = None,
                  warmup: bool = True):
+        from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS  # it imports diffusers' pipelines: not at import
+
         self.pipe = pipe
         self.model_name = model_name
         self.embedded = embedded
@@ -283,9 +285,11 @@ class ComparisonApp:
             raise InputError("both a pruned UNet and an LCM-LoRA were given; accepted: one model change at a time "
                              "(both take the 'model' slot)")
         if pruned:
+            import pruning
+
             folder = _safetensors_folder("pruned UNet", pruned)
-            try:
-                return accel.UNetSwapConfig(path=str(folder))
+            try:  # pruning's loader reads LAPTOP-Diff students as well as plain (BK-SDM) ones
+                return accel.UNetSwapConfig(path=str(folder), loader=pruning.load_unet)
             except ValueError as err:
                 raise InputError(f"pruned UNet: {err}") from None
         if lora:
@@ -642,10 +646,10 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m apps.gradio_app [options]`: the same as `accel app [options]` (the options live in apps.cli)."""
-    from apps.cli import main as cli_main
-
-    return cli_main(["app", *(sys.argv[1:] if argv is None else argv)])
+    """`python -m apps.gradio_app [options]`: the same as `accel app [options]`."""
+    parser = argparse.ArgumentParser(prog="accel app")
+    add_app_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

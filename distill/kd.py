@@ -9,7 +9,7 @@ feature, so that deep, large-magnitude stages do not drown the others (LAPTOP-Di
 ``distill_unet`` trains with ``accelerate`` (one or several GPUs, bf16 autocast), keeps an EMA of the student
 (``diffusers.training_utils.EMAModel``), can checkpoint activations, writes resumable checkpoints with
 ``Accelerator.save_state`` and picks them up again with ``load_state``. Teacher and student are SD 1.x/2.x UNets
-(text states) or SDXL UNets (text states plus pooled text embeds and time ids, ``distill.conditioning``).
+(text states) or SDXL UNets (text states plus pooled text embeds and time ids, ``accel.conditioning``).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def distill_unet(teacher, student, latents, caption_embeddings, scheduler_config
     """Retrain ``student`` against ``teacher`` on pre-encoded data; returns a result dict.
 
     ``latents``: a ``distill.data.LatentSet``; ``caption_embeddings``: the conditioning of its captions plus the
-    unconditional one last - a ``distill.conditioning.Conditioning`` from ``encode_conditioning(pipe, captions)``
+    unconditional one last - an ``accel.conditioning.Conditioning`` from ``encode_conditioning(pipe, captions)``
     (any SD-family pipeline, SDXL included), or for SD 1.x/2.x a tensor of text states
     (``distill.data.encode_captions``). Checkpoints go to ``out_dir/checkpoint`` and are resumed from there; at
     the end the student holds the EMA weights.
@@ -161,7 +161,8 @@ def distill_unet(teacher, student, latents, caption_embeddings, scheduler_config
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    from .conditioning import as_conditioning, check_unet_conditioning
+    from accel.conditioning import as_conditioning, check_unet_conditioning
+
     from .data import sample_latent_batch
 
     conditioning = as_conditioning(caption_embeddings)

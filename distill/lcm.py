@@ -19,7 +19,7 @@ Two students:
   `pipe.load_lora_weights(folder)` loads it into any pipeline of the same base.
 
 The teacher is a Stable Diffusion 1.x/2.x or SDXL pipeline; for SDXL every teacher, student and target
-call also gets the pooled text embeds and time ids (`distill.conditioning`), and the LoRA is saved for
+call also gets the pooled text embeds and time ids (`accel.conditioning`), and the LoRA is saved for
 `StableDiffusionXLPipeline.load_lora_weights`.
 
 Runs under `accelerate` (mixed precision, `save_state` / `load_state` for resume; batches are drawn
@@ -37,10 +37,9 @@ from pathlib import Path
 
 import torch
 
+from accel.conditioning import Conditioning, as_conditioning, check_unet_conditioning, takes_added_conditions
 from samplers.denoiser import PREDICTION_TYPES, NoiseSchedule, UNetDenoiser
 from samplers.lcm import DEFAULT_TIMESTEP_SCALING, lcm_boundary_scalings
-
-from .conditioning import Conditioning, as_conditioning, check_unet_conditioning, takes_added_conditions
 
 VARIANTS = ("lora", "full")
 LOSSES = ("huber", "l2")
@@ -405,7 +404,8 @@ def distill_lcm(pipe, data, out_dir: str | Path, config: LCMDistillConfig | None
     """
     from tqdm.auto import tqdm
 
-    from .conditioning import encode_conditioning
+    from accel.conditioning import encode_conditioning
+
     from .data import encode_latents
 
     config = config or LCMDistillConfig()

@@ -8,8 +8,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from accel.model_swap import load_unet_folder
 
 from .bk_sdm import BK_SDM_VARIANTS, bk_sdm_config, bk_sdm_key_map, bk_sdm_unet, copy_teacher_weights
 from .laptop import (
@@ -45,16 +46,4 @@ def save_unet(unet, out_dir, report: dict | None = None) -> Path:
 
 def load_unet(path, **kwargs):
     """Load a saved UNet folder, plain or pruned, by the class its config names (safetensors weights only)."""
-    from diffusers import UNet2DConditionModel
-
-    path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path} is not a saved UNet folder: {config_path} is missing")
-    class_name = json.loads(config_path.read_text()).get("_class_name")
-    classes = {cls.__name__: cls for cls in (UNet2DConditionModel, PrunedUNet2DConditionModel)}
-    if class_name not in classes:
-        raise ValueError(f"{path} holds a {class_name}, not a UNet; accepted: {', '.join(classes)}")
-    if not any(path.glob("*.safetensors")):
-        raise FileNotFoundError(f"{path} has no .safetensors weights (only safetensors are loaded)")
-    return classes[class_name].from_pretrained(path, use_safetensors=True, local_files_only=True, **kwargs)
+    return load_unet_folder(path, (PrunedUNet2DConditionModel,), **kwargs)

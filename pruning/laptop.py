@@ -15,7 +15,7 @@ layers consume are unchanged, so any selection runs. Such a UNet is not a plain 
 ``PrunedUNet2DConditionModel``, a ``UNet2DConditionModel`` whose config adds ``removed_blocks``; it saves with
 ``save_pretrained`` and loads with ``PrunedUNet2DConditionModel.from_pretrained`` (or ``pruning.load_unet``).
 A ``DiffusionPipeline.from_pretrained`` of a folder holding it does not know the class: load the pipeline's
-teacher and swap the UNet in (``accel.model_swap.UNetSwapConfig``).
+teacher and swap the UNet in (``accel.UNetSwapConfig(path=..., loader=pruning.load_unet)``).
 """
 
 from __future__ import annotations
@@ -314,13 +314,13 @@ def calibration_inputs(unet, conditioning, scheduler_config, *, x0: torch.Tensor
     """One UNet input per timestep, evenly spread over training: ``x0`` (latents of real images, or standard
     normal noise when ``None``) noised to that timestep with the teacher's schedule, with the given conditioning.
 
-    ``conditioning``: one row per calibration sample - a ``distill.conditioning.Conditioning``
+    ``conditioning``: one row per calibration sample - an ``accel.conditioning.Conditioning``
     (``encode_conditioning(pipe, prompts, unconditional=False)``, SDXL's pooled text embeds and time ids
     included), or for SD 1.x/2.x a tensor of text states.
     """
     from diffusers import DDPMScheduler
 
-    from distill.conditioning import as_conditioning, check_unet_conditioning
+    from accel.conditioning import as_conditioning, check_unet_conditioning
 
     conditioning = as_conditioning(conditioning)
     check_unet_conditioning(unet, conditioning)

@@ -95,7 +95,7 @@ def test_distill_unet_trains_checkpoints_and_resumes(tmp_path):
 
 
 def _sdxl_kd_setup(tmp_path):
-    from distill.conditioning import encode_conditioning
+    from accel.conditioning import encode_conditioning
     from tiny import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(tmp_path)

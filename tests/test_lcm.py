@@ -176,7 +176,7 @@ def test_full_student_saves_a_pipeline_that_embeds_guidance(tmp_path):
 
 @pytest.mark.parametrize("variant,lr", [("lora", 1e-3), ("full", 1e-5)])
 def test_one_sdxl_distillation_step_lowers_the_loss_on_a_fixed_batch(tmp_path, variant, lr):
-    from distill.conditioning import encode_conditioning
+    from accel.conditioning import encode_conditioning
 
     pipe = tiny_sdxl_pipeline(tmp_path)
     config = LCMDistillConfig(variant=variant, batch_size=2, lora_rank=4, learning_rate=lr, warmup_steps=1,

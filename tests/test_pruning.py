@@ -65,7 +65,7 @@ def test_laptop_ranks_a_harmless_block_last():
 
 
 def test_laptop_calibrates_an_sdxl_unet_and_ranks_a_harmless_block_last(sdxl_pipe):
-    from distill.conditioning import encode_conditioning
+    from accel.conditioning import encode_conditioning
 
     unet = sdxl_pipe.unet
     harmless = unet.down_blocks[1].attentions[0]
@@ -168,3 +168,18 @@ def test_unet_swap_errors_say_what_is_wrong(sd_pipe, tmp_path):
     (tmp_path / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
     with pytest.raises(ValueError, match="not a UNet"):
         accel.accelerate(sd_pipe, accel.AccelConfig(model=accel.UNetSwapConfig(path=str(tmp_path / "vae"))))
+
+
+def test_unet_swap_reads_a_laptop_student_with_prunings_loader(sd_pipe, tmp_path):
+    student, _ = pruning.laptop_unet(sd_pipe.unet, [example_inputs(sd_pipe.unet, 2, seed=0)], 0.3)
+    pruning.save_unet(student, tmp_path / "laptop")
+    original, baseline = sd_pipe.unet, run(sd_pipe)
+    with pytest.raises(ValueError, match="holds a PrunedUNet2DConditionModel, not a UNet"):
+        accel.accelerate(sd_pipe, accel.AccelConfig(model=accel.UNetSwapConfig(path=str(tmp_path / "laptop"))))
+    config = accel.UNetSwapConfig(path=str(tmp_path / "laptop"), loader=pruning.load_unet)
+    accel.accelerate(sd_pipe, accel.AccelConfig(model=config))
+    assert type(sd_pipe.unet) is pruning.PrunedUNet2DConditionModel
+    accel.restore(sd_pipe)
+    assert sd_pipe.unet is original and (run(sd_pipe) == baseline).all()
+    with pytest.raises(ValueError, match="given with path"):
+        accel.UNetSwapConfig(unet=student, loader=pruning.load_unet)

@@ -103,7 +103,7 @@ def reset_peak(device) -> None:
 
 def run_kd(pipe, data, resolution, args, device, work: Path) -> dict:
     import pruning
-    from distill.conditioning import encode_conditioning
+    from accel.conditioning import encode_conditioning
     from distill.data import encode_latents
     from distill.kd import KDConfig, distill_unet
 

@@ -1,6 +1,6 @@
 """The conditioning a Stable Diffusion family UNet takes for a caption, shared by knowledge distillation
 (``distill.kd``), latent consistency distillation (``distill.lcm``) and LAPTOP-Diff calibration
-(``pruning.laptop``).
+(``pruning.laptop``): it lives in the core so that neither of those packages imports the other.
 
 SD 1.x / 2.x UNets take the text encoder's hidden states. SDXL UNets (``addition_embed_type="text_time"``,
 Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis") take the
@@ -85,7 +85,7 @@ def as_conditioning(value) -> Conditioning:
         return value
     if torch.is_tensor(value):
         return Conditioning(value)
-    raise TypeError(f"expected a distill.conditioning.Conditioning or a tensor of text states, got {type(value).__name__}")
+    raise TypeError(f"expected an accel.conditioning.Conditioning or a tensor of text states, got {type(value).__name__}")
 
 
 def takes_added_conditions(unet) -> bool:
@@ -101,7 +101,7 @@ def check_unet_conditioning(unet, conditioning: Conditioning | None = None, *, r
                          f"{TEXT_TIME!r} (SDXL)")
     if conditioning is not None and kind == TEXT_TIME and conditioning.text_embeds is None:
         raise ValueError(f"the {role} is SDXL-conditioned (addition_embed_type='text_time') and needs pooled text "
-                         "embeds and time ids; encode the captions with distill.conditioning.encode_conditioning(pipe, "
+                         "embeds and time ids; encode the captions with accel.conditioning.encode_conditioning(pipe, "
                          "captions) rather than passing text states alone")
 
 
