@@ -116,6 +116,7 @@ class FeatureCacheState:
         self.full_calls = 0
         self.cached_calls = 0
         self.repeat = 1  # cached outputs are tiled this many times along the batch (batched decoders)
+        self.persistent = False  # keep outputs in persistent buffers: a CUDA graph captures the UNet
 
     def reset(self) -> None:
         """Start of a pipeline call: no slot holds features of this call yet."""
@@ -126,29 +127,32 @@ class FeatureCacheState:
 
 
 class ReuseHook(ModelHook):
-    """Full call: run and copy the outputs into this slot's buffers. Cached call: return the buffers."""
+    """Full call: run and keep the outputs for this slot. Cached call: return the kept outputs.
+
+    Eagerly the outputs themselves are kept, as they are (no copy). Where a CUDA graph captures the UNet
+    (`FeatureCacheState.persistent`), they are copied into buffers allocated once per slot, whose addresses
+    the captured graphs read on replay.
+    """
 
     def __init__(self, state: FeatureCacheState):
         super().__init__()
         self.state = state
         # No counters here: torch.compile guards on hook attributes, and a changing one recompiles.
         self.buffers: dict[int, tuple[list[torch.Tensor], object]] = {}
-        self.outputs: dict[int, object] = {}  # per slot, the buffers in the module's output structure
+        self.outputs: dict[int, object] = {}  # per slot, the kept outputs (the buffers, in the output's structure)
 
     def new_forward(self, module, *args, **kwargs):
         state = self.state
         if state.mode == CACHED:
-            if state.repeat == 1:
-                output = self.outputs.get(state.slot.index)
-                if output is not None:
-                    return output
-            else:
-                stored = self.buffers.get(state.slot.index)
-                if stored is not None:
-                    return pytree.tree_unflatten([tile_batch(x, state.repeat) for x in stored[0]], stored[1])
+            output = self.outputs.get(state.slot.index)
+            if output is not None:
+                return output if state.repeat == 1 else pytree.tree_map(lambda x: tile_batch(x, state.repeat), output)
         output = self.fn_ref.original_forward(*args, **kwargs)
         if state.mode == FULL:
-            self._store(state.slot.index, output)
+            if state.persistent:
+                self._store(state.slot.index, output)
+            else:
+                self.outputs[state.slot.index] = output
         return output
 
     def _store(self, index: int, output) -> None:
@@ -162,7 +166,7 @@ class ReuseHook(ModelHook):
             # Allocated once per slot and kept: a captured graph reads these addresses on replay.
             stored = ([torch.empty_like(x) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
             self.buffers[index] = stored
-            self.outputs[index] = pytree.tree_unflatten(stored[0], spec)
+        self.outputs[index] = pytree.tree_unflatten(stored[0], spec)
         for buffer, leaf in zip(stored[0], leaves):
             if isinstance(buffer, torch.Tensor):
                 buffer.copy_(leaf)
@@ -215,7 +219,7 @@ class FeatureCache:
         if slot is None:
             slot = state.slots[call.slot] = Slot(call.slot)
         full = call.step in state.schedule or not slot.filled
-        state.mode, state.slot, state.step = (FULL if full else CACHED), slot, call.step
+        state.mode, state.slot, state.step, state.persistent = (FULL if full else CACHED), slot, call.step, call.graphed
         slot.filled = True
         if full:
             state.full_calls += 1
