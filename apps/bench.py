@@ -164,7 +164,7 @@ def time_unet_step(pipe, *, height: int, width: int, iters: int = 30) -> float:
 
 def run_benchmark(arch: str, config_names: list[str], *, steps: int, scheduler: str, size: int | None = None,
                   guidance: float = 7.5, runs: int = 5, warmup: int = 2, seed: int = 0, unet_step: bool = False,
-                  prompt: str = "a photo of an astronaut riding a horse on mars") -> dict:
+                  prompt: str = "a photo of an astronaut riding a horse on mars", interleave: bool = False) -> dict:
     from diffusers import schedulers as diffusers_schedulers
 
     from apps.bench_archs import DEFAULT_SIZE, build_pipeline
@@ -183,40 +183,76 @@ def run_benchmark(arch: str, config_names: list[str], *, steps: int, scheduler: 
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     args = {"prompt": prompt, "num_inference_steps": steps, "guidance_scale": guidance, "height": size, "width": size}
 
-    results, reference = [], None
-    for name in config_names:
-        print(f"[bench] {arch} {size}px {steps} steps: {name} ...", flush=True)
-        # Each config compiles from scratch (the on-disk inductor cache stays warm), so first-call
-        # times are comparable and no config reuses code specialised for another's layout.
-        torch._dynamo.reset()
+    def call_args(name):  # a config with a sampler brings its own step count
+        config = configs[name]
+        sampler = None if config is None or isinstance(config, PeerConfig) else config.sampler
+        return args if sampler is None else {k: v for k, v in args.items() if k != "num_inference_steps"}
+
+    def measure(name: str, runs: int, warmup: int) -> dict:
         undo = _apply(pipe, configs[name])
         try:
-            timing = time_pipeline(pipe, args if configs[name] is None or configs[name].sampler is None
-                                   else {k: v for k, v in args.items() if k != "num_inference_steps"},
-                                   runs=runs, warmup=warmup, seed=seed)
-            row = {"config": name, "accel_config": repr(configs[name])}
-            row.update({k: v for k, v in timing.items() if k != "images"})
-            steps_run = steps if configs[name] is None or configs[name].sampler is None else configs[name].sampler.num_steps
-            row["steps"] = steps_run
-            row["steps_per_s"] = steps_run / timing["median_s"]
-            images = _images_to_tensor(timing["images"])
-            if reference is None and name == "stock":
-                reference = images
-            if reference is not None:
-                row["psnr_db"] = float(psnr(images, reference).mean())
-                row["ssim"] = float(ssim(images, reference).mean())
+            timing = time_pipeline(pipe, call_args(name), runs=runs, warmup=warmup, seed=seed)
             if unet_step:
-                row["unet_step_ms"] = time_unet_step(pipe, height=size, width=size)
+                timing["unet_step_ms"] = time_unet_step(pipe, height=size, width=size)
         finally:
             undo()
+        return timing
+
+    timings: dict[str, dict] = {}
+    if interleave:
+        compiled = [n for n in config_names if getattr(getattr(configs[n], "runtime", None), "compile", None)]
+        if compiled:
+            raise SystemExit(f"--interleave applies each config once per round; compiled configs would recompile: {compiled}")
+        # Round-robin, one timed call per config and round: a host whose speed drifts slows every config alike.
+        for round_index in range(runs):
+            for name in config_names:
+                timing = measure(name, 1, warmup if round_index == 0 else 1)
+                merged = timings.setdefault(name, {**timing, "times_s": []})
+                merged["times_s"] += timing["times_s"]
+                merged["images"], merged["peak_mem_gib"] = timing["images"], max(
+                    merged["peak_mem_gib"] or 0, timing["peak_mem_gib"] or 0) or None
+            print(f"[bench] round {round_index + 1}/{runs}: " + ", ".join(
+                f"{n} {timings[n]['times_s'][-1] * 1000:.1f} ms" for n in config_names), flush=True)
+        for timing in timings.values():
+            timing["median_s"] = statistics.median(timing["times_s"])
+    else:
+        for name in config_names:
+            print(f"[bench] {arch} {size}px {steps} steps: {name} ...", flush=True)
+            # Each config compiles from scratch (the on-disk inductor cache stays warm), so first-call
+            # times are comparable and no config reuses code specialised for another's layout.
+            torch._dynamo.reset()
+            timings[name] = measure(name, runs, warmup)
+            print(f"[bench]   median {timings[name]['median_s']*1000:.1f} ms, first call "
+                  f"{timings[name]['first_call_s']:.1f} s" + (f", unet step {timings[name]['unet_step_ms']:.2f} ms"
+                                                                if unet_step else ""), flush=True)
+
+    results, reference = [], None
+    for name in config_names:
+        timing = timings[name]
+        row = {"config": name, "accel_config": repr(configs[name])}
+        row.update({k: v for k, v in timing.items() if k != "images"})
+        config = configs[name]
+        sampler = None if config is None or isinstance(config, PeerConfig) else config.sampler
+        row["steps"] = steps if sampler is None else sampler.num_steps
+        row["steps_per_s"] = row["steps"] / timing["median_s"]
+        images = _images_to_tensor(timing["images"])
+        if reference is None and name == "stock":
+            reference = images
+        if reference is not None:
+            row["psnr_db"] = float(psnr(images, reference).mean())
+            row["ssim"] = float(ssim(images, reference).mean())
         results.append(row)
-        print(f"[bench]   median {row['median_s']*1000:.1f} ms, first call {row['first_call_s']:.1f} s"
-              + (f", unet step {row['unet_step_ms']:.2f} ms" if unet_step else ""), flush=True)
-    stock = next((r for r in results if r["config"] == "stock"), None)
+    stock = timings.get("stock")
     for row in results:
-        if stock is not None:
+        if stock is None:
+            continue
+        if interleave:  # the median of each round's ratio to that round's stock call
+            row["speedup"] = statistics.median(s / t for s, t in zip(stock["times_s"], row["times_s"]))
+        else:
             row["speedup"] = stock["median_s"] / row["median_s"]
-    return {"meta": _meta(arch, size, steps, scheduler, guidance, runs, warmup), "results": results}
+    meta = _meta(arch, size, steps, scheduler, guidance, runs, warmup)
+    meta["interleaved"] = interleave
+    return {"meta": meta, "results": results}
 
 
 def _apply(pipe, config):
@@ -245,7 +281,9 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"{meta['arch']} {meta['size']}px, {meta['scheduler']} {meta['steps']} steps, CFG {meta['guidance']}, "
         f"{meta['dtype']}, {meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}; "
-        f"median of {meta['runs']} runs after {meta['warmup']} warm-up",
+        f"median of {meta['runs']} runs after {meta['warmup']} warm-up"
+        + ("; configs interleaved round by round, speed-up = median of each round's ratio to stock"
+           if meta.get("interleaved") else ""),
         "",
         "| config | steps | median (ms) | speed-up | steps/s | UNet step (ms) | first call (s) | peak GiB | PSNR (dB) | SSIM |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -302,7 +340,7 @@ def main(args) -> int:
         print("[bench] note: fewer than 5 timed runs", file=sys.stderr)
     report = run_benchmark(args.arch, args.configs.split(","), steps=args.steps, scheduler=args.scheduler,
                            size=args.size, guidance=args.guidance, runs=args.runs, warmup=args.warmup,
-                           unet_step=args.unet_step)
+                           unet_step=args.unet_step, interleave=args.interleave)
     paths = write_report(report, args.out)
     print(markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in paths))

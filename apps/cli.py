@@ -170,6 +170,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--unet-step", action="store_true", help="also time the UNet step alone at CFG batch 2")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the configs round by round (one call each per round) instead of one after another: "
+                        "on a host whose speed drifts, every config sees the same drift (eager configs only)")
     p.add_argument("--out", default="benchmarks/results/bench")
     p.set_defaults(func=cmd_bench)
 

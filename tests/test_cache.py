@@ -271,6 +271,22 @@ def test_bench_runs_cache_configs(peer, tmp_path, monkeypatch):
     assert "| deepcache | 6 |" in (tmp_path / "r.md").read_text()
 
 
+def test_bench_interleaves_eager_configs_round_by_round(tmp_path, monkeypatch):
+    from apps import bench, bench_archs
+
+    monkeypatch.setattr(bench_archs, "build_pipeline", lambda arch, **kw: tiny_sd_pipeline(tmp_path))
+    monkeypatch.setitem(bench_archs.DEFAULT_SIZE, "sd15", 32)
+    report = bench.run_benchmark("sd15", ["stock", "deepcache"], steps=6, scheduler="ddim", runs=3, warmup=1,
+                                 interleave=True)
+    rows = {r["config"]: r for r in report["results"]}
+    assert len(rows["stock"]["times_s"]) == len(rows["deepcache"]["times_s"]) == 3
+    paired = sorted(s / t for s, t in zip(rows["stock"]["times_s"], rows["deepcache"]["times_s"]))
+    assert rows["deepcache"]["speedup"] == paired[1] and rows["deepcache"]["psnr_db"] < 100
+    assert "interleaved round by round" in bench.markdown_table(report)
+    with pytest.raises(SystemExit, match="compiled configs would recompile"):
+        bench.run_benchmark("sd15", ["stock", "compiled"], steps=2, scheduler="ddim", runs=1, interleave=True)
+
+
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
 def test_encoder_propagation_three_passes_and_encoder_skipped(which, sd_pipe, sdxl_pipe):
     pipe = sd_pipe if which == "sd" else sdxl_pipe
