@@ -6,6 +6,7 @@ import logging
 
 from .config import AccelConfig
 from .errors import AlreadyAcceleratedError, NotAcceleratedError, UnsupportedPipelineError
+from .pipelines import DENOISERS, denoiser_kind
 from .registry import all_techniques, check_conflicts, technique_for
 from .session import AccelSession, accelerated_class, attach, detach, get_session
 
@@ -17,22 +18,6 @@ SUPPORTED = (
     "work on DiT transformers, pipelines whose `.transformer` runs its blocks from `transformer_blocks` "
     "(PixArt-Alpha/Sigma, Stable Diffusion 3, Flux)"
 )
-_DENOISERS = {"unet": "a UNet2DConditionModel `.unet`", "transformer": "a DiT `.transformer` with `transformer_blocks`"}
-
-
-def denoiser_kind(pipe) -> str | None:
-    """"unet", "transformer" (a DiT whose blocks are the ModuleList `transformer_blocks`), or None."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    if isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        return "unet"
-    transformer = getattr(pipe, "transformer", None)
-    if isinstance(transformer, torch.nn.Module) and isinstance(getattr(transformer, "transformer_blocks", None), torch.nn.ModuleList):
-        return "transformer"
-    return None
-
-
 def _check_supported(pipe) -> None:
     if denoiser_kind(pipe) is None:
         unet, transformer = getattr(pipe, "unet", None), getattr(pipe, "transformer", None)
@@ -47,24 +32,24 @@ def _check_plan(pipe, plan) -> None:
     kind = denoiser_kind(pipe)
     for technique, _ in plan:
         if kind not in technique.denoisers:
-            needs = " or ".join(_DENOISERS.get(d, d) for d in technique.denoisers)
+            needs = " or ".join(DENOISERS.get(d, d) for d in technique.denoisers)
             accepted = ", ".join(t.config_type.__name__ for t in all_techniques() if kind in t.denoisers) or "none"
             raise UnsupportedPipelineError(
                 f"{technique.config_type.__name__} needs a pipeline with {needs}; {type(pipe).__name__} has "
-                f"{_DENOISERS.get(kind, kind)}, on which the accepted configs are: {accepted}")
+                f"{DENOISERS.get(kind, kind)}, on which the accepted configs are: {accepted}")
         if technique.check is not None:
             technique.check(pipe)
     check_conflicts(plan)
 
 
-def resolve_config(config: AccelConfig | None = None, preset: str | None = None) -> AccelConfig:
-    """The config to apply: an explicit `AccelConfig`, a named preset, or nothing changed."""
+def resolve_config(config: AccelConfig | None = None, preset: str | None = None, pipe=None) -> AccelConfig:
+    """The config to apply: an explicit `AccelConfig`, a named preset (for `pipe`'s family), or nothing changed."""
     if config is not None and preset is not None:
         raise ValueError("pass either config or preset, not both")
     if preset is not None:
         from .presets import get_preset
 
-        return get_preset(preset)
+        return get_preset(preset, pipe)
     if config is None:
         return AccelConfig()
     if not isinstance(config, AccelConfig):
@@ -84,7 +69,7 @@ def accelerate(pipe, config: AccelConfig | None = None, *, preset: str | None = 
         raise AlreadyAcceleratedError(
             f"this {type(pipe).__name__} is already accelerated; call accel.restore(pipe) before applying another config"
         )
-    config = resolve_config(config, preset)
+    config = resolve_config(config, preset, pipe)
     plan = sorted(((technique_for(c), c) for _, c in config.items()), key=lambda tc: tc[0].order)
     _check_plan(pipe, plan)
 

@@ -1,22 +1,34 @@
 """Named presets: plain data, listed by `accel presets`.
 
-Each is an `AccelConfig`; the README's preset table gives the speed and quality measured for each.
+Each is an `AccelConfig`; the README's preset table gives the speed and quality measured for each. Pipelines
+on a flow-matching schedule (SD3, Flux, Sana) get the same names without the sampler swap, which runs on betas
+schedules only: the runtime alone, and for "fast" the block cache on top.
 """
 
 from __future__ import annotations
 
+from .cache import BlockCacheConfig
 from .config import AccelConfig
+from .pipelines import flow_matching
 from .runtime import RuntimeConfig
 from .sampler import SamplerConfig
 
-
 # Fastest runtime measured on the H100 (benchmarks/results/sd15-layout.md); graphs fall back to eager on CPU.
 _COMPILED = RuntimeConfig(
-    attention="sdpa", channels_last=True, compile="full", cuda_graph=True, components=("unet", "vae", "text_encoder")
+    attention="sdpa", channels_last=True, compile="full", cuda_graph=True, components=("denoiser", "vae", "text_encoder")
 )
 
 
-def _presets() -> dict[str, tuple[str, AccelConfig]]:
+def _presets(flow: bool = False) -> dict[str, tuple[str, AccelConfig]]:
+    if flow:
+        return {
+            "quality": ("the pipeline's own flow-matching scheduler and steps, SDPA attention",
+                        AccelConfig(runtime=RuntimeConfig(attention="sdpa"))),
+            "balanced": ("the pipeline's own scheduler and steps, compiled runtime (torch.compile, CUDA graphs of "
+                         "every component)", AccelConfig(runtime=_COMPILED)),
+            "fast": ("the pipeline's own scheduler and steps, compiled runtime, block cache (threshold 0.1)",
+                     AccelConfig(cache=BlockCacheConfig(threshold=0.1), runtime=_COMPILED)),
+        }
     return {
         "quality": (
             "DPM-Solver++ 2M, 30 steps, SDPA attention",
@@ -37,12 +49,18 @@ def preset_names() -> tuple[str, ...]:
     return tuple(_presets())
 
 
-def describe_presets() -> list[tuple[str, str, AccelConfig]]:
-    return [(name, text, config) for name, (text, config) in _presets().items()]
+def describe_presets(pipe=None) -> list[tuple[str, str, AccelConfig]]:
+    """(name, description, config) of every preset, as it applies to `pipe` (None: UNet pipelines)."""
+    return [(name, text, config) for name, (text, config) in _presets(_is_flow(pipe)).items()]
 
 
-def get_preset(name: str) -> AccelConfig:
-    presets = _presets()
+def get_preset(name: str, pipe=None) -> AccelConfig:
+    """The preset `name` for `pipe`'s family (None: UNet and other betas-schedule pipelines)."""
+    presets = _presets(_is_flow(pipe))
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
     return presets[name][1]
+
+
+def _is_flow(pipe) -> bool:
+    return pipe is not None and flow_matching(pipe)

@@ -69,7 +69,7 @@ def _builtin_techniques() -> list[Technique]:
         Technique(cache.block_cache.NAME, "cache", cache.BlockCacheConfig, cache.block_cache.BlockCache, order=50,
                   denoisers=("unet", "transformer")),
         Technique("patch_parallel", "parallel", PatchParallelConfig, PatchParallel, order=70),
-        Technique("runtime", "runtime", RuntimeConfig, Runtime, order=90),
+        Technique("runtime", "runtime", RuntimeConfig, Runtime, order=90, denoisers=("unet", "transformer")),
     ]
 
 
@@ -86,7 +86,7 @@ def _builtin_conflicts() -> list[Conflict]:
                  "step and cannot run inside CUDA graphs or a fully compiled UNet; use it with "
                  "RuntimeConfig(cuda_graph=False, compile=None or 'regional'), or parallel_decode=False"),
         Conflict("patch_parallel", "runtime", lambda patch: world_size(patch) > 1,
-                 lambda runtime: runtime.compile is not None and "unet" in runtime.components,
+                 lambda runtime: runtime.compile is not None and runtime.covers_denoiser,
                  UnsupportedPipelineError, COMPILE_REFUSED),
     ]
 

@@ -225,13 +225,11 @@ def test_legacy_callback_advances_the_step_index(tmp_path):
     assert full + cached == 6 and cached >= 1  # without a step index every call would be a new, full slot
 
 
-def test_dit_pipelines_take_the_block_cache_and_a_compatible_sampler_only(tmp_path):
+def test_dit_pipelines_take_the_block_cache_runtime_and_a_compatible_sampler_only(tmp_path):
     pixart, kwargs, threshold = _build("pixart", tmp_path / "pixart")
-    accepted = "the accepted configs are: SamplerConfig, BlockCacheConfig"
+    accepted = "the accepted configs are: SamplerConfig, BlockCacheConfig, RuntimeConfig"
     with pytest.raises(accel.UnsupportedPipelineError, match=f"DeepCacheConfig needs a pipeline with a UNet2DConditionModel.*PixArtAlphaPipeline has a DiT .*{accepted}"):
-        accel.accelerate(pixart, AccelConfig(cache=DeepCacheConfig()))
-    with pytest.raises(accel.UnsupportedPipelineError, match=f"RuntimeConfig needs .*{accepted}"):
-        accel.accelerate(pixart, AccelConfig(cache=BlockCacheConfig(), runtime=RuntimeConfig(cuda_graph=True)))
+        accel.accelerate(pixart, AccelConfig(cache=DeepCacheConfig(), runtime=RuntimeConfig(cuda_graph=True)))
     assert not accel.is_accelerated(pixart)
 
     before = run(pixart, steps=6, **kwargs)

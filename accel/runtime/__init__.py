@@ -1,7 +1,9 @@
 """Compiled runtime: attention backend, channels-last, reduced precision, torch.compile, CUDA graphs.
 
 Stable Diffusion UNets at batch 1-2 are bound by kernel launches on H100-class GPUs; replaying a
-captured CUDA graph (and compiling the blocks first) removes most of that overhead.
+captured CUDA graph (and compiling the blocks first) removes most of that overhead. The same steps run
+on DiT transformers (PixArt, SD3, Flux, Sana): regional compilation compiles their repeated blocks,
+CUDA graphs capture the transformer's calls, keyed on the session's plan of each call as for UNets.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ from typing import Callable
 
 import torch
 
-from ..errors import check_choice
+from ..errors import UnsupportedPipelineError, check_choice
+from ..pipelines import denoiser, denoiser_kind
 from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
 from .compile import apply_compile, first_call_seconds, precompile_report, remove_compile
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 COMPILE_MODES = (None, "regional", "full")
-COMPONENTS = ("unet", "vae", "text_encoder")
+# The denoiser goes by its generic name or by its kind; "unet" / "transformer" must match the pipeline's.
+DENOISER_COMPONENTS = ("denoiser", "unet", "transformer")
+COMPONENTS = (*DENOISER_COMPONENTS, "vae", "text_encoder")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 __all__ = [
     "RUNTIME_STEPS",
@@ -41,17 +47,20 @@ class RuntimeConfig:
 
     attention: "default" (as loaded), "sdpa", "flash", "efficient", "math", "cudnn" (SDPA pinned to
         one kernel) or "xformers".
-    fuse_qkv: fuse the q/k/v projections of every UNet attention into one matmul (diffusers'
-        `fuse_qkv_projections`); needs SDPA attention.
-    channels_last: NHWC memory format for the UNet (and ControlNet).
+    fuse_qkv: fuse the q/k/v projections of every attention of the denoiser into one matmul (diffusers'
+        `fuse_qkv_projections`, which UNets and the PixArt, SD3 and Flux transformers have); needs SDPA attention.
+    channels_last: NHWC memory format for the denoiser's convolutions (and ControlNet's).
     dtype: cast every pipeline module to "float16" / "bfloat16" / "float32"; the original weights
         are kept on the CPU so `restore` is exact.
     compile: None, "regional" (repeated blocks, short compile) or "full".
     compile_workers: with "regional", how many worker processes compile the distinct blocks alongside
         the first call (None: half the host's cores, at most 8; 0: all in this process).
     cuda_graph: capture calls as CUDA graphs; eager where capture fails.
-    components: which modules `compile` and `cuda_graph` cover: "unet" (with ControlNet),
-        "vae" (the decoder) and "text_encoder" (every text encoder of the pipeline).
+    components: which modules `compile` and `cuda_graph` cover: "denoiser" (the UNet or DiT transformer,
+        with ControlNet; "unet" / "transformer" name it by kind), "vae" (the decoder) and "text_encoder"
+        (every text encoder of the pipeline).
+    On a DiT the attention processors are the model's own (SDPA already): "sdpa" keeps them and the pinned
+    kernels run them under `sdpa_kernel`; "xformers" is for UNets.
     """
 
     attention: str = "default"
@@ -61,7 +70,7 @@ class RuntimeConfig:
     compile: str | None = None
     compile_workers: int | None = None
     cuda_graph: bool = False
-    components: tuple[str, ...] = ("unet",)
+    components: tuple[str, ...] = ("denoiser",)
 
     def __post_init__(self):
         check_choice("RuntimeConfig.attention", self.attention, ATTENTION_CHOICES)
@@ -83,9 +92,13 @@ class RuntimeConfig:
             check_choice("RuntimeConfig.components item", component, COMPONENTS)
         object.__setattr__(self, "components", tuple(self.components))
 
+    @property
+    def covers_denoiser(self) -> bool:
+        return any(c in DENOISER_COMPONENTS for c in self.components)
+
 
 def _denoisers(pipe) -> list[torch.nn.Module]:
-    nets = [pipe.unet]
+    nets = [denoiser(pipe)]
     controlnet = getattr(pipe, "controlnet", None)
     if isinstance(controlnet, torch.nn.Module):
         nets.append(controlnet)
@@ -94,13 +107,18 @@ def _denoisers(pipe) -> list[torch.nn.Module]:
 
 def _modules(pipe, components: tuple[str, ...]) -> list[torch.nn.Module]:
     """The modules that compile / CUDA-graph settings cover."""
+    kind = denoiser_kind(pipe)
+    named = [c for c in components if c in ("unet", "transformer") and c != kind]
+    if named:
+        raise UnsupportedPipelineError(f"RuntimeConfig.components names {named[0]!r}, but the denoiser of "
+                                       f"{type(pipe).__name__} is a {kind}; name it {kind!r} or 'denoiser'")
     modules = []
-    if "unet" in components:
+    if any(c in DENOISER_COMPONENTS for c in components):
         modules += _denoisers(pipe)
     if "vae" in components and getattr(pipe, "vae", None) is not None:
         modules.append(pipe.vae.decoder)  # decode() is not forward(): hook the decoder it calls
     if "text_encoder" in components:
-        modules += [m for name in ("text_encoder", "text_encoder_2") if isinstance(m := getattr(pipe, name, None), torch.nn.Module)]
+        modules += [m for name in TEXT_ENCODERS if isinstance(m := getattr(pipe, name, None), torch.nn.Module)]
     return modules
 
 
@@ -163,9 +181,9 @@ def _uncompile(pipe, modules: list[torch.nn.Module]) -> None:
 
 
 def _capture_graphs(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:
-    """CUDA graphs of the covered modules; the UNet's graphs are keyed on the session's plan of each call."""
-    if "unet" in config.components:
-        session.planner(pipe.unet)  # binds each call's arguments once and plans it, for its graph hook
+    """CUDA graphs of the covered modules; the denoiser's graphs are keyed on the session's plan of each call."""
+    if config.covers_denoiser:
+        session.planner(denoiser(pipe))  # binds each call's arguments once and plans it, for its graph hook
     return _on_each(_modules(pipe, config.components), apply_cuda_graph, remove_cuda_graph)
 
 
@@ -188,10 +206,11 @@ class RuntimeStep:
 # In the order they are applied; removed in reverse.
 RUNTIME_STEPS = (
     RuntimeStep("dtype", lambda c: c.dtype is not None, lambda pipe, c, s: _cast(pipe, DTYPES[c.dtype]), _uncast),
-    RuntimeStep("attention", lambda c: c.attention != "default", lambda pipe, c, s: apply_attention(pipe.unet, c.attention),
-                lambda pipe, saved: remove_attention(pipe.unet, saved)),
-    RuntimeStep("fuse_qkv", lambda c: c.fuse_qkv, lambda pipe, c, s: apply_fused_qkv(pipe.unet),
-                lambda pipe, saved: remove_fused_qkv(pipe.unet, saved)),
+    RuntimeStep("attention", lambda c: c.attention != "default",
+                lambda pipe, c, s: apply_attention(denoiser(pipe), c.attention, processors=denoiser_kind(pipe) == "unet"),
+                lambda pipe, saved: remove_attention(denoiser(pipe), saved)),
+    RuntimeStep("fuse_qkv", lambda c: c.fuse_qkv, lambda pipe, c, s: apply_fused_qkv(denoiser(pipe)),
+                lambda pipe, saved: remove_fused_qkv(denoiser(pipe), saved)),
     RuntimeStep("channels_last", lambda c: c.channels_last, _to_channels_last, _to_contiguous),
     RuntimeStep("compile", lambda c: c.compile is not None, _compile, _uncompile),
     RuntimeStep("cuda_graph", lambda c: c.cuda_graph, _capture_graphs, _release_graphs),

@@ -1,4 +1,4 @@
-"""Attention backend choice for a UNet: PyTorch SDPA (optionally pinned to one kernel) or xformers."""
+"""Attention backend choice: PyTorch SDPA (optionally pinned to one kernel) or xformers (UNets), and fused QKV."""
 
 from __future__ import annotations
 
@@ -44,11 +44,15 @@ def _processor_for(attention: str):
     return AttnProcessor2_0()
 
 
-def apply_attention(unet: torch.nn.Module, attention: str) -> dict:
-    """Set every attention processor; returns the processors before, which `remove_attention` puts back."""
-    processor = _processor_for(attention)
+def apply_attention(unet: torch.nn.Module, attention: str, processors: bool = True) -> dict:
+    """Set every attention processor (`processors=False`: a DiT's own processors, already SDPA, are kept and only
+    a pinned kernel applies); returns the processors before, which `remove_attention` puts back."""
     saved = dict(unet.attn_processors)
-    unet.set_attn_processor(processor)
+    if processors:
+        unet.set_attn_processor(_processor_for(attention))
+    elif attention == "xformers":
+        raise ValueError(f"RuntimeConfig(attention='xformers') sets UNet attention processors; {type(unet).__name__} "
+                         f"keeps its own (SDPA): use attention='sdpa', 'flash', 'efficient', 'cudnn' or 'math'")
     if attention in SDPA_BACKENDS:
         HookRegistry.check_if_exists_or_initialize(unet).register_hook(SDPABackendHook(attention), _HOOK)
     return saved
@@ -64,9 +68,14 @@ def remove_attention(unet: torch.nn.Module, saved: dict) -> None:
 def apply_fused_qkv(unet: torch.nn.Module) -> dict:
     """diffusers' `fuse_qkv_projections`: one matmul for q/k/v (k/v in cross-attention); returns what
     `remove_fused_qkv` needs to undo it."""
+    from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+    if not hasattr(unet, "fuse_qkv_projections"):
+        raise ValueError(f"RuntimeConfig(fuse_qkv=True) needs diffusers' fuse_qkv_projections, which "
+                         f"{type(unet).__name__} does not have")
+
+    attentions = [m for m in unet.modules() if isinstance(m, (Attention, AttentionModuleMixin))]
     saved = {
         "processors": dict(unet.attn_processors),
         "original_attn_processors": unet.__dict__.get("original_attn_processors", _MISSING),

@@ -24,6 +24,9 @@ HOOK_NAME = "accel.compile"
 # call: 92.3 s with them and automatic dynamic shapes, 65.0 s without them and static shapes; steady
 # state 263.0 ms -> 205.2 ms end to end; `benchmarks/runtime/compile_time.py`).
 REGIONAL_BLOCKS = ("BasicTransformerBlock", "Transformer2DModel", "ResnetBlock2D", "CLIPEncoderLayer")
+# DiT blocks that diffusers 0.42 does not list in the model's `_repeated_blocks` (which are compiled too), and
+# T5's layers for the DiTs' text encoders.
+DIT_BLOCKS = ("JointTransformerBlock", "SanaTransformerBlock", "T5Block")
 # Static shapes: each channel count / resolution compiles once, to kernels specialised for it. With
 # dynamo's automatic dynamic shapes the second shape of a block class turned the graph dynamic, which
 # compiled more slowly and ran slower.
@@ -128,11 +131,14 @@ def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, compi
     if mode == "full":
         hook = CompileHook(**compile_kwargs)
     else:
-        regions = [m for m in module.modules() if type(m).__name__ in REGIONAL_BLOCKS and m is not module]
+        blocks = {*REGIONAL_BLOCKS, *DIT_BLOCKS}
+        if "transformer_blocks" in module._modules:  # a DiT: what diffusers' compile_repeated_blocks compiles too
+            blocks |= set(getattr(module, "_repeated_blocks", None) or ())
+        regions = [m for m in module.modules() if type(m).__name__ in blocks and m is not module]
         # Nested regions (a resnet inside a compiled transformer) would compile twice.
         outer = [m for m in regions if not any(m is not r and _contains(r, m) for r in regions)]
         if not outer:
-            raise ValueError(f"regional compilation found none of {REGIONAL_BLOCKS} in {type(module).__name__}")
+            raise ValueError(f"regional compilation found none of {sorted(blocks)} in {type(module).__name__}")
         compile_kwargs = {**REGIONAL_COMPILE_DEFAULTS, **compile_kwargs}
         for region in outer:
             region.compile(**compile_kwargs)

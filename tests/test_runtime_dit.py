@@ -1,0 +1,88 @@
+"""The compiled runtime and presets on DiT pipelines (PixArt, SD3, Flux): three passes per runtime step on CPU,
+where CUDA graphs fall back to eager and compilation is held at eager (`torch.compiler.set_stance`)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import PixArtSigmaPipeline
+from tiny import run, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+
+import accel
+from accel import AccelConfig, BlockCacheConfig, RuntimeConfig
+from accel.runtime import get_cuda_graph_hook
+from accel.session import planner_of
+
+PIPELINES = {
+    "pixart_sigma": (lambda tmp: tiny_pixart_pipeline(tmp, pipeline_class=PixArtSigmaPipeline),
+                     {"use_resolution_binning": False, "clean_caption": False}),
+    "sd3": (tiny_sd3_pipeline, {}),
+    "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
+}
+RUNTIMES = {
+    "graphs": RuntimeConfig(cuda_graph=True, components=("denoiser", "vae", "text_encoder")),
+    "flash-pin": RuntimeConfig(attention="flash"),
+    "bfloat16": RuntimeConfig(dtype="bfloat16"),
+    "regional": RuntimeConfig(compile="regional", compile_workers=0, cuda_graph=True),
+}
+
+
+@pytest.mark.parametrize("runtime", list(RUNTIMES))
+@pytest.mark.parametrize("which", list(PIPELINES))
+def test_runtime_round_trip_on_dits(which, runtime, tmp_path):
+    build, kwargs = PIPELINES[which]
+    pipe = build(tmp_path)
+    before = run(pipe, steps=3, **kwargs)
+    config = RUNTIMES[runtime]
+    accel.accelerate(pipe, AccelConfig(runtime=config))
+    if config.cuda_graph:
+        assert get_cuda_graph_hook(pipe.transformer).planner is planner_of(pipe.transformer) is not None
+    with torch.compiler.set_stance("force_eager"):  # the hooks and regions, not inductor's CPU compile time
+        out = run(pipe, steps=3, **kwargs)
+    if runtime == "regional":
+        compiled = [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+        assert len(compiled) >= 2  # the repeated blocks
+    accel.restore(pipe)
+    if runtime == "bfloat16":
+        assert np.abs(out - before).max() < 0.05 and pipe.transformer.dtype == torch.float32
+    else:
+        np.testing.assert_allclose(out, before, atol=1e-5)
+    assert not [m for m in pipe.transformer.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert np.array_equal(run(pipe, steps=3, **kwargs), before)
+
+
+@pytest.mark.parametrize("which", list(PIPELINES))
+def test_fused_qkv_on_dits(which, tmp_path):
+    build, kwargs = PIPELINES[which]
+    pipe = build(tmp_path)
+    before, keys = run(pipe, steps=3, **kwargs), set(pipe.transformer.state_dict())
+    accel.accelerate(pipe, AccelConfig(runtime=RuntimeConfig(attention="sdpa", fuse_qkv=True)))
+    assert any(k.endswith("to_qkv.weight") for k in pipe.transformer.state_dict())
+    np.testing.assert_allclose(run(pipe, steps=3, **kwargs), before, atol=1e-5)
+    accel.restore(pipe)
+    assert set(pipe.transformer.state_dict()) == keys and np.array_equal(run(pipe, steps=3, **kwargs), before)
+
+
+def test_what_a_dit_runtime_refuses(tmp_path):
+    flux = tiny_flux_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="attention='xformers'.*FluxTransformer2DModel keeps its own"):
+        accel.accelerate(flux, AccelConfig(runtime=RuntimeConfig(attention="xformers")))
+    with pytest.raises(accel.UnsupportedPipelineError, match="names 'unet', but the denoiser of FluxPipeline is a transformer"):
+        accel.accelerate(flux, AccelConfig(runtime=RuntimeConfig(cuda_graph=True, components=("unet",))))
+    assert not accel.is_accelerated(flux)
+
+
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_presets_on_flow_matching_dits(which, tmp_path):
+    """A flow-matching pipeline keeps its own scheduler; "fast" adds the block cache to the compiled runtime."""
+    build, kwargs = PIPELINES[which]
+    pipe = build(tmp_path)
+    scheduler, before = pipe.scheduler, run(pipe, steps=4, **kwargs)
+    config = accel.resolve_config(preset="fast", pipe=pipe)
+    assert config.sampler is None and isinstance(config.cache, BlockCacheConfig) and config.runtime.compile == "full"
+    accel.accelerate(pipe, preset="fast")
+    with torch.compiler.set_stance("force_eager"):
+        out = run(pipe, steps=4, **kwargs)
+    assert pipe.scheduler is scheduler and np.isfinite(out).all()
+    accel.restore(pipe)
+    assert np.array_equal(run(pipe, steps=4, **kwargs), before)
+    assert accel.get_preset("fast").sampler is not None  # UNet pipelines keep the sampler swap
