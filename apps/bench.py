@@ -25,7 +25,7 @@ import accel
 from accel import AccelConfig, RuntimeConfig, SamplerConfig
 from accel.cache import DeepCacheConfig
 
-ALL_COMPONENTS = ("unet", "vae", "text_encoder")
+ALL_COMPONENTS = ("denoiser", "vae", "text_encoder")
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",

@@ -61,7 +61,7 @@ def _parallel_config(args):
     from accel.parallel import PatchParallelConfig, init_distributed
 
     runtime = accel.resolve_config(preset=args.preset).runtime if args.preset else None
-    if runtime is not None and runtime.compile and "unet" in runtime.components:
+    if runtime is not None and runtime.compile and runtime.covers_denoiser:
         raise SystemExit(f"--parallel does not compose with torch.compile of the UNet (preset {args.preset!r} compiles "
                          "it); use a preset without compile, or no preset (CUDA graphs do compose)")
     try:
