@@ -68,7 +68,8 @@ def _builtin_techniques() -> list[Technique]:
                   order=50),
         Technique(cache.block_cache.NAME, "cache", cache.BlockCacheConfig, cache.block_cache.BlockCache, order=50,
                   denoisers=("unet", "transformer")),
-        Technique("patch_parallel", "parallel", PatchParallelConfig, PatchParallel, order=70),
+        Technique("patch_parallel", "parallel", PatchParallelConfig, PatchParallel, order=70,
+                  denoisers=("unet", "transformer")),
         Technique("runtime", "runtime", RuntimeConfig, Runtime, order=90, denoisers=("unet", "transformer")),
     ]
 

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 import accel
 from accel.parallel import PatchParallelConfig, get_patch_parallel, split_rows
-from tiny import run, tiny_sd_pipeline
+from tiny import run, tiny_sd3_pipeline, tiny_sd_pipeline
 
 STEPS = 4
 # Asynchronous steps see the other patches one step stale; on the tiny random UNet after 1
@@ -174,7 +174,23 @@ def _worker_cases(rank: int, world: int, tmp: Path) -> dict:
     tiny_height = 2 if world == 2 else 4
     sample, context = _unet_inputs(tiny_height, 16)
     out["error_small"] = np.array(_error(lambda: with_config(PatchParallelConfig(), lambda: _unet_call(pipe, sample, context))))
+    if world == 2:
+        _dit_cases(tmp / f"sd3{rank}", out)
     return out
+
+
+def _dit_cases(folder: Path, out: dict) -> None:
+    """CFG parallelism on an SD3 transformer (its CFG batch split over the 2 ranks); the patch modes refused."""
+    sd3 = tiny_sd3_pipeline(folder)
+    out["sd3_single"] = run(sd3, steps=STEPS)
+    accel.accelerate(sd3, accel.AccelConfig(parallel=PatchParallelConfig(mode="cfg")))
+    try:
+        out["sd3_cfg"] = run(sd3, steps=STEPS)
+        out["sd3_cfg_bytes"] = np.array(get_patch_parallel(sd3).output_bytes)
+    finally:
+        accel.restore(sd3)
+    out["sd3_restored"] = run(sd3, steps=STEPS)
+    out["error_sd3_patch"] = np.array(_error(lambda: accel.accelerate(sd3, accel.AccelConfig(parallel=PatchParallelConfig()))))
 
 
 def _lora_cases(folder: Path, inputs, out: dict) -> None:
@@ -313,6 +329,11 @@ def test_cfg_parallel_equals_the_cfg_result_and_layout_errors_are_clear(results)
     out = ranks[0]
     if world == 2:
         np.testing.assert_allclose(out["image_cfg"], out["baseline"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(out["sd3_cfg"], out["sd3_single"], atol=1e-5, rtol=0)  # a DiT's CFG batch too
+        np.testing.assert_array_equal(out["sd3_restored"], out["sd3_single"])
+        assert int(out["sd3_cfg_bytes"]) > 0
+        assert "splits UNet feature maps into bands; StableDiffusion3Pipeline has a DiT transformer: use mode='cfg'" \
+            in str(out["error_sd3_patch"])
         assert str(out["error_cfg"]) == ""
         assert "needs an even world size of at least 4" in str(out["error_patch+cfg"])
         assert "but the world size is 2" in str(out["error_patch+cfg"])

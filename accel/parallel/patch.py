@@ -23,7 +23,8 @@ statistics, self-attention keys and values.
 - CFG parallelism: the pipeline calls the UNet with the batch [uncond; cond]; two rank groups each
   compute one half and the halves are all-gathered, so the pipeline's guidance combine is
   unchanged. An odd batch is computed whole by both groups. "patch+cfg" on 2P ranks is 2 groups of
-  P patches (needs an even world size of at least 4).
+  P patches (needs an even world size of at least 4). Mode "cfg" also splits a DiT's batch (SD3,
+  PixArt; Flux-dev has no CFG batch); the patch modes split UNet feature maps only.
 
 Composes with CUDA graphs (`RuntimeConfig(cuda_graph=True)`): each call's host-side choices (its comm
 slot, synchronous or asynchronous) are its decision in the session's plan of the call, made before the
@@ -50,6 +51,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError, check_choice
+from ..pipelines import denoiser, denoiser_kind
 from ..session import technique_functions
 from .comm import CommManager, _all_gather_flat
 from .layers import unwrap_layers, wrap_layers
@@ -136,13 +138,16 @@ class PatchParallel:
 
     def __init__(self, pipe, config: PatchParallelConfig, session):
         self.config = config
-        self.unet = pipe.unet
+        self.unet = denoiser(pipe)  # a UNet, or in mode "cfg" a DiT transformer
+        if "patch" in config.mode and denoiser_kind(pipe) != "unet":
+            raise UnsupportedPipelineError(f"PatchParallelConfig(mode={config.mode!r}) splits UNet feature maps into "
+                                           f"bands; {type(pipe).__name__} has a DiT transformer: use mode='cfg'")
         self.session = session
         self.vae_scale_factor = getattr(pipe, "vae_scale_factor", None)
         self.group, self.rank, self.world = self._resolve_group(config)
         self.cfg_groups, self.patches = self._layout(config.mode, self.world)
         self.cfg_index, self.patch_index = divmod(self.rank, self.patches)
-        self.unit = 2 ** num_downsamplers(self.unet)
+        self.unit = 2 ** num_downsamplers(self.unet) if "patch" in config.mode else 1
         self.comm: CommManager | None = None
         self.records: list = []
         self.created_groups: list = []
@@ -191,7 +196,7 @@ class PatchParallel:
 
     def apply(self) -> None:
         unet = self.unet
-        if not hasattr(unet, "down_blocks") or not hasattr(unet, "up_blocks"):
+        if "patch" in self.config.mode and not (hasattr(unet, "down_blocks") and hasattr(unet, "up_blocks")):
             raise UnsupportedPipelineError(f"patch parallelism needs a UNet with down and up blocks, got {type(unet).__name__}")
         registry = HookRegistry.check_if_exists_or_initialize(unet)
         if HOOK_NAME in registry.hooks:
@@ -260,11 +265,15 @@ class PatchParallel:
         """The host-side plan of this UNet call, made once per call even when a CUDA graph replays it: its comm
         slot and whether the exchange is fresh or stale; the decision the session records (and keys graphs on)."""
         sample = call.sample
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+        if not isinstance(sample, torch.Tensor) or (self.patches > 1 and sample.dim() != 4):
             return None  # forward raises the clear error
         self.calls += 1
-        batch, channels, height, width = sample.shape
+        batch = sample.shape[0]
         decision: object = "whole"
+        if self.patches == 1:  # the CFG halves only: the output is as large as this rank's half of the sample
+            self.output_bytes += sample.numel() // (2 if self.cfg_groups > 1 and batch % 2 == 0 else 1) * sample.element_size()
+            return decision
+        _, channels, height, width = sample.shape
         if self.patches > 1:
             bands = self.bands(height)
             # Outside a pipeline's steps (or once they stop advancing): synchronous, on a throw-away slot.
@@ -277,8 +286,6 @@ class PatchParallel:
                 decision = "registering"
                 call.run_eagerly()  # its exchanges register with a host sync
             self.comm.join_each_call = call.graphed
-        else:
-            bands = [(0, height)]
         groups = 2 if self.cfg_groups > 1 and batch % 2 == 0 else 1
         rows = max(end - start for start, end in bands)
         out_channels = getattr(self.unet.config, "out_channels", channels)
@@ -289,14 +296,16 @@ class PatchParallel:
         if self.world == 1:
             return forward(*args, **kwargs)
         arguments = dict(self.planner.arguments(args, kwargs))
-        sample = arguments["sample"]
-        batch, _, height, _ = sample.shape
+        sample = arguments[self.planner.names[0]]
+        batch = sample.shape[0]
         split_batch = self.cfg_groups > 1 and batch % 2 == 0
         if split_batch:
             half, start = batch // 2, self.cfg_index * (batch // 2)
             arguments = {name: pytree.tree_map(lambda x: _batch_slice(x, batch, start, half), value)
                          for name, value in arguments.items()}
-        bands = [(0, height)]
+        if self.patches == 1:
+            return self._gather_halves(forward(**arguments), 2 if split_batch else 1)
+        height = sample.shape[2]
         if self.patches > 1:
             bands = self.bands(height)
             start, end = bands[self.patch_index]
@@ -313,6 +322,16 @@ class PatchParallel:
         else:
             output = forward(**arguments)
         return self._gather_output(output, bands, 2 if split_batch else 1)
+
+    def _gather_halves(self, output, batch_groups: int):
+        """Mode "cfg": every rank's output (its CFG half, or the whole batch when it was odd), concatenated."""
+        local = (output[0] if isinstance(output, tuple) else output.sample).contiguous()
+        if batch_groups == 1:
+            return output
+        gathered = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
+        _all_gather_flat(gathered, local.view(-1), self.group)
+        full = gathered.view(self.world, *local.shape).flatten(0, 1)
+        return (full,) + tuple(output[1:]) if isinstance(output, tuple) else type(output)(sample=full)
 
     def _gather_output(self, output, bands, batch_groups: int):
         local = output[0] if isinstance(output, tuple) else output.sample
