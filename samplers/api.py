@@ -122,7 +122,7 @@ def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, A
         if num_steps is not None and len(per_step) != num_steps:
             raise ValueError(f"orders gives {len(per_step)} per-step orders for num_steps={num_steps}")
     if options.get("coefficients") is not None:
-        from .olss import check_coefficients
+        from .olss_solver import check_coefficients
 
         check_coefficients(options["coefficients"], num_steps)
     if options.get("backend", "samplers") not in BACKENDS:

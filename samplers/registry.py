@@ -20,7 +20,7 @@ from .dpm_solver import (
 )
 from .euler import ddim_steps, euler_steps, heun_steps, sample_ddim, sample_euler, sample_heun
 from .lcm import lcm_steps, sample_lcm
-from .olss import olss_steps, sample_olss
+from .olss_solver import olss_steps, sample_olss
 from .pndm import ipndm_steps, pndm_steps, sample_ipndm, sample_pndm
 from .unipc import sample_unipc, unipc_steps
 

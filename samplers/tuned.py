@@ -31,7 +31,8 @@ import torch
 
 from .api import SAMPLERS, check_sampler_args, sample
 from .denoiser import NoiseSchedule, UNetDenoiser
-from .olss import ReferenceTrajectory, check_coefficients, fit_olss_coefficients
+from .olss import ReferenceTrajectory, fit_olss_coefficients
+from .olss_solver import check_coefficients
 from .schedules import get_sigmas
 
 TUNED_DIRNAME = "tuned_schedules"
