@@ -6,60 +6,11 @@ The names, the schedules and the options each sampler accepts live here, so that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from .dpm_solver import SOLVER_TYPES
+from .registry import COMMON_OPTIONS, SAMPLER_NAMES, SAMPLERS, SamplerSpec, sampler_spec
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    """What a sampler name accepts: the range of `order` and its own options."""
-
-    orders: tuple[int, ...] = (1,)
-    default_order: int = 1
-    options: tuple[str, ...] = ()
-
-
-# Options every sampler takes: explicit timesteps / sigmas, Karras rho, x0 thresholding, backend.
-COMMON_OPTIONS = (
-    "timesteps",
-    "sigmas",
-    "rho",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "sample_max_value",
-    "backend",
-    "tuned",
-    "model_dir",
-    "original_inference_steps",
-)
-
-_DPM = ("lower_order_final",)
-_SINGLE = ("lower_order_final", "solver_type")
-SAMPLERS: dict[str, SamplerSpec] = {
-    "ddim": SamplerSpec(options=("eta",)),
-    "euler": SamplerSpec(),
-    "heun": SamplerSpec(orders=(2,), default_order=2),
-    "dpm_solver_1": SamplerSpec(options=("lower_order_final",)),
-    "dpm_solver_2": SamplerSpec(orders=(2,), default_order=2, options=_SINGLE),
-    "dpm_solver_3": SamplerSpec(orders=(3,), default_order=3, options=_SINGLE),
-    "dpm_solver_2m": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("solver_type",)),
-    "dpm_solver_3m": SamplerSpec(orders=(3,), default_order=3, options=_DPM + ("diffusers_3m",)),
-    "dpmpp_2m": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("solver_type",)),
-    "dpmpp_3m": SamplerSpec(orders=(3,), default_order=3, options=_DPM + ("diffusers_3m",)),
-    "dpmpp_2s": SamplerSpec(orders=(2,), default_order=2, options=_SINGLE),
-    "dpmpp_sde": SamplerSpec(orders=(2,), default_order=2, options=("eta", "r")),
-    "dpmpp_2m_sde": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("eta", "solver_type")),
-    "unipc_bh1": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector", "orders")),
-    "unipc_bh2": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector", "orders")),
-    "deis": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM),
-    "pndm": SamplerSpec(orders=(4,), default_order=4),
-    "ipndm": SamplerSpec(orders=(1, 2, 3, 4), default_order=4),
-    "lcm": SamplerSpec(options=("timestep_scaling",)),
-    # DPM-Solver++(2M)'s family with fitted per-step coefficients (samplers.olss)
-    "olss": SamplerSpec(orders=(2,), default_order=2, options=("coefficients",)),
-}
-
-SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 SCHEDULE_NAMES: tuple[str, ...] = (
     "default",
     "linspace",
@@ -74,7 +25,6 @@ SCHEDULE_NAMES: tuple[str, ...] = (
 )
 BACKENDS = ("samplers", "diffusers")
 _DEFAULT_BACKEND = "samplers"
-SOLVER_TYPES = ("midpoint", "heun")
 
 
 def _choices(values) -> str:
@@ -82,16 +32,14 @@ def _choices(values) -> str:
 
 
 def resolve_schedule(name: str, schedule: str) -> str:
-    """The schedule a sampler runs: "default" is LCM's own schedule for "lcm" (a consistency model is
-    distilled on those timesteps), and uniform in t for every other sampler."""
-    return "lcm" if name == "lcm" and schedule == "default" else schedule
+    """The schedule a sampler runs: "default" is the sampler's own default schedule (LCM's for
+    "lcm"; uniform in t, resolved by `get_sigmas`, for every other sampler)."""
+    return sampler_spec(name).default_schedule if schedule == "default" else schedule
 
 
 def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, Any]) -> SamplerSpec:
     """Raise `ValueError` (listing the valid choices) for a bad name, step count, schedule or option."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler {name!r} is not supported; valid choices: {_choices(SAMPLER_NAMES)}")
-    spec = SAMPLERS[name]
+    spec = sampler_spec(name)
     if schedule not in SCHEDULE_NAMES:
         raise ValueError(f"schedule {schedule!r} is not supported; valid choices: {_choices(SCHEDULE_NAMES)}")
     original = options.get("original_inference_steps")
@@ -105,7 +53,7 @@ def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, A
                              "takes its steps from the distillation schedule")
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
         raise ValueError(f"num_steps must be a positive int or None, got {num_steps!r}")
-    valid = ("order",) + COMMON_OPTIONS + spec.options
+    valid = ("order",) + COMMON_OPTIONS + tuple(spec.options)
     for key in options:
         if key not in valid:
             raise ValueError(f"option {key!r} is not supported by sampler {name!r}; valid choices: {_choices(valid)}")
