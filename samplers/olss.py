@@ -18,6 +18,7 @@ import torch
 from ._loop import as_floats
 from .dpm_solver import _lam, _second_order
 from .olss_solver import _combine, check_coefficients, dpmpp_2m_coefficients, olss_steps, sample_olss
+from .registry import run_sampler
 
 __all__ = [
     "OLSSFit",
@@ -42,8 +43,6 @@ class ReferenceTrajectory:
     @classmethod
     def solve(cls, denoiser, x, sigmas, *, sampler: str = "dpmpp_3m", extra_args=None) -> "ReferenceTrajectory":
         """Run `sampler` on `sigmas` (one denoiser call per sigma) and keep every state and output."""
-        from .api import sample
-
         states, outputs, seen = [], [], []
 
         def keep(info):
@@ -51,7 +50,7 @@ class ReferenceTrajectory:
             outputs.append(info["denoised"])
             seen.append(float(info["sigma"]))
 
-        final = sample(sampler, denoiser, x, sigmas, extra_args=extra_args, callback=keep, disable=True)
+        final = run_sampler(sampler, denoiser, x, sigmas, extra_args=extra_args, callback=keep, disable=True)
         grid = as_floats(sigmas)[:-1]
         if seen != grid:
             raise ValueError(f"reference sampler {sampler!r} calls the denoiser off its grid; use a multistep sampler")

@@ -2,9 +2,11 @@
 
 An entry holds the pure function (`sample_x`, k-diffusion style), how to build the sampler's solver
 generator (`samplers._loop`) from a run's options, the orders and options it accepts, its denoiser
-calls per step and whether it draws fresh noise. The names, the option checks
-(`samplers.api.check_sampler_args`), `solver_steps` and the scheduler adapter all read it; nothing
-parses a sampler's name.
+calls per step and whether it draws fresh noise. `check_sampler_args` validates a name, schedule and
+options against it, `solver_steps` builds a solver from it and `run_sampler` drives one over a
+denoiser: the runner under `samplers.sample`, schedule tuning and OLSS fitting. Nothing parses a
+sampler's name. The table imports only the solvers, so the scheduler adapter, tuning, fitting and
+`samplers.api` all import it without a cycle.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
-from ._loop import Steps
+from ._loop import Steps, drive
 from .deis import deis_steps, sample_deis
 from .dpm_solver import (
+    SOLVER_TYPES,
     dpm_solver_multistep_steps,
     dpm_solver_singlestep_steps,
     dpmpp_2m_sde_steps,
@@ -30,7 +33,7 @@ from .dpm_solver import (
 )
 from .euler import ddim_steps, euler_steps, heun_steps, sample_ddim, sample_euler, sample_heun
 from .lcm import DEFAULT_TIMESTEP_SCALING, lcm_steps, sample_lcm
-from .olss_solver import olss_steps, sample_olss
+from .olss_solver import check_coefficients, olss_steps, sample_olss
 from .pndm import ipndm_steps, pndm_steps, sample_ipndm, sample_pndm
 from .unipc import sample_unipc, unipc_steps
 
@@ -96,6 +99,19 @@ COMMON_OPTIONS = (
     "model_dir",
     "original_inference_steps",
 )
+SCHEDULE_NAMES: tuple[str, ...] = (
+    "default",
+    "linspace",
+    "leading",
+    "trailing",
+    "karras",
+    "exponential",
+    "logsnr",
+    "explicit",
+    "tuned",
+    "lcm",
+)
+BACKENDS = ("samplers", "diffusers")
 
 _LOF = {"lower_order_final": True}
 _DPM = {"lower_order_final": True, "solver_type": "midpoint"}
@@ -174,11 +190,80 @@ SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 SAMPLER_FUNCTIONS: dict[str, Callable] = {name: spec.function for name, spec in SAMPLERS.items()}
 
 
+def _choices(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
 def sampler_spec(name: str) -> SamplerSpec:
     """The table's entry for `name`, or `ValueError` listing the valid names."""
     if name not in SAMPLERS:
-        raise ValueError(f"sampler {name!r} is not supported; valid choices: {', '.join(map(repr, SAMPLER_NAMES))}")
+        raise ValueError(f"sampler {name!r} is not supported; valid choices: {_choices(SAMPLER_NAMES)}")
     return SAMPLERS[name]
+
+
+def resolve_schedule(name: str, schedule: str) -> str:
+    """The schedule a sampler runs: "default" is the sampler's own default schedule (LCM's for
+    "lcm"; uniform in t, resolved by `get_sigmas`, for every other sampler)."""
+    return sampler_spec(name).default_schedule if schedule == "default" else schedule
+
+
+def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, Any]) -> SamplerSpec:
+    """Raise `ValueError` (listing the valid choices) for a bad name, step count, schedule or option."""
+    spec = sampler_spec(name)
+    if schedule not in SCHEDULE_NAMES:
+        raise ValueError(f"schedule {schedule!r} is not supported; valid choices: {_choices(SCHEDULE_NAMES)}")
+    original = options.get("original_inference_steps")
+    if original is not None:
+        if resolve_schedule(name, schedule) != "lcm":
+            raise ValueError("the option 'original_inference_steps' shapes the LCM schedule; pass schedule='lcm' with it")
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ValueError(f"original_inference_steps must be a positive int, got {original!r}")
+        if num_steps is not None and num_steps > original:
+            raise ValueError(f"num_steps={num_steps} exceeds original_inference_steps={original}: the LCM schedule "
+                             "takes its steps from the distillation schedule")
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+        raise ValueError(f"num_steps must be a positive int or None, got {num_steps!r}")
+    valid = ("order",) + COMMON_OPTIONS + tuple(spec.options)
+    for key in options:
+        if key not in valid:
+            raise ValueError(f"option {key!r} is not supported by sampler {name!r}; valid choices: {_choices(valid)}")
+    order = options.get("order", spec.default_order)
+    if order not in spec.orders:
+        raise ValueError(
+            f"order={order!r} is not supported by sampler {name!r}; valid choices: {_choices(spec.orders)}"
+        )
+    if options.get("orders") is not None:
+        orders = options["orders"]
+        per_step = list(orders) if isinstance(orders, (list, tuple)) else None
+        if not per_step or any(isinstance(o, bool) or o not in spec.orders for o in per_step):
+            raise ValueError(f"orders={orders!r} must list one order per step, each one of {_choices(spec.orders)}")
+        if num_steps is not None and len(per_step) != num_steps:
+            raise ValueError(f"orders gives {len(per_step)} per-step orders for num_steps={num_steps}")
+    if options.get("coefficients") is not None:
+        check_coefficients(options["coefficients"], num_steps)
+    if options.get("backend", "samplers") not in BACKENDS:
+        raise ValueError(f"backend={options['backend']!r} is not supported; valid choices: {_choices(BACKENDS)}")
+    if options.get("solver_type", "midpoint") not in SOLVER_TYPES:
+        raise ValueError(
+            f"solver_type={options['solver_type']!r} is not supported; valid choices: {_choices(SOLVER_TYPES)}"
+        )
+    explicit = [k for k in ("timesteps", "sigmas") if options.get(k) is not None]
+    if schedule == "explicit" and len(explicit) != 1:
+        raise ValueError("schedule='explicit' needs exactly one of the options 'timesteps' or 'sigmas'")
+    if schedule == "tuned" and options.get("tuned") is None:
+        raise ValueError("schedule='tuned' needs the option tuned=<name or JSON path> (and model_dir=<dir> for a name)")
+    if schedule != "tuned" and options.get("tuned") is not None:
+        raise ValueError("the option 'tuned' gives a tuned schedule; pass schedule='tuned' with it")
+    if schedule != "explicit" and explicit:
+        raise ValueError(f"options {explicit} give an explicit schedule; pass schedule='explicit' with them")
+    if explicit:
+        values = list(options[explicit[0]])
+        if len(values) < 1:
+            raise ValueError(f"option {explicit[0]!r} must hold at least one value")
+        steps = len(values) - (1 if explicit[0] == "sigmas" and len(values) > 1 and float(values[-1]) == 0 else 0)
+        if num_steps is not None and num_steps != steps:
+            raise ValueError(f"num_steps={num_steps} disagrees with the {steps} steps of the explicit {explicit[0]}")
+    return spec
 
 
 def solver_steps(name: str, x, sigmas, options: dict, *, noise_sampler=None, generator=None, begin: bool = True,
@@ -193,3 +278,12 @@ def solver_steps(name: str, x, sigmas, options: dict, *, noise_sampler=None, gen
     own = {k: options.get(k, default) for k, default in spec.options.items()}
     run = SolverRun(noise_sampler, generator, begin, noise_schedule)
     return spec.steps(x, sigmas, options.get("order", spec.default_order), own, run)
+
+
+def run_sampler(name: str, denoiser, x, sigmas, options: dict | None = None, *, extra_args=None, callback=None,
+                disable=None, generator=None, noise_sampler=None):
+    """Run sampler `name` with `options`, unchecked (see `check_sampler_args`): the runner under
+    `samplers.sample`, and the one that schedule tuning and OLSS fitting call many times."""
+    steps = solver_steps(name, x, sigmas, options or {}, noise_sampler=noise_sampler, generator=generator,
+                         noise_schedule=getattr(denoiser, "schedule", None))
+    return drive(steps, denoiser, x, extra_args=extra_args, callback=callback, disable=disable)

@@ -17,9 +17,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._loop import trace, zero_noise
-from .api import check_sampler_args, resolve_schedule
 from .denoiser import PREDICTION_TYPES, NoiseSchedule, alpha_from_sigma, dynamic_threshold, model_output_to_x0
-from .registry import SAMPLERS, solver_steps
+from .registry import SAMPLERS, check_sampler_args, resolve_schedule, solver_steps
 from .schedules import get_sigmas
 
 # Entries of a base scheduler's config that describe the model's noise schedule

@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .api import SAMPLERS, check_sampler_args, sample
 from .denoiser import NoiseSchedule, UNetDenoiser
 from .olss import ReferenceTrajectory, fit_olss_coefficients
 from .olss_solver import check_coefficients
+from .registry import SAMPLERS, check_sampler_args, run_sampler
 from .schedules import get_sigmas
 
 TUNED_DIRNAME = "tuned_schedules"
@@ -247,7 +247,8 @@ def tune_schedule(
                 reference = ReferenceTrajectory.solve(counted, x_T, ref_sigmas, sampler=reference_sampler,
                                                       extra_args=extra_args)
             else:
-                reference = sample(reference_sampler, counted, x_T, ref_sigmas, extra_args=extra_args, disable=True)
+                reference = run_sampler(reference_sampler, counted, x_T, ref_sigmas, extra_args=extra_args,
+                                        disable=True)
         trajectory = reference if olss else None
         reference = decode(trajectory.final if olss else reference)
 
@@ -257,7 +258,7 @@ def tune_schedule(
 
         def run_solver(sigmas: torch.Tensor, run: dict, key: tuple) -> torch.Tensor:
             if not olss:
-                return sample(sampler, counted, x_T, sigmas, extra_args=extra_args, disable=True, **run)
+                return run_sampler(sampler, counted, x_T, sigmas, run, extra_args=extra_args, disable=True)
             fit = fit_olss_coefficients(counted, x_T, sigmas, trajectory, extra_args=extra_args, history=history,
                                         ridge=ridge)
             fitted[key] = fit.coefficients
@@ -327,7 +328,7 @@ def tune_schedule(
             results.append((*search(initial(name), default_orders()), name))
         if olss:  # the base solver, DPM-Solver++(2M), on the first initial schedule
             first = torch.tensor([s_max] + [math.exp(v) for v in initial(inits[0])] + [0.0], dtype=torch.float64)
-            out = sample("olss", counted, x_T, first, extra_args=extra_args, disable=True)
+            out = run_sampler("olss", counted, x_T, first, extra_args=extra_args, disable=True)
             loss_init = _objective_value(objective, _per_input_error(decode(out), reference))
         else:
             loss_init = loss(initial(inits[0]), default_orders())
