@@ -7,7 +7,6 @@ this module re-exports, so that callers (`accel.sampler.SamplerConfig`) validate
 
 from __future__ import annotations
 
-from .diffusers_schedulers import make_diffusers_scheduler
 from .registry import SAMPLER_NAMES, SAMPLERS, SCHEDULE_NAMES, check_sampler_args, resolve_schedule, run_sampler
 from .scheduler import SamplerScheduler
 from .tuned import load_tuned_schedule
@@ -75,6 +74,9 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
     options.pop("model_dir", None)
     backend = options.pop("backend", _DEFAULT_BACKEND)
     if backend == "diffusers":
+        # imported here: diffusers' scheduler classes take seconds to import and only this backend runs them
+        from .diffusers_schedulers import make_diffusers_scheduler
+
         if schedule == "explicit":
             raise ValueError("schedule='explicit' is only supported by backend='samplers'")
         return make_diffusers_scheduler(name, schedule, base, options)
