@@ -16,7 +16,8 @@ from .dpm_solver import (
 from .euler import sample_ddim, sample_euler, sample_heun
 from .evaluate import format_table, psnr, sampler_table
 from .lcm import sample_lcm
-from .olss import ReferenceTrajectory, dpmpp_2m_coefficients, fit_olss_coefficients, sample_olss
+from .olss import ReferenceTrajectory, fit_olss_coefficients
+from .olss_solver import dpmpp_2m_coefficients, sample_olss
 from .pndm import sample_ipndm, sample_pndm
 from .registry import SAMPLER_FUNCTIONS
 from .scheduler import SamplerScheduler

@@ -1,153 +1,19 @@
-"""`make_scheduler`: a sampler name plus a step schedule, as a scheduler any diffusers pipeline takes.
+"""`make_scheduler`: a sampler name plus a step schedule, as a scheduler any diffusers pipeline takes;
+`sample`: the same sampler as a pure function.
 
-The names, the schedules and the options each sampler accepts live here, so that callers
-(`accel.sampler.SamplerConfig`) validate against one table.
+Both check their arguments against the sampler table (`samplers.registry`), whose names and check
+this module re-exports, so that callers (`accel.sampler.SamplerConfig`) validate against one table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from .registry import SAMPLER_NAMES, SAMPLERS, SCHEDULE_NAMES, check_sampler_args, resolve_schedule, run_sampler
+from .scheduler import SamplerScheduler
+from .tuned import load_tuned_schedule
 
+__all__ = ["SAMPLER_NAMES", "SAMPLERS", "SCHEDULE_NAMES", "check_sampler_args", "make_scheduler", "sample"]
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    """What a sampler name accepts: the range of `order` and its own options."""
-
-    orders: tuple[int, ...] = (1,)
-    default_order: int = 1
-    options: tuple[str, ...] = ()
-
-
-# Options every sampler takes: explicit timesteps / sigmas, Karras rho, x0 thresholding, backend.
-COMMON_OPTIONS = (
-    "timesteps",
-    "sigmas",
-    "rho",
-    "thresholding",
-    "dynamic_thresholding_ratio",
-    "sample_max_value",
-    "backend",
-    "tuned",
-    "model_dir",
-    "original_inference_steps",
-)
-
-_DPM = ("lower_order_final",)
-_SINGLE = ("lower_order_final", "solver_type")
-SAMPLERS: dict[str, SamplerSpec] = {
-    "ddim": SamplerSpec(options=("eta",)),
-    "euler": SamplerSpec(),
-    "heun": SamplerSpec(orders=(2,), default_order=2),
-    "dpm_solver_1": SamplerSpec(options=("lower_order_final",)),
-    "dpm_solver_2": SamplerSpec(orders=(2,), default_order=2, options=_SINGLE),
-    "dpm_solver_3": SamplerSpec(orders=(3,), default_order=3, options=_SINGLE),
-    "dpm_solver_2m": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("solver_type",)),
-    "dpm_solver_3m": SamplerSpec(orders=(3,), default_order=3, options=_DPM + ("diffusers_3m",)),
-    "dpmpp_2m": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("solver_type",)),
-    "dpmpp_3m": SamplerSpec(orders=(3,), default_order=3, options=_DPM + ("diffusers_3m",)),
-    "dpmpp_2s": SamplerSpec(orders=(2,), default_order=2, options=_SINGLE),
-    "dpmpp_sde": SamplerSpec(orders=(2,), default_order=2, options=("eta", "r")),
-    "dpmpp_2m_sde": SamplerSpec(orders=(2,), default_order=2, options=_DPM + ("eta", "solver_type")),
-    "unipc_bh1": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector", "orders")),
-    "unipc_bh2": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM + ("use_corrector", "orders")),
-    "deis": SamplerSpec(orders=(1, 2, 3), default_order=2, options=_DPM),
-    "pndm": SamplerSpec(orders=(4,), default_order=4),
-    "ipndm": SamplerSpec(orders=(1, 2, 3, 4), default_order=4),
-    "lcm": SamplerSpec(options=("timestep_scaling",)),
-    # DPM-Solver++(2M)'s family with fitted per-step coefficients (samplers.olss)
-    "olss": SamplerSpec(orders=(2,), default_order=2, options=("coefficients",)),
-}
-
-SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
-SCHEDULE_NAMES: tuple[str, ...] = (
-    "default",
-    "linspace",
-    "leading",
-    "trailing",
-    "karras",
-    "exponential",
-    "logsnr",
-    "explicit",
-    "tuned",
-    "lcm",
-)
-BACKENDS = ("samplers", "diffusers")
 _DEFAULT_BACKEND = "samplers"
-SOLVER_TYPES = ("midpoint", "heun")
-
-
-def _choices(values) -> str:
-    return ", ".join(repr(v) for v in values)
-
-
-def resolve_schedule(name: str, schedule: str) -> str:
-    """The schedule a sampler runs: "default" is LCM's own schedule for "lcm" (a consistency model is
-    distilled on those timesteps), and uniform in t for every other sampler."""
-    return "lcm" if name == "lcm" and schedule == "default" else schedule
-
-
-def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, Any]) -> SamplerSpec:
-    """Raise `ValueError` (listing the valid choices) for a bad name, step count, schedule or option."""
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler {name!r} is not supported; valid choices: {_choices(SAMPLER_NAMES)}")
-    spec = SAMPLERS[name]
-    if schedule not in SCHEDULE_NAMES:
-        raise ValueError(f"schedule {schedule!r} is not supported; valid choices: {_choices(SCHEDULE_NAMES)}")
-    original = options.get("original_inference_steps")
-    if original is not None:
-        if resolve_schedule(name, schedule) != "lcm":
-            raise ValueError("the option 'original_inference_steps' shapes the LCM schedule; pass schedule='lcm' with it")
-        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
-            raise ValueError(f"original_inference_steps must be a positive int, got {original!r}")
-        if num_steps is not None and num_steps > original:
-            raise ValueError(f"num_steps={num_steps} exceeds original_inference_steps={original}: the LCM schedule "
-                             "takes its steps from the distillation schedule")
-    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
-        raise ValueError(f"num_steps must be a positive int or None, got {num_steps!r}")
-    valid = ("order",) + COMMON_OPTIONS + spec.options
-    for key in options:
-        if key not in valid:
-            raise ValueError(f"option {key!r} is not supported by sampler {name!r}; valid choices: {_choices(valid)}")
-    order = options.get("order", spec.default_order)
-    if order not in spec.orders:
-        raise ValueError(
-            f"order={order!r} is not supported by sampler {name!r}; valid choices: {_choices(spec.orders)}"
-        )
-    if options.get("orders") is not None:
-        orders = options["orders"]
-        per_step = list(orders) if isinstance(orders, (list, tuple)) else None
-        if not per_step or any(isinstance(o, bool) or o not in spec.orders for o in per_step):
-            raise ValueError(f"orders={orders!r} must list one order per step, each one of {_choices(spec.orders)}")
-        if num_steps is not None and len(per_step) != num_steps:
-            raise ValueError(f"orders gives {len(per_step)} per-step orders for num_steps={num_steps}")
-    if options.get("coefficients") is not None:
-        from .olss import check_coefficients
-
-        check_coefficients(options["coefficients"], num_steps)
-    if options.get("backend", "samplers") not in BACKENDS:
-        raise ValueError(f"backend={options['backend']!r} is not supported; valid choices: {_choices(BACKENDS)}")
-    if options.get("solver_type", "midpoint") not in SOLVER_TYPES:
-        raise ValueError(
-            f"solver_type={options['solver_type']!r} is not supported; valid choices: {_choices(SOLVER_TYPES)}"
-        )
-    explicit = [k for k in ("timesteps", "sigmas") if options.get(k) is not None]
-    if schedule == "explicit" and len(explicit) != 1:
-        raise ValueError("schedule='explicit' needs exactly one of the options 'timesteps' or 'sigmas'")
-    if schedule == "tuned" and options.get("tuned") is None:
-        raise ValueError("schedule='tuned' needs the option tuned=<name or JSON path> (and model_dir=<dir> for a name)")
-    if schedule != "tuned" and options.get("tuned") is not None:
-        raise ValueError("the option 'tuned' gives a tuned schedule; pass schedule='tuned' with it")
-    if schedule != "explicit" and explicit:
-        raise ValueError(f"options {explicit} give an explicit schedule; pass schedule='explicit' with them")
-    if explicit:
-        values = list(options[explicit[0]])
-        if len(values) < 1:
-            raise ValueError(f"option {explicit[0]!r} must hold at least one value")
-        steps = len(values) - (1 if explicit[0] == "sigmas" and len(values) > 1 and float(values[-1]) == 0 else 0)
-        if num_steps is not None and num_steps != steps:
-            raise ValueError(f"num_steps={num_steps} disagrees with the {steps} steps of the explicit {explicit[0]}")
-    return spec
 
 
 def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "default", base=None, **options):
@@ -187,8 +53,6 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
     schedule = resolve_schedule(name, schedule)
     check_sampler_args(name, num_steps, schedule, options)
     if schedule == "tuned":
-        from .tuned import load_tuned_schedule
-
         tuned_name = options.pop("tuned")
         tuned = load_tuned_schedule(tuned_name, options.pop("model_dir", None))
         if num_steps is not None and num_steps != tuned.num_steps:
@@ -210,13 +74,12 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
     options.pop("model_dir", None)
     backend = options.pop("backend", _DEFAULT_BACKEND)
     if backend == "diffusers":
+        # imported here: diffusers' scheduler classes take seconds to import and only this backend runs them
         from .diffusers_schedulers import make_diffusers_scheduler
 
         if schedule == "explicit":
             raise ValueError("schedule='explicit' is only supported by backend='samplers'")
         return make_diffusers_scheduler(name, schedule, base, options)
-    from .scheduler import SamplerScheduler
-
     return SamplerScheduler.from_base(base, sampler=name, schedule=schedule, num_steps=num_steps, options=options)
 
 
@@ -225,10 +88,6 @@ def sample(name: str, denoiser, x, sigmas, *, extra_args=None, callback=None, di
     """Run sampler `name` as a pure function: `denoiser(x, sigma, **extra_args) -> x0` over
     `sigmas` (descending; VE scale, so `x` starts as `noise * sigmas[0]`). Same options as
     `make_scheduler` (schedule options excepted)."""
-    from ._loop import drive
-    from .registry import solver_steps
-
     check_sampler_args(name, None, "default", options)
-    steps = solver_steps(name, x, sigmas, options, noise_sampler=noise_sampler, generator=generator,
-                         noise_schedule=getattr(denoiser, "schedule", None))
-    return drive(steps, denoiser, x, extra_args=extra_args, callback=callback, disable=disable)
+    return run_sampler(name, denoiser, x, sigmas, options, extra_args=extra_args, callback=callback, disable=disable,
+                       generator=generator, noise_sampler=noise_sampler)

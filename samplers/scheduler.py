@@ -17,9 +17,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 from diffusers.utils.torch_utils import randn_tensor
 
 from ._loop import trace, zero_noise
-from .api import check_sampler_args, resolve_schedule
 from .denoiser import PREDICTION_TYPES, NoiseSchedule, alpha_from_sigma, dynamic_threshold, model_output_to_x0
-from .registry import solver_steps
+from .registry import SAMPLERS, check_sampler_args, resolve_schedule, solver_steps
 from .schedules import get_sigmas
 
 # Entries of a base scheduler's config that describe the model's noise schedule
@@ -34,8 +33,6 @@ NOISE_CONFIG_KEYS = (
     "steps_offset",
     "rescale_betas_zero_snr",
 )
-# Samplers that call the denoiser twice per step (pipelines read `scheduler.order`)
-TWO_CALLS_PER_STEP = ("heun", "dpmpp_sde")
 
 
 @dataclass
@@ -89,7 +86,7 @@ class SamplerScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("clip_sample=True is not supported; use the option thresholding=True")
         self.options = options
         self.noise_schedule = NoiseSchedule.from_config(self.config)
-        self.order = 2 if sampler in TWO_CALLS_PER_STEP else 1
+        self.order = SAMPLERS[sampler].calls_per_step
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = None

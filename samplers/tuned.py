@@ -29,9 +29,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .api import SAMPLERS, check_sampler_args, sample
 from .denoiser import NoiseSchedule, UNetDenoiser
-from .olss import ReferenceTrajectory, check_coefficients, fit_olss_coefficients
+from .olss import ReferenceTrajectory, fit_olss_coefficients
+from .olss_solver import check_coefficients
+from .registry import SAMPLERS, check_sampler_args, run_sampler
 from .schedules import get_sigmas
 
 TUNED_DIRNAME = "tuned_schedules"
@@ -140,6 +141,168 @@ def _order_choices(sampler: str, options: dict) -> tuple[int, ...]:
     return tuple(o for o in spec.orders if o <= options.get("order", spec.default_order) + 1)
 
 
+def _default_orders(sampler: str, options: dict, num_steps: int) -> tuple[int, ...]:
+    """The sampler's own per-step orders: lower order at the start (no history) and the end."""
+    order = options.get("order", SAMPLERS[sampler].default_order)
+    lof = options.get("lower_order_final", True)
+    return tuple(min(order, i + 1, num_steps - i if lof else order) for i in range(num_steps))
+
+
+def _check_search(sampler, num_steps, options, objective, space, init_schedule, init_sigmas, reference,
+                  search_orders, noise_schedule) -> tuple[list[str], list[float] | None, tuple[int, ...]]:
+    """Raise `ValueError` for a search `tune_schedule` cannot run; else the names of the initial
+    schedules ("given" for `init_sigmas`), `init_sigmas` as floats and the per-step orders to try."""
+    check_sampler_args(sampler, num_steps, "default", options)
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be at least 2 for a schedule search, got {num_steps}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not supported; valid choices: {OBJECTIVES}")
+    if space not in SPACES:
+        raise ValueError(f"space={space!r} is not supported; valid choices: {SPACES}")
+    inits = [init_schedule] if isinstance(init_schedule, str) else list(init_schedule)
+    if not inits:
+        raise ValueError("init_schedule must name at least one schedule")
+    s_max, s_min = noise_schedule.sigma_max, noise_schedule.sigma_min
+    if init_sigmas is not None:
+        init_sigmas = [float(v) for v in init_sigmas]
+        interior = init_sigmas[1:-1]
+        if (len(init_sigmas) != num_steps + 1 or init_sigmas[-1] != 0 or abs(init_sigmas[0] / s_max - 1) > 1e-6
+                or any(not s_min * (1 - 1e-9) <= v < u for u, v in zip(init_sigmas, interior))):
+            raise ValueError(f"init_sigmas must hold {num_steps + 1} descending sigmas from sigma_max={s_max:.6g} "
+                             f"to 0, the interior ones >= sigma_min={s_min:.6g}; got {init_sigmas}")
+        inits = ["given"]
+    if sampler == "olss" and reference is not None and not isinstance(reference, ReferenceTrajectory):
+        raise ValueError("sampler 'olss' fits its coefficients to the reference at every sigma: pass a "
+                         "samplers.olss.ReferenceTrajectory as `reference`, or None to solve one")
+    if "coefficients" in options:
+        raise ValueError("the option 'coefficients' is what sampler 'olss' fits; leave it out of sampler_options")
+    order_choices = _order_choices(sampler, options) if search_orders else ()
+    if search_orders and not order_choices:
+        with_orders = [name for name, spec in SAMPLERS.items() if "orders" in spec.options]
+        raise ValueError(f"sampler {sampler!r} takes no per-step orders; search_orders=True needs one of {with_orders}")
+    if "orders" in options:
+        raise ValueError("the option 'orders' is what search_orders=True searches; leave it out of sampler_options")
+    return inits, init_sigmas, order_choices
+
+
+def _solve_reference(denoiser, x_T, noise_schedule: NoiseSchedule, sampler: str, steps: int, extra_args: dict,
+                     trajectory: bool):
+    """`sampler` on `steps` Karras steps from `x_T`: its final samples, or (`trajectory`, for OLSS's
+    fit) the `ReferenceTrajectory` readable at every sigma."""
+    sigmas = get_sigmas("karras", steps, noise_schedule)
+    if trajectory:
+        return ReferenceTrajectory.solve(denoiser, x_T, sigmas, sampler=sampler, extra_args=extra_args)
+    return run_sampler(sampler, denoiser, x_T, sigmas, extra_args=extra_args, disable=True)
+
+
+class _CountedDenoiser:
+    """The denoiser, counting its calls: the search's cost in the record."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x, sigma, **kwargs):
+        self.calls += 1
+        return self.denoiser(x, sigma, **kwargs)
+
+
+def _schedule_key(log_interior: list[float], orders) -> tuple:
+    return tuple(round(v, 12) for v in log_interior), orders
+
+
+class _Objective:
+    """The search's loss on a schedule: the distance of the sampler's final samples to the reference,
+    after `decode`, memoised per schedule (interior log-sigmas and per-step orders). For sampler
+    "olss" every schedule first gets its own coefficients, refitted to the reference trajectory."""
+
+    def __init__(self, denoiser: _CountedDenoiser, x_T, s_max: float, sampler: str, options: dict, extra_args: dict,
+                 objective: str, decode: Callable, reference, history: int | None, ridge: float):
+        self.denoiser, self.x_T, self.s_max = denoiser, x_T, s_max
+        self.sampler, self.options, self.extra_args = sampler, options, extra_args
+        self.objective, self.decode = objective, decode
+        self.olss, self.history, self.ridge = sampler == "olss", history, ridge
+        self.trajectory = reference if self.olss else None
+        self.target = decode(reference.final if self.olss else reference)
+        self.evaluations = 0
+        self.memo: dict[tuple, float] = {}
+        self.fitted: dict[tuple, list[list[float]]] = {}
+
+    def sigmas(self, log_interior: list[float]) -> torch.Tensor:
+        return torch.tensor([self.s_max] + [math.exp(v) for v in log_interior] + [0.0], dtype=torch.float64)
+
+    def distance(self, samples: torch.Tensor) -> float:
+        return _objective_value(self.objective, _per_input_error(self.decode(samples), self.target))
+
+    def refit(self, sigmas: torch.Tensor, key: tuple) -> torch.Tensor:
+        """OLSS: fit the coefficients of `sigmas` (N denoiser calls) and return the fitted solver's samples."""
+        fit = fit_olss_coefficients(self.denoiser, self.x_T, sigmas, self.trajectory, extra_args=self.extra_args,
+                                    history=self.history, ridge=self.ridge)
+        self.fitted[key] = fit.coefficients
+        return fit.sample
+
+    def __call__(self, log_interior: list[float], orders: tuple[int, ...] | None) -> float:
+        key = _schedule_key(log_interior, orders)
+        if key not in self.memo:
+            self.evaluations += 1
+            sigmas = self.sigmas(log_interior)
+            if self.olss:
+                out = self.refit(sigmas, key)
+            else:
+                run = dict(self.options, orders=list(orders)) if orders is not None else self.options
+                out = run_sampler(self.sampler, self.denoiser, self.x_T, sigmas, run, extra_args=self.extra_args,
+                                  disable=True)
+            self.memo[key] = self.distance(out)
+        return self.memo[key]
+
+    def coefficients(self, log_interior: list[float], orders) -> list[list[float]] | None:
+        return self.fitted[_schedule_key(log_interior, orders)] if self.olss else None
+
+
+def _refine(loss: _Objective, u: list[float], orders, best: float, step: float, bounds: tuple[float, float],
+            passes: int, min_step: float) -> tuple[list[float], float]:
+    """Pattern search over the interior log-sigmas `u`: move one a fraction `step` of the way to its
+    upper or lower neighbour (the bounds at the ends) where that lowers the loss; `step` halves after
+    a pass that improves nothing, and the search stops below `min_step` or after `passes` passes."""
+    lo_bound, hi_bound = bounds
+    for _ in range(passes):
+        improved = False
+        for j in range(len(u)):
+            upper = u[j - 1] if j > 0 else hi_bound
+            lower = u[j + 1] if j + 1 < len(u) else lo_bound
+            for target in (upper, lower):
+                trial = list(u)
+                trial[j] = u[j] + step * (target - u[j])
+                value = loss(trial, orders)
+                if value < best:
+                    best, u, improved = value, trial, True
+                    break
+        if not improved:
+            step /= 2
+            if step < min_step:
+                break
+    return u, best
+
+
+def _search(loss: _Objective, u: list[float], orders, order_choices: tuple[int, ...], rounds: int,
+            bounds: tuple[float, float], passes: int, min_step: float):
+    """One search from log-sigmas `u`: the sigmas, then the orders of the interior steps one at a
+    time, in turn for up to `rounds` rounds. Returns (loss, log-sigmas, orders)."""
+    best, step = loss(u, orders), 0.5
+    num_steps = len(u) + 1  # u holds the interior sigmas
+    for _ in range(rounds if order_choices else 1):
+        u, best = _refine(loss, u, orders, best, step, bounds, passes, min_step)
+        changed = False
+        for i in range(1, num_steps - 1):  # the first step has no history, the last goes to 0
+            for candidate in order_choices:
+                trial = orders[:i] + (candidate,) + orders[i + 1:]
+                if trial != orders and loss(u, trial) < best:
+                    best, orders, changed = loss(u, trial), trial, True
+        if not changed:
+            break
+        step = 0.25  # the sigmas are already close: a finer search around them
+    return best, u, orders
+
+
 def tune_schedule(
     denoiser,
     noise: torch.Tensor,
@@ -196,162 +359,57 @@ def tune_schedule(
             DPM-Solver++(2M)'s loss on the initial schedule.
     """
     options = dict(sampler_options or {})
-    check_sampler_args(sampler, num_steps, "default", options)
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be at least 2 for a schedule search, got {num_steps}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not supported; valid choices: {OBJECTIVES}")
-    if space not in SPACES:
-        raise ValueError(f"space={space!r} is not supported; valid choices: {SPACES}")
-    inits = [init_schedule] if isinstance(init_schedule, str) else list(init_schedule)
-    if not inits:
-        raise ValueError("init_schedule must name at least one schedule")
-    s_max, s_min = noise_schedule.sigma_max, noise_schedule.sigma_min
-    if init_sigmas is not None:
-        init_sigmas = [float(v) for v in init_sigmas]
-        interior = init_sigmas[1:-1]
-        if (len(init_sigmas) != num_steps + 1 or init_sigmas[-1] != 0 or abs(init_sigmas[0] / s_max - 1) > 1e-6
-                or any(not s_min * (1 - 1e-9) <= v < u for u, v in zip(init_sigmas, interior))):
-            raise ValueError(f"init_sigmas must hold {num_steps + 1} descending sigmas from sigma_max={s_max:.6g} "
-                             f"to 0, the interior ones >= sigma_min={s_min:.6g}; got {init_sigmas}")
-        inits = ["given"]
-    olss = sampler == "olss"
-    if olss and reference is not None and not isinstance(reference, ReferenceTrajectory):
-        raise ValueError("sampler 'olss' fits its coefficients to the reference at every sigma: pass a "
-                         "samplers.olss.ReferenceTrajectory as `reference`, or None to solve one")
-    if "coefficients" in options:
-        raise ValueError("the option 'coefficients' is what sampler 'olss' fits; leave it out of sampler_options")
-    order_choices = _order_choices(sampler, options) if search_orders else ()
-    if search_orders and not order_choices:
-        with_orders = [name for name, spec in SAMPLERS.items() if "orders" in spec.options]
-        raise ValueError(f"sampler {sampler!r} takes no per-step orders; search_orders=True needs one of {with_orders}")
-    if "orders" in options:
-        raise ValueError("the option 'orders' is what search_orders=True searches; leave it out of sampler_options")
+    inits, init_sigmas, order_choices = _check_search(sampler, num_steps, options, objective, space, init_schedule,
+                                                      init_sigmas, reference, search_orders, noise_schedule)
     extra_args = extra_args or {}
-    decode = decode or (lambda y: y)
     start = time.perf_counter()
+    s_max, s_min = noise_schedule.sigma_max, noise_schedule.sigma_min
     x_T = noise * math.sqrt(1 + s_max**2)  # VP unit noise at sigma_max, in VE scale
-    calls = 0
-
-    def counted(x, sigma, **kw):
-        nonlocal calls
-        calls += 1
-        return denoiser(x, sigma, **kw)
-
+    counted = _CountedDenoiser(denoiser)
+    olss = sampler == "olss"
     reference_label = "given" if reference is not None else f"{reference_sampler} x {reference_steps} karras steps"
     with torch.no_grad():
         if reference is None:
-            ref_sigmas = get_sigmas("karras", reference_steps, noise_schedule)
-            if olss:
-                reference = ReferenceTrajectory.solve(counted, x_T, ref_sigmas, sampler=reference_sampler,
-                                                      extra_args=extra_args)
-            else:
-                reference = sample(reference_sampler, counted, x_T, ref_sigmas, extra_args=extra_args, disable=True)
-        trajectory = reference if olss else None
-        reference = decode(trajectory.final if olss else reference)
-
-        evaluations = 0
-        memo: dict[tuple, float] = {}
-        fitted: dict[tuple, list[list[float]]] = {}
-
-        def run_solver(sigmas: torch.Tensor, run: dict, key: tuple) -> torch.Tensor:
-            if not olss:
-                return sample(sampler, counted, x_T, sigmas, extra_args=extra_args, disable=True, **run)
-            fit = fit_olss_coefficients(counted, x_T, sigmas, trajectory, extra_args=extra_args, history=history,
-                                        ridge=ridge)
-            fitted[key] = fit.coefficients
-            return fit.sample
-
-        def loss(log_interior: list[float], orders: tuple[int, ...] | None) -> float:
-            nonlocal evaluations
-            key = (tuple(round(v, 12) for v in log_interior), orders)
-            if key not in memo:
-                evaluations += 1
-                sigmas = torch.tensor([s_max] + [math.exp(v) for v in log_interior] + [0.0], dtype=torch.float64)
-                run = dict(options, orders=list(orders)) if orders is not None else options
-                out = run_solver(sigmas, run, key)
-                memo[key] = _objective_value(objective, _per_input_error(decode(out), reference))
-            return memo[key]
-
-        def refine(u: list[float], orders, best: float, step: float) -> tuple[list[float], float]:
-            lo_bound, hi_bound = math.log(s_min), math.log(s_max)
-            for _ in range(passes):
-                improved = False
-                for j in range(len(u)):
-                    upper = u[j - 1] if j > 0 else hi_bound
-                    lower = u[j + 1] if j + 1 < len(u) else lo_bound
-                    for target in (upper, lower):
-                        trial = list(u)
-                        trial[j] = u[j] + step * (target - u[j])
-                        value = loss(trial, orders)
-                        if value < best:
-                            best, u, improved = value, trial, True
-                            break
-                if not improved:
-                    step /= 2
-                    if step < min_step:
-                        break
-            return u, best
-
-        def default_orders() -> tuple[int, ...] | None:
-            if not order_choices:
-                return None
-            # the sampler's own per-step orders: lower order at the start (no history) and the end
-            order = options.get("order", SAMPLERS[sampler].default_order)
-            lof = options.get("lower_order_final", True)
-            return tuple(min(order, i + 1, num_steps - i if lof else order) for i in range(num_steps))
-
-        def search(u: list[float], orders) -> tuple[float, list[float], tuple[int, ...] | None]:
-            best, step = loss(u, orders), 0.5
-            for _ in range(rounds if order_choices else 1):
-                u, best = refine(u, orders, best, step)
-                changed = False
-                for i in range(1, num_steps - 1):  # the first step has no history, the last goes to 0
-                    for candidate in order_choices:
-                        trial = orders[:i] + (candidate,) + orders[i + 1:]
-                        if trial != orders and loss(u, trial) < best:
-                            best, orders, changed = loss(u, trial), trial, True
-                if not changed:
-                    break
-                step = 0.25  # the sigmas are already close: a finer search around them
-            return best, u, orders
+            reference = _solve_reference(counted, x_T, noise_schedule, reference_sampler, reference_steps, extra_args,
+                                         trajectory=olss)
+        loss = _Objective(counted, x_T, s_max, sampler, options, extra_args, objective, decode or (lambda y: y),
+                          reference, history, ridge)
 
         # a search from each initial schedule (the loss has local minima); the best one wins
         def initial(name: str) -> list[float]:
             init = init_sigmas if name == "given" else get_sigmas(name, num_steps, noise_schedule)
             return [math.log(float(s)) for s in init[1:-1]]
 
-        results = []
-        for name in inits:
-            results.append((*search(initial(name), default_orders()), name))
+        default_orders = _default_orders(sampler, options, num_steps) if order_choices else None
+        bounds = (math.log(s_min), math.log(s_max))
+        results = [(*_search(loss, initial(name), default_orders, order_choices, rounds, bounds, passes, min_step),
+                    name) for name in inits]
         if olss:  # the base solver, DPM-Solver++(2M), on the first initial schedule
-            first = torch.tensor([s_max] + [math.exp(v) for v in initial(inits[0])] + [0.0], dtype=torch.float64)
-            out = sample("olss", counted, x_T, first, extra_args=extra_args, disable=True)
-            loss_init = _objective_value(objective, _per_input_error(decode(out), reference))
+            out = run_sampler("olss", counted, x_T, loss.sigmas(initial(inits[0])), extra_args=extra_args, disable=True)
+            loss_init = loss.distance(out)
         else:
-            loss_init = loss(initial(inits[0]), default_orders())
+            loss_init = loss(initial(inits[0]), default_orders)
         best, u, orders, init_name = min(results, key=lambda item: item[0])
-    sigmas = [s_max] + [math.exp(v) for v in u] + [0.0]
-    timesteps = noise_schedule.sigma_to_t(torch.tensor(sigmas[:-1], dtype=torch.float64)).tolist()
+    sigmas = loss.sigmas(u)
     return TunedSchedule(
         sampler=sampler,
         num_steps=num_steps,
-        sigmas=sigmas,
-        timesteps=timesteps,
+        sigmas=sigmas.tolist(),
+        timesteps=noise_schedule.sigma_to_t(sigmas[:-1]).tolist(),
         sampler_options=options,
         init_schedule=init_name,
         reference=reference_label,
         calibration_inputs=int(noise.shape[0]),
         loss_init=loss_init,
         loss_tuned=best,
-        search_evaluations=evaluations,
-        search_denoiser_calls=calls,
+        search_evaluations=loss.evaluations,
+        search_denoiser_calls=counted.calls,
         search_seconds=time.perf_counter() - start,
         model=model,
         orders=None if orders is None else list(orders),
         objective=objective,
         space=space,
-        coefficients=fitted[(tuple(round(v, 12) for v in u), orders)] if olss else None,
+        coefficients=loss.coefficients(u, orders),
         coefficient_fit={"history": history, "ridge": ridge} if olss else {},
     )
 

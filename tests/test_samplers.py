@@ -730,6 +730,16 @@ def test_every_pure_sampler_has_the_one_signature():
         assert torch.isfinite(out).all() and (out - MU).abs().max() < 10, name
 
 
+def test_the_table_says_which_samplers_add_noise():
+    # caching must refuse the samplers that draw fresh noise: the flag has to match what each one does
+    x = MU + 10 * torch.randn(1, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = samplers.get_sigmas_karras(4, 0.1, 10.0)
+    for name, spec in samplers.SAMPLERS.items():
+        for options in ({}, {"eta": 0.0}, {"eta": 0.5}) if "eta" in spec.options else ({},):
+            a, b = (samplers.sample(name, gaussian_denoiser, x, sigmas, disable=True,
+                                    generator=torch.Generator().manual_seed(seed), **options) for seed in (1, 2))
+            assert torch.equal(a, b) != spec.adds_noise(options), (name, options)
+
 def test_ddim_with_eta_agrees_with_diffusers(unet64, cond64):
     scheduler = DDIMScheduler(**SD, set_alpha_to_one=True, steps_offset=1, clip_sample=False)
     scheduler.set_timesteps(5)
