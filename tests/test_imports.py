@@ -162,11 +162,7 @@ def test_packages_import_only_lower_layers(edges):
         "\n".join(f"    {a} -> {b}  ({', '.join(sorted(places))})" for (a, b), places in sorted(upward.items()))
 
 
-@pytest.mark.parametrize("package", [
-    # Being restructured on other branches; strict, so the mark must go once the cycles do.
-    pytest.param("samplers", marks=pytest.mark.xfail(strict=True, reason="samplers/ is restructured elsewhere")),
-    "accel", "pruning", "distill", "apps",
-])
+@pytest.mark.parametrize("package", ["samplers", "accel", "pruning", "distill", "apps"])
 def test_no_module_cycle(edges, package):
     found = [c for c in cycles(edges) if any(m.split(".")[0] == package for m in c)]
     assert not found, f"module import cycles in {package}:\n" + describe(found, edges)
