@@ -171,6 +171,41 @@ def test_device_decision_matches_the_host_decision(which, tmp_path, request, mon
     accel.restore(pipe)
 
 
+class _ReplayStandIn(ModelHook):
+    """A whole-call CUDA graph on the CPU: the first call of each plan runs (the capture); later ones return its
+    output without running any Python below, as a replay does (the device state keeps the captured call's values)."""
+
+    def __init__(self, planner):
+        super().__init__()
+        self.planner, self.outputs = planner, {}
+
+    def new_forward(self, module, *args, **kwargs):
+        key = self.planner.current.key
+        if key not in self.outputs:
+            self.outputs[key] = self.fn_ref.original_forward(*args, **kwargs)
+        return self.outputs[key]
+
+
+def test_a_replayed_call_is_committed_by_its_plan(tmp_path, monkeypatch):
+    """A replay runs none of the cache's hooks: the plan alone must stage the call's result for the next commit."""
+    pipe = tiny_sd3_pipeline(tmp_path)
+    monkeypatch.setattr(BlockCache, "_device_path", lambda self, graph, sample: True)
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=0.5)))
+    session, transformer = get_session(pipe), pipe.transformer
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_ReplayStandIn(session.planner(transformer)),
+                                                                         "test.replay")
+    inputs = _sd3_inputs(transformer, 1)
+    with torch.no_grad():
+        session.begin_call(6)
+        for step in range(6):
+            session.step_index = step
+            transformer(**inputs)
+        session.end_call()
+    assert sum(get_block_cache(pipe).state.counts()) == 6  # one captured call, five replays: each one committed
+    transformer._diffusers_hook.remove_hook("test.replay", recurse=False)
+    accel.restore(pipe)
+
+
 def test_graphs_without_conditional_nodes_take_the_per_block_path_with_one_log_line(sd_pipe, monkeypatch, caplog):
     """The per-block path (tests/test_block_cache_graphs.py) with the real `capture_graph`, which fails on the
     CPU: every block says so once and runs eagerly, giving the host path's output."""

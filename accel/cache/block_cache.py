@@ -557,6 +557,7 @@ class BlockCache:
         slot.commit()
         force = call.step < self.config.warmup_steps or not slot.filled
         slot.filled = True
+        slot.pending = True  # staged by this call, also when it is replayed from a graph and no Python runs in it
         state.slot, state.stem = slot, None
         if self._device_path(call.graphed, sample):
             state.mode = DEVICE
@@ -606,7 +607,6 @@ class BlockCache:
             slot.next_reference.copy_(probe)
         torch.logical_not(slot.computed, out=slot.skipped)
         slot.next_consecutive.copy_(consecutive_after(slot.consecutive, slot.computed))
-        slot.pending = True
 
     def _remove_hooks(self) -> None:
         for module in self._hooked:
