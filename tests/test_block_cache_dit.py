@@ -17,7 +17,7 @@ from tiny import run, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipelin
 
 import accel
 from accel import AccelConfig, RuntimeConfig, SamplerConfig
-from accel.cache import BlockCacheConfig, DeepCacheConfig, apply_block_cache, get_block_cache
+from accel.cache import BlockCacheConfig, DeepCacheConfig, apply_block_cache, block_cache, get_block_cache
 from accel.cache.block_cache import (
     BLEND,
     HOOK_NAME,
@@ -90,6 +90,78 @@ def test_three_passes_and_remaining_blocks_skipped(which, tmp_path):
     assert all(HOOK_NAME not in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) for m in pipe.transformer.modules())
 
 
+# pipeline, first_blocks, last_blocks: every role of a block present (Flux: the first blocks dual-stream, the last
+# single-stream)
+DBCACHE = [("pixart", 2, 1), ("sd3", 1, 1), ("flux", 2, 1)]
+
+
+@pytest.mark.parametrize("which, first, last", DBCACHE)
+def test_first_and_last_blocks_run_on_every_call_three_passes(which, first, last, tmp_path):
+    pipe, kwargs, threshold = _build(which, tmp_path)
+    layout = denoiser_layout(pipe, first, last)
+    always, cached_blocks = [*layout.lead, layout.head, *layout.trail], [*layout.rest, layout.tail]
+    assert len(always) == first + last and len(layout.trail) == last
+    counts, handles = _leaf_calls(always + cached_blocks)
+    before = run(pipe, steps=STEPS, **kwargs)
+    per_call = [c // STEPS for c in counts]
+    counts[:] = [0] * len(counts)
+
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=threshold, first_blocks=first, last_blocks=last)))
+    cached = run(pipe, steps=STEPS, **kwargs)
+    full, skipped = get_block_cache(pipe).state.counts()
+    assert skipped >= 2 and full >= 2 and full + skipped == STEPS
+    assert counts[:len(always)] == [c * STEPS for c in per_call[:len(always)]]  # the first and last blocks: every step
+    assert counts[len(always):] == [c * full for c in per_call[len(always):]]  # the cached ones: full steps only
+    assert not np.array_equal(cached, before) and np.abs(cached - before).max() < TOLERANCE
+    assert np.array_equal(run(pipe, steps=STEPS, **kwargs), cached)
+    accel.restore(pipe)
+    for handle in handles:
+        handle.remove()
+    assert np.array_equal(run(pipe, steps=STEPS, **kwargs), before)
+    assert all(HOOK_NAME not in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) for m in pipe.transformer.modules())
+
+
+def test_the_decision_is_taken_from_the_residual_after_the_first_blocks(tmp_path, monkeypatch):
+    """With first_blocks=2 the probe is the second block's output minus the first block's input."""
+    pipe = tiny_sd3_pipeline(tmp_path)
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=0.5, first_blocks=2, last_blocks=1)))
+    session, transformer, layout = get_session(pipe), pipe.transformer, get_block_cache(pipe).layout
+    seen, probes = {}, []
+    handles = [transformer.transformer_blocks[0].register_forward_pre_hook(
+                   lambda m, args, kwargs: seen.__setitem__("input", kwargs["hidden_states"]), with_kwargs=True),
+               layout.head.register_forward_hook(lambda m, a, out: seen.__setitem__("head", layout.head_outputs.split(out)[0]))]
+    measure = block_cache.relative_l1
+    monkeypatch.setattr(block_cache, "relative_l1", lambda new, old: (probes.append(new), measure(new, old))[1])
+    with torch.no_grad():
+        session.begin_call(3)
+        for step in range(3):  # step 0 is forced full, without measuring
+            session.step_index = step
+            transformer(**_sd3_inputs(transformer, step))
+            assert len(probes) == step
+            if probes:
+                torch.testing.assert_close(probes[-1], seen["head"] - seen["input"], rtol=0, atol=0)
+        session.end_call()
+    assert layout.head is transformer.transformer_blocks[1]
+    for handle in handles:
+        handle.remove()
+    accel.restore(pipe)
+
+
+def test_first_and_last_blocks_need_a_dit_with_blocks_left_to_cache(sd_pipe, tmp_path):
+    with pytest.raises(ValueError, match=r"first_blocks=2, last_blocks=0\) needs a DiT; on a UNet.*valid: first_blocks=1, last_blocks=0"):
+        accel.accelerate(sd_pipe, AccelConfig(cache=BlockCacheConfig(first_blocks=2)))
+    assert not accel.is_accelerated(sd_pipe)
+    pixart, _, _ = _build("pixart", tmp_path)
+    with pytest.raises(ValueError, match=r"leaves no block to cache in this PixArtTransformer2DModel of 4 blocks; "
+                                         r"valid: first_blocks \+ last_blocks <= 3"):
+        accel.accelerate(pixart, AccelConfig(cache=BlockCacheConfig(first_blocks=3, last_blocks=1)))
+    assert not accel.is_accelerated(pixart)
+    assert all(HOOK_NAME not in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) for m in pixart.transformer.modules())
+    for field, value, valid in (("first_blocks", 0, "an int >= 1"), ("last_blocks", -1, "an int >= 0"), ("first_blocks", 1.5, "an int >= 1")):
+        with pytest.raises(ValueError, match=f"BlockCacheConfig.{field}={value} is not supported; valid: {valid}"):
+            BlockCacheConfig(**{field: value})
+
+
 def _sd3_inputs(transformer, seed):
     g = torch.Generator().manual_seed(seed)
     config = transformer.config
@@ -143,15 +215,15 @@ class _RunThrice(ModelHook):
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
-@pytest.mark.parametrize("which", ["pixart", "sd"])
-def test_device_decision_matches_the_host_decision(which, tmp_path, request, monkeypatch):
+@pytest.mark.parametrize("which, options", [("pixart", {}), ("sd", {}), ("flux", {"first_blocks": 2, "last_blocks": 1})])
+def test_device_decision_matches_the_host_decision(which, options, tmp_path, request, monkeypatch):
     """The decision a graph would replay, run eagerly (both branches, `torch.where`), executed three times
     per call: the same output and counts as deciding on the host once per call."""
     if which == "sd":
         pipe, kwargs, threshold = request.getfixturevalue("sd_pipe"), {}, 0.5
     else:
         pipe, kwargs, threshold = _build(which, tmp_path)
-    config = AccelConfig(cache=BlockCacheConfig(threshold=threshold, max_consecutive_cached=2))
+    config = AccelConfig(cache=BlockCacheConfig(threshold=threshold, max_consecutive_cached=2, **options))
     accel.accelerate(pipe, config)
     host = run(pipe, steps=STEPS, **kwargs)
     host_counts = get_block_cache(pipe).state.counts()

@@ -136,6 +136,33 @@ def test_per_block_graphs_replay_the_head_always_and_the_rest_on_full_calls(whic
     assert np.array_equal(run(pipe, steps=STEPS, **kwargs), before)
 
 
+def test_per_block_graphs_replay_a_dits_first_and_last_blocks_on_every_call(tmp_path, monkeypatch):
+    """DBCache's first and last blocks replay their graphs on every call, the cached ones on full calls only."""
+    pipe, kwargs = tiny_pixart_pipeline(tmp_path), PIXART_KWARGS
+    config = BlockCacheConfig(threshold=0.3, first_blocks=2, last_blocks=1)
+    accel.accelerate(pipe, AccelConfig(cache=config))
+    host = run(pipe, steps=STEPS, **kwargs)
+    host_counts = get_block_cache(pipe).state.counts()
+    accel.restore(pipe)
+    full, cached = host_counts
+    assert cached >= 2
+
+    monkeypatch.setattr(BlockCache, "_replayable", staticmethod(lambda sample: True))
+    cache, capture = _accelerate_with_graphs(pipe, config)
+    outs = [run(pipe, steps=STEPS, **kwargs) for _ in range(2)]
+    layout, names = cache.layout, {id(m): n for n, m in cache.denoiser.named_modules()}
+    always = [names[id(m)] for m in (*layout.lead, layout.head, *layout.trail)]
+    skipped = [names[id(m)] for m in (*layout.rest, layout.tail)]
+    replays, counts = _replays(cache), cache.state.counts()
+    _restore(pipe)
+
+    assert always == ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.3"]
+    assert replays == {**{name: 2 * STEPS for name in always}, **{name: 2 * full for name in skipped}}
+    assert capture.calls == 4 and counts == host_counts
+    for out in outs:
+        np.testing.assert_allclose(out, host, rtol=0, atol=1e-6)
+
+
 def test_a_block_whose_capture_fails_runs_eagerly_and_the_others_replay(sd_pipe, monkeypatch, caplog):
     config = BlockCacheConfig(threshold=0.5)
     accel.accelerate(sd_pipe, AccelConfig(cache=config))

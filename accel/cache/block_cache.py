@@ -1,10 +1,13 @@
-"""Adaptive first-block cache for UNets and DiT transformers (after ParaAttention's First-Block Cache and TeaCache, 2024).
+"""Adaptive block cache for UNets and DiT transformers: First-Block Cache (ParaAttention) and TeaCache (2024), and
+on DiTs DBCache's first and last blocks (Cache-DiT, 2025).
 
-Every call runs the network's head: `conv_in` and the first down block of a UNet, the first transformer block
-of a DiT. When the first block's output (UNet; its down block changes the shape) or residual (DiT: output
-minus input) moved less than `threshold` (relative L1) since the last fully computed step, the remaining
-blocks are skipped: the last block returns the head's output plus the residual (last block output minus head
-output) kept from that step, and only the output layers run.
+Every call runs the network's head: `conv_in` and the first down block of a UNet, the first `first_blocks`
+transformer blocks of a DiT (DBCache's Fn blocks). When the head's output (UNet; its down block changes the
+shape) or residual (DiT: its output minus the first block's input) moved less than `threshold` (relative L1)
+since the last fully computed step, the cached blocks are skipped: the last of them (the tail) returns the
+head's output plus the residual (tail output minus head output) kept from that step. What follows the tail still
+runs: the output layers, and on a DiT its last `last_blocks` blocks (DBCache's Bn blocks), which refine that
+estimate. Every call position (cond / uncond, input shape: the session's slot) keeps its own state.
 
 The decision is a device tensor (`should_compute`). Eagerly it is read once per step, the one host sync of
 this technique. Under the runtime's CUDA graphs each call position is captured once with two CUDA-graph
@@ -14,10 +17,10 @@ position commits before it runs: the graph hook's warm-up runs and its capture, 
 several times, then leave the same state as a single replay.
 
 A torch without conditional nodes (2.11, say) cannot capture that decision. There the call is not captured
-whole: it runs eagerly, deciding on the host once per step after the head, and the head, each remaining block
-and the tail run as per-block CUDA graphs (captured per block and input signature on first use, one memory
-pool), so the launch-bound bulk of the network still replays from graphs and a cached call replays only the
-head's. The denoiser's own small ops between blocks (time embedding, `conv_in`, the output layers; a DiT's
+whole: it runs eagerly, deciding on the host once per step after the head, and each block (the ones that
+always run; on full calls the cached ones too) runs as a per-block CUDA graph (captured per block and input
+signature on first use, one memory pool), so the launch-bound bulk of the network still replays from graphs and
+a cached call replays only the head's (and a DiT's last blocks'). The denoiser's own small ops between blocks (time embedding, `conv_in`, the output layers; a DiT's
 patch embedding and final layer) stay eager. The cache's state lives in its own buffers, written eagerly
 from copies of the blocks' outputs, never in a graph's static buffers.
 """
@@ -55,24 +58,37 @@ CONDITIONAL_NODES, PER_BLOCK_GRAPHS = "conditional nodes", "per-block graphs"
 
 @dataclass(frozen=True)
 class BlockCacheConfig:
-    """threshold: skip the remaining blocks while the first block's output (UNet) or residual (DiT) changed
-        by less than this (mean |new - old| / mean |old|, against the last fully computed step). 0 never skips.
+    """threshold: skip the cached blocks while the head's output (UNet) or residual (DiT) changed by less than
+        this (mean |new - old| / mean |old|, against the last fully computed step). 0 never skips.
     warmup_steps: the first steps always run fully.
     max_consecutive_cached: at most this many cached steps in a row (None: no limit).
+    first_blocks: DiTs: the blocks that run on every call (DBCache's Fn); the decision is taken from the residual
+        after them. More blocks give a steadier signal and cost more on cached calls.
+    last_blocks: DiTs: the blocks after the cached ones that run on every call too (DBCache's Bn): on cached calls
+        they refine the estimate of the cached blocks' output.
+    A UNet takes first_blocks=1, last_blocks=0 only: its blocks are joined by skip connections.
     """
 
     threshold: float = 0.1
     warmup_steps: int = 1
     max_consecutive_cached: int | None = None
+    first_blocks: int = 1
+    last_blocks: int = 0
 
     def __post_init__(self):
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or not self.threshold >= 0:
             raise ValueError(f"BlockCacheConfig.threshold={self.threshold!r} is not supported; valid: a number >= 0")
-        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 1:
-            raise ValueError(f"BlockCacheConfig.warmup_steps={self.warmup_steps!r} is not supported; valid: an int >= 1")
-        limit = self.max_consecutive_cached
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise ValueError(f"BlockCacheConfig.max_consecutive_cached={limit!r} is not supported; valid: None or an int >= 1")
+        _check_int("warmup_steps", self.warmup_steps, 1)
+        _check_int("max_consecutive_cached", self.max_consecutive_cached, 1, optional=True)
+        _check_int("first_blocks", self.first_blocks, 1)
+        _check_int("last_blocks", self.last_blocks, 0)
+
+
+def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
+    if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        return
+    valid = f"{'None or ' if optional else ''}an int >= {minimum}"
+    raise ValueError(f"BlockCacheConfig.{name}={value!r} is not supported; valid: {valid}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +162,9 @@ class _Outputs:
 
 @dataclass
 class _Layout:
-    """The denoiser's modules by role: `stem` (UNet `conv_in`), `head` (first block), `rest`, `tail` (last block)."""
+    """The denoiser's modules by role: `stem` (UNet `conv_in`), `head` (the block after which the decision is
+    taken), `rest` (skipped on cached calls), `tail` (the last skipped block: on cached calls it returns the
+    estimate), and on a DiT `lead` (blocks before the head) and `trail` (blocks after the tail), which always run."""
 
     kind: str  # "unet" or "transformer"
     sample_arg: str
@@ -156,17 +174,25 @@ class _Layout:
     tail: torch.nn.Module
     head_outputs: _Outputs = field(default_factory=_Outputs)
     tail_outputs: _Outputs = field(default_factory=_Outputs)
-    hidden_arg: str = "hidden_states"
+    hidden_arg: str = "hidden_states"  # the first block's hidden-states argument: a DiT head's residual is from it
+    lead: list[torch.nn.Module] = field(default_factory=list)
+    trail: list[torch.nn.Module] = field(default_factory=list)
 
 
-def denoiser_layout(pipe) -> _Layout:
-    """The block cache's view of the pipeline's UNet or DiT transformer; UnsupportedPipelineError otherwise."""
+def denoiser_layout(pipe, first_blocks: int = 1, last_blocks: int = 0) -> _Layout:
+    """The block cache's view of the pipeline's UNet or DiT transformer; UnsupportedPipelineError otherwise, and
+    ValueError for `first_blocks` / `last_blocks` (BlockCacheConfig) that the denoiser cannot take."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         down, up = list(getattr(unet, "down_blocks", None) or []), list(getattr(unet, "up_blocks", None) or [])
         if len(down) < 2 or not up or getattr(unet, "conv_in", None) is None:
             raise UnsupportedPipelineError(
                 f"the block cache needs a UNet with conv_in, at least two down blocks and up blocks, got {type(unet).__name__}")
+        if (first_blocks, last_blocks) != (1, 0):
+            raise ValueError(
+                f"BlockCacheConfig(first_blocks={first_blocks}, last_blocks={last_blocks}) needs a DiT; on a UNet, whose "
+                "blocks are joined by skip connections, valid: first_blocks=1, last_blocks=0 (conv_in and the first "
+                "down block run on every call; DeepCacheConfig keeps more of the shallow blocks running)")
         mid = [unet.mid_block] if getattr(unet, "mid_block", None) is not None else []
         # A down block returns (hidden states, skip outputs); the last up block returns a tensor.
         return _Layout("unet", "sample", unet.conv_in, down[0], [*down[1:], *mid, *up[:-1]], up[-1],
@@ -179,10 +205,15 @@ def denoiser_layout(pipe) -> _Layout:
         raise UnsupportedPipelineError(
             f"the block cache needs a UNet2DConditionModel `.unet` or a DiT `.transformer` with at least two blocks in "
             f"{' / '.join(DIT_BLOCK_LISTS)}; {type(pipe).__name__} has {found}")
+    if first_blocks + last_blocks >= len(blocks):
+        raise ValueError(
+            f"BlockCacheConfig(first_blocks={first_blocks}, last_blocks={last_blocks}) leaves no block to cache in this "
+            f"{type(transformer).__name__} of {len(blocks)} blocks; valid: first_blocks + last_blocks <= {len(blocks) - 1}")
     from diffusers.hooks._helpers import TransformerBlockRegistry  # diffusers' own table of block outputs
 
+    head, tail = first_blocks - 1, len(blocks) - last_blocks - 1
     outputs = []
-    for block in (blocks[0], blocks[-1]):
+    for block in (blocks[0], blocks[head], blocks[tail]):
         try:
             meta = TransformerBlockRegistry.get(type(block))
         except ValueError:
@@ -191,8 +222,9 @@ def denoiser_layout(pipe) -> _Layout:
                 "TransformerBlockRegistry)") from None
         outputs.append((_Outputs(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index),
                         meta.hidden_states_argument_name))
-    return _Layout("transformer", "hidden_states", None, blocks[0], blocks[1:-1], blocks[-1],
-                   head_outputs=outputs[0][0], tail_outputs=outputs[1][0], hidden_arg=outputs[0][1])
+    return _Layout("transformer", "hidden_states", None, blocks[head], blocks[head + 1:tail], blocks[tail],
+                   head_outputs=outputs[1][0], tail_outputs=outputs[2][0], hidden_arg=outputs[0][1],
+                   lead=blocks[:head], trail=blocks[tail + 1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +304,7 @@ class BlockCacheState:
         self.compute = True  # HOST calls: the decision, once the head has run
         self.execution: str | None = None  # BLEND / GRAPH of the latest execution of a DEVICE call
         self.stem: list | None = None
+        self.origin: torch.Tensor | None = None  # DiTs: the first block's input hidden states in this call
 
     def reset(self) -> None:
         for slot in self.slots.values():
@@ -341,12 +374,14 @@ class _StemHook(ModelHook):
         return output
 
 
-class _HeadHook(ModelHook):
-    """The first block: runs, then the decision is taken from its output (UNet) or residual (DiT)."""
+class _AlwaysHook(ModelHook):
+    """A DiT block that runs on every call: one of DBCache's first blocks before the head, or of its last blocks
+    after the tail. The network's first block (`origin`) keeps its input, which the head's residual is taken from."""
 
-    def __init__(self, cache: "BlockCache"):
+    def __init__(self, cache: "BlockCache", origin: bool = False):
         super().__init__()
         self.cache = cache
+        self.origin = origin
         self._signature = None
 
     def initialize_hook(self, module):
@@ -356,16 +391,25 @@ class _HeadHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         cache = self.cache
-        output = cache.run_block(module, self.fn_ref.original_forward, args, kwargs)
+        if self.origin and cache.state.mode != OFF:
+            cache.state.origin = self._signature.bind(module, *args, **kwargs).arguments[cache.layout.hidden_arg]
+        return cache.run_block(module, self.fn_ref.original_forward, args, kwargs)
+
+
+class _HeadHook(_AlwaysHook):
+    """The block after which the decision is taken, from its output (UNet) or residual (DiT)."""
+
+    def new_forward(self, module, *args, **kwargs):
+        cache = self.cache
+        output = super().new_forward(module, *args, **kwargs)
         if cache.state.mode == OFF:
             return output
         leaves = cache.layout.head_outputs.split(output)
         if cache.layout.kind == "unet":
             probe = leaves[0]
         else:
-            hidden = self._signature.bind(module, *args, **kwargs).arguments[cache.layout.hidden_arg]
             cache.state.stem = leaves
-            probe = leaves[0] - hidden
+            probe = leaves[0] - cache.state.origin
         cache.decide(probe)
         return output
 
@@ -494,7 +538,7 @@ class BlockCache:
 
     def __init__(self, pipe, config: BlockCacheConfig, session):
         self.session = session
-        self.layout = denoiser_layout(pipe)
+        self.layout = denoiser_layout(pipe, config.first_blocks, config.last_blocks)
         self.denoiser = pipe.unet if self.layout.kind == "unet" else pipe.transformer
         self.config = config
         self.state = BlockCacheState()
@@ -503,9 +547,13 @@ class BlockCache:
         self._said: set[str] = set()
         self._hooked: list[torch.nn.Module] = []
         layout = self.layout
-        blocks = {id(m) for m in (layout.head, *layout.rest, layout.tail)}
+        blocks = {id(m) for m in (*layout.lead, layout.head, *layout.rest, layout.tail, *layout.trail)}
         self.block_graphs = BlockGraphs({id(m): name for name, m in self.denoiser.named_modules() if id(m) in blocks})
-        hooks = [(layout.head, _HeadHook(self)), *[(m, _RestHook(self)) for m in layout.rest], (layout.tail, _TailHook(self))]
+        origin = layout.kind == "transformer"
+        hooks = [*[(m, _AlwaysHook(self, origin=origin and i == 0)) for i, m in enumerate(layout.lead)],
+                 (layout.head, _HeadHook(self, origin=origin and not layout.lead)),
+                 *[(m, _RestHook(self)) for m in layout.rest], (layout.tail, _TailHook(self)),
+                 *[(m, _AlwaysHook(self)) for m in layout.trail]]
         if layout.stem is not None:
             hooks.insert(0, (layout.stem, _StemHook(self)))
         for module, _ in hooks:
@@ -549,6 +597,7 @@ class BlockCache:
             # The previous call ran eagerly although it was meant for a graph: capture failed or was refused.
             self._host_decisions_from_now("the call was not replayed from a captured graph; see the CUDA-graph log line")
         state.execution, state.per_block = None, False
+        state.stem = state.origin = None
         sample = call.sample
         if call.step is None:
             state.mode, state.slot = OFF, None
@@ -558,7 +607,7 @@ class BlockCache:
         force = call.step < self.config.warmup_steps or not slot.filled
         slot.filled = True
         slot.pending = True  # staged by this call, also when it is replayed from a graph and no Python runs in it
-        state.slot, state.stem = slot, None
+        state.slot = slot
         if self._device_path(call.graphed, sample):
             state.mode = DEVICE
             slot.force.fill_(force)  # a device write, not a sync: the graph reads it
