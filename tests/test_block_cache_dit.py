@@ -29,7 +29,7 @@ from accel.cache.block_cache import (
     should_compute,
 )
 from accel.runtime import get_cuda_graph_hook
-from accel.session import get_session
+from accel.session import get_session, planner_of
 
 TOLERANCE = 0.1
 STEPS = 8
@@ -112,6 +112,12 @@ def test_first_and_last_blocks_run_on_every_call_three_passes(which, first, last
     assert skipped >= 2 and full >= 2 and full + skipped == STEPS
     assert counts[:len(always)] == [c * STEPS for c in per_call[:len(always)]]  # the first and last blocks: every step
     assert counts[len(always):] == [c * full for c in per_call[len(always):]]  # the cached ones: full steps only
+    _close_then_restored(pipe, kwargs, before, cached, handles)
+
+
+def _close_then_restored(pipe, kwargs, before, cached, handles):
+    """The enabled pass: close to the baseline yet different, the same again on the next call (state is reset per
+    call). Then restored (and the test's hooks removed): bit-identical to the baseline, no hook of the cache left."""
     assert not np.array_equal(cached, before) and np.abs(cached - before).max() < TOLERANCE
     assert np.array_equal(run(pipe, steps=STEPS, **kwargs), cached)
     accel.restore(pipe)
@@ -160,6 +166,48 @@ def test_first_and_last_blocks_need_a_dit_with_blocks_left_to_cache(sd_pipe, tmp
     for field, value, valid in (("first_blocks", 0, "an int >= 1"), ("last_blocks", -1, "an int >= 0"), ("first_blocks", 1.5, "an int >= 1")):
         with pytest.raises(ValueError, match=f"BlockCacheConfig.{field}={value} is not supported; valid: {valid}"):
             BlockCacheConfig(**{field: value})
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a fixed schedule measures nothing")
+
+
+@pytest.mark.parametrize("which", ["pixart", "flux"])
+def test_fixed_schedule_three_passes_decided_from_the_step_index(which, tmp_path, monkeypatch):
+    """threshold=None, cache_interval=3, warmup_steps=2: full steps 0, 1, 3, 6, decided in each call's plan; the
+    threshold's measure (and its host sync) never runs."""
+    pipe, kwargs, _ = _build(which, tmp_path)
+    layout = denoiser_layout(pipe)
+    counts, handles = _leaf_calls([layout.head, layout.tail])
+    before = run(pipe, steps=STEPS, **kwargs)
+    per_call = [c // STEPS for c in counts]
+    counts[:] = [0] * len(counts)
+
+    monkeypatch.setattr(block_cache, "relative_l1", _refuse)
+    monkeypatch.setattr(block_cache, "should_compute", _refuse)
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=None, cache_interval=3, warmup_steps=2)))
+    planner, plans = planner_of(pipe.transformer), []
+    handles.append(pipe.transformer.register_forward_pre_hook(lambda m, a: plans.append(planner.current)))
+    cached = run(pipe, steps=STEPS, **kwargs)
+    assert [p.decisions["block_cache"] for p in plans] == [
+        (decision, 0) for decision in ("full", "full", "cached", "full", "cached", "cached", "full", "cached")]
+    assert get_block_cache(pipe).state.counts() == (4, 4)
+    assert counts == [per_call[0] * STEPS, per_call[1] * 4]
+    _close_then_restored(pipe, kwargs, before, cached, handles)
+
+
+def test_fixed_schedule_settings():
+    valid = r"valid: a threshold \(adaptive\), or threshold=None with cache_interval=N"
+    with pytest.raises(ValueError, match=rf"threshold=None, cache_interval=None\) is not supported; {valid}"):
+        BlockCacheConfig(threshold=None)
+    with pytest.raises(ValueError, match=rf"threshold=0.1, cache_interval=2\) is not supported; {valid}"):
+        BlockCacheConfig(cache_interval=2)
+    with pytest.raises(ValueError, match="cache_interval=0 is not supported; valid: None or an int >= 1"):
+        BlockCacheConfig(threshold=None, cache_interval=0)
+    with pytest.raises(ValueError, match="max_consecutive_cached is not supported with cache_interval.*valid: max_consecutive_cached=None"):
+        BlockCacheConfig(threshold=None, cache_interval=2, max_consecutive_cached=1)
+    with pytest.raises(ValueError, match="threshold=-1 is not supported; valid: a number >= 0, or None with cache_interval"):
+        BlockCacheConfig(threshold=-1)
 
 
 def _sd3_inputs(transformer, seed):

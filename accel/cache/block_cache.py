@@ -7,7 +7,9 @@ shape) or residual (DiT: its output minus the first block's input) moved less th
 since the last fully computed step, the cached blocks are skipped: the last of them (the tail) returns the
 head's output plus the residual (tail output minus head output) kept from that step. What follows the tail still
 runs: the output layers, and on a DiT its last `last_blocks` blocks (DBCache's Bn blocks), which refine that
-estimate. Every call position (cond / uncond, input shape: the session's slot) keeps its own state.
+estimate. Every call position (cond / uncond, input shape: the session's slot) keeps its own state. With
+`threshold=None` a fixed schedule decides instead (a full step every `cache_interval` steps), from the step
+index alone.
 
 The decision is a device tensor (`should_compute`). Eagerly it is read once per step, the one host sync of
 this technique. Under the runtime's CUDA graphs each call position is captured once with two CUDA-graph
@@ -23,6 +25,9 @@ signature on first use, one memory pool), so the launch-bound bulk of the networ
 a cached call replays only the head's (and a DiT's last blocks'). The denoiser's own small ops between blocks (time embedding, `conv_in`, the output layers; a DiT's
 patch embedding and final layer) stay eager. The cache's state lives in its own buffers, written eagerly
 from copies of the blocks' outputs, never in a graph's static buffers.
+
+A fixed schedule is known before the call, so it needs neither: the hooks follow it without a sync, and under
+CUDA graphs each call is captured whole, one graph per call position and decision (full / cached), on any torch.
 """
 
 from __future__ import annotations
@@ -52,16 +57,24 @@ DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 # both branches, selected with `torch.where`: the graph hook's warm-up) or GRAPH (being captured: both branches
 # recorded as conditional nodes).
 OFF, HOST, DEVICE, BLEND, GRAPH = "off", "host", "device", "blend", "graph"
-# Which path a call the graph hook would capture takes (`BlockCache.graph_path`).
-CONDITIONAL_NODES, PER_BLOCK_GRAPHS = "conditional nodes", "per-block graphs"
+# Which path a call the graph hook would capture takes (`BlockCache.graph_path`); a fixed schedule's calls are
+# captured whole, one graph per slot and decision.
+CONDITIONAL_NODES, PER_BLOCK_GRAPHS, CALL_GRAPHS = "conditional nodes", "per-block graphs", "whole-call graphs"
+# A fixed schedule's decision for a call, part of the call's plan (and so of its graph key).
+FULL, CACHED = "full", "cached"
 
 
 @dataclass(frozen=True)
 class BlockCacheConfig:
     """threshold: skip the cached blocks while the head's output (UNet) or residual (DiT) changed by less than
-        this (mean |new - old| / mean |old|, against the last fully computed step). 0 never skips.
+        this (mean |new - old| / mean |old|, against the last fully computed step). 0 never skips. None: a fixed
+        schedule instead (`cache_interval`).
     warmup_steps: the first steps always run fully.
     max_consecutive_cached: at most this many cached steps in a row (None: no limit).
+    cache_interval: with threshold=None, a full step every `cache_interval` steps (steps 0, N, 2N, ... and the
+        warm-up), the others cached. Decided from the step index before the call, with no host sync: under CUDA
+        graphs each call is captured whole, and every run (and every method given the same full steps) computes
+        the same steps.
     first_blocks: DiTs: the blocks that run on every call (DBCache's Fn); the decision is taken from the residual
         after them. More blocks give a steadier signal and cost more on cached calls.
     last_blocks: DiTs: the blocks after the cached ones that run on every call too (DBCache's Bn): on cached calls
@@ -69,19 +82,30 @@ class BlockCacheConfig:
     A UNet takes first_blocks=1, last_blocks=0 only: its blocks are joined by skip connections.
     """
 
-    threshold: float = 0.1
+    threshold: float | None = 0.1
     warmup_steps: int = 1
     max_consecutive_cached: int | None = None
+    cache_interval: int | None = None
     first_blocks: int = 1
     last_blocks: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or not self.threshold >= 0:
-            raise ValueError(f"BlockCacheConfig.threshold={self.threshold!r} is not supported; valid: a number >= 0")
+        threshold = self.threshold
+        if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0):
+            raise ValueError(f"BlockCacheConfig.threshold={threshold!r} is not supported; valid: a number >= 0, or None "
+                             "with cache_interval")
         _check_int("warmup_steps", self.warmup_steps, 1)
         _check_int("max_consecutive_cached", self.max_consecutive_cached, 1, optional=True)
+        _check_int("cache_interval", self.cache_interval, 1, optional=True)
         _check_int("first_blocks", self.first_blocks, 1)
         _check_int("last_blocks", self.last_blocks, 0)
+        if (threshold is None) == (self.cache_interval is None):
+            raise ValueError(f"BlockCacheConfig(threshold={threshold!r}, cache_interval={self.cache_interval!r}) is not "
+                             "supported; valid: a threshold (adaptive), or threshold=None with cache_interval=N (a "
+                             "fixed schedule, a full step every N steps)")
+        if self.cache_interval is not None and self.max_consecutive_cached is not None:
+            raise ValueError("BlockCacheConfig.max_consecutive_cached is not supported with cache_interval, whose fixed "
+                             "schedule caches at most cache_interval - 1 steps in a row; valid: max_consecutive_cached=None")
 
 
 def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
@@ -283,7 +307,8 @@ class _Slot:
         if not self.pending:
             return
         self.pending = False
-        torch.where(self.computed, self.next_reference, self.reference, out=self.reference)
+        if self.reference is not None:  # None under a fixed schedule, which measures nothing
+            torch.where(self.computed, self.next_reference, self.reference, out=self.reference)
         for current, new in zip(self.residuals or [], self.next_residuals or []):
             if current is not None:
                 torch.where(self.computed, new, current, out=current)
@@ -405,12 +430,9 @@ class _HeadHook(_AlwaysHook):
         if cache.state.mode == OFF:
             return output
         leaves = cache.layout.head_outputs.split(output)
-        if cache.layout.kind == "unet":
-            probe = leaves[0]
-        else:
+        if cache.layout.kind != "unet":
             cache.state.stem = leaves
-            probe = leaves[0] - cache.state.origin
-        cache.decide(probe)
+        cache.decide(leaves[0], cache.state.origin)
         return output
 
 
@@ -591,7 +613,8 @@ class BlockCache:
 
     def plan(self, call):
         """This call's mode and slot, made once before it runs: the decision the session records for it (the slot
-        a CUDA graph with conditional nodes is keyed on, or None); host-decided calls under graphs run eagerly."""
+        a CUDA graph with conditional nodes is keyed on, a fixed schedule's decision and slot, or None); calls
+        decided on the host after their head run eagerly under graphs."""
         state = self.state
         if call.graphed and state.mode == DEVICE and state.execution == BLEND:
             # The previous call ran eagerly although it was meant for a graph: capture failed or was refused.
@@ -608,6 +631,13 @@ class BlockCache:
         slot.filled = True
         slot.pending = True  # staged by this call, also when it is replayed from a graph and no Python runs in it
         state.slot = slot
+        if self.config.threshold is None:
+            # A fixed schedule is known before the call: the hooks follow it without a sync, so graphs may capture it.
+            state.mode, state.force = HOST, force
+            state.compute = force or call.step % self.config.cache_interval == 0
+            if call.graphed and self._replayable(sample):
+                self.graph_path = CALL_GRAPHS
+            return FULL if state.compute else CACHED, slot.index
         if self._device_path(call.graphed, sample):
             state.mode = DEVICE
             slot.force.fill_(force)  # a device write, not a sync: the graph reads it
@@ -637,17 +667,21 @@ class BlockCache:
             self._said.add(CONDITIONAL_NODES)
         return self.conditional_nodes
 
-    def decide(self, probe: torch.Tensor) -> None:
-        """After the first block: take this call's decision and stage the state it leaves behind."""
+    def decide(self, head: torch.Tensor, origin: torch.Tensor | None) -> None:
+        """After the head: take this call's decision from the head's output (`origin` None: UNet) or its residual
+        over the first block's input `origin` (DiT), and stage the state the call leaves behind."""
         state, slot, config = self.state, self.state.slot, self.config
-        slot.ensure_reference(probe)
+        probe = None
+        if config.threshold is not None:  # else a fixed schedule, decided in the plan
+            probe = head if origin is None else head - origin
+            slot.ensure_reference(probe)
         if state.mode == HOST:
-            compute = state.force or bool(should_compute(  # the one host sync of an eager call
-                relative_l1(probe, slot.reference), slot.consecutive, False, config.threshold, config.max_consecutive_cached))
-            state.compute = compute
-            slot.computed.fill_(compute)
-            if compute:
-                slot.next_reference.copy_(probe)
+            if probe is not None:
+                state.compute = state.force or bool(should_compute(  # the one host sync of an eager call
+                    relative_l1(probe, slot.reference), slot.consecutive, False, config.threshold, config.max_consecutive_cached))
+                if state.compute:
+                    slot.next_reference.copy_(probe)
+            slot.computed.fill_(state.compute)
         else:
             state.execution = GRAPH if probe.is_cuda and torch.cuda.is_current_stream_capturing() else BLEND
             pred = should_compute(relative_l1(probe, slot.reference), slot.consecutive, slot.force,
