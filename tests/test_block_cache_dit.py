@@ -27,6 +27,7 @@ from accel.cache.block_cache import (
     denoiser_layout,
     relative_l1,
     should_compute,
+    taylor_weights,
 )
 from accel.runtime import get_cuda_graph_hook
 from accel.session import get_session, planner_of
@@ -210,6 +211,72 @@ def test_fixed_schedule_settings():
         BlockCacheConfig(threshold=-1)
 
 
+@pytest.mark.parametrize("which", ["pixart", "sd3", "flux"])
+def test_taylor_forecast_three_passes_and_order_0_is_the_plain_re_add(which, tmp_path):
+    pipe, kwargs, threshold = _build(which, tmp_path)
+    before = run(pipe, steps=STEPS, **kwargs)
+    outs, counts = {}, {}
+    for order in (None, 0, 1):
+        accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=threshold, taylor_order=order)))
+        outs[order] = run(pipe, steps=STEPS, **kwargs)
+        counts[order] = get_block_cache(pipe).state.counts()
+        if order != 1:
+            accel.restore(pipe)
+    assert np.array_equal(outs[0], outs[None]) and counts[0] == counts[None]
+    full, cached = counts[1]
+    assert cached >= 2 and full >= 2  # the first two steps run fully: a first-order forecast needs two
+    assert not np.array_equal(outs[1], outs[None])
+    _close_then_restored(pipe, kwargs, before, outs[1], [])
+
+
+def test_taylor_weights():
+    assert taylor_weights(3, [], 0) == [1.0]
+    assert taylor_weights(1, [1], 1) == [2.0, -1.0]  # r0 + (r0 - r1)
+    assert taylor_weights(1, [2], 1) == [1.5, -0.5]  # the slope over a gap of two steps
+    assert taylor_weights(1, [1, 1], 2) == [2.5, -2.0, 0.5]  # + (r0 - 2 r1 + r2) / 2
+    # full steps 1, 2, 4, forecast at 5: D1 = (r0 - r1) / 2, D2 = (D1 - (r1 - r2) / 1) / 2, r0 + D1 + D2 / 2
+    assert taylor_weights(1, [2, 1], 2) == [1.625, -0.875, 0.25]
+    tensors = taylor_weights(torch.tensor(1.0), torch.tensor([2.0, 1.0]), 2)
+    assert [w.item() for w in tensors] == [1.625, -0.875, 0.25]
+    assert sum(taylor_weights(2.5, [3, 2, 1], 3)) == pytest.approx(1.0)  # a constant residual is forecast as itself
+
+
+@pytest.mark.parametrize("order, weights", [
+    (1, {3: {2: 2.0, 1: -1.0}, 5: {4: 1.5, 2: -0.5}, 7: {6: 1.5, 4: -0.5}}),
+    (2, {3: {2: 2.5, 1: -2.0, 0: 0.5}, 5: {4: 1.625, 2: -0.875, 1: 0.25}, 7: {6: 1.625, 4: -0.75, 2: 0.125}}),
+])
+def test_taylor_forecast_per_slot_matches_the_hand_computed_extrapolation(order, weights, tmp_path):
+    """SD3's transformer called twice a step (cond, uncond), full every second step once `order + 1` full steps
+    are in: on each cached call the last block returns the first block's output plus the forecast residual,
+    sum_j w_j (tail - head output at full step j), from that slot's own full steps."""
+    pipe = tiny_sd3_pipeline(tmp_path)
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=None, cache_interval=2, taylor_order=order)))
+    session, transformer, layout = get_session(pipe), pipe.transformer, get_block_cache(pipe).layout
+    seen = {}
+    handles = [layout.head.register_forward_hook(lambda m, a, out: seen.__setitem__("head", layout.head_outputs.split(out)[0])),
+               layout.tail.register_forward_hook(lambda m, a, out: seen.__setitem__("tail", layout.tail_outputs.split(out)[0]))]
+    residuals, tails, heads = {}, {}, {}
+    with torch.no_grad():
+        session.begin_call(STEPS)
+        for step in range(STEPS):
+            session.step_index = step
+            for branch in (0, 1):
+                transformer(**_sd3_inputs(transformer, 10 * step + branch))
+                heads[branch, step], tails[branch, step] = seen["head"], seen["tail"]
+                if step not in weights:
+                    residuals[branch, step] = seen["tail"] - seen["head"]
+        session.end_call()
+    assert get_block_cache(pipe).state.counts() == (2 * (STEPS - 3), 2 * 3)
+    for branch in (0, 1):
+        for step, ws in weights.items():
+            expected = heads[branch, step] + sum(w * residuals[branch, full] for full, w in ws.items())
+            torch.testing.assert_close(tails[branch, step], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(residuals[0, 2], residuals[1, 2])  # the two slots did keep different residuals
+    for handle in handles:
+        handle.remove()
+    accel.restore(pipe)
+
+
 def _sd3_inputs(transformer, seed):
     g = torch.Generator().manual_seed(seed)
     config = transformer.config
@@ -263,7 +330,8 @@ class _RunThrice(ModelHook):
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
-@pytest.mark.parametrize("which, options", [("pixart", {}), ("sd", {}), ("flux", {"first_blocks": 2, "last_blocks": 1})])
+@pytest.mark.parametrize("which, options", [("pixart", {}), ("sd", {}), ("flux", {"first_blocks": 2, "last_blocks": 1}),
+                                            ("sd3", {"first_blocks": 2, "last_blocks": 1, "taylor_order": 1})])
 def test_device_decision_matches_the_host_decision(which, options, tmp_path, request, monkeypatch):
     """The decision a graph would replay, run eagerly (both branches, `torch.where`), executed three times
     per call: the same output and counts as deciding on the host once per call."""

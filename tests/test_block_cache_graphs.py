@@ -138,9 +138,10 @@ def test_per_block_graphs_replay_the_head_always_and_the_rest_on_full_calls(whic
 
 
 def test_per_block_graphs_replay_a_dits_first_and_last_blocks_on_every_call(tmp_path, monkeypatch):
-    """DBCache's first and last blocks replay their graphs on every call, the cached ones on full calls only."""
+    """DBCache's first and last blocks replay their graphs on every call, the cached ones on full calls only (and
+    the forecast, outside any graph, gives the eager output)."""
     pipe, kwargs = tiny_pixart_pipeline(tmp_path), PIXART_KWARGS
-    config = BlockCacheConfig(threshold=0.3, first_blocks=2, last_blocks=1)
+    config = BlockCacheConfig(threshold=0.3, first_blocks=2, last_blocks=1, taylor_order=1)
     accel.accelerate(pipe, AccelConfig(cache=config))
     host = run(pipe, steps=STEPS, **kwargs)
     host_counts = get_block_cache(pipe).state.counts()
@@ -173,18 +174,18 @@ class _WarmCapture(_FakeCapture):
         return super().__call__(fn, leaves, spec, device, warmup_iters=warmup_iters, pool=pool)
 
 
-@pytest.mark.parametrize("which", ["sd", "pixart"])
-def test_a_fixed_schedule_is_captured_whole_one_graph_per_decision(which, request, tmp_path, monkeypatch):
+@pytest.mark.parametrize("which, taylor_order, full", [("sd", None, 3), ("pixart", 1, 4)])
+def test_a_fixed_schedule_is_captured_whole_one_graph_per_decision(which, taylor_order, full, request, tmp_path, monkeypatch):
     """No decision waits for the head: the graph hook captures each call whole (here on the CPU, with a stand-in
     capture that also runs the warm-ups), one graph per slot and full / cached decision, and the output and
     counts are the eager run's."""
     pipe, kwargs, _ = _pipeline(which, request, tmp_path)
-    config = BlockCacheConfig(threshold=None, cache_interval=3)
+    config = BlockCacheConfig(threshold=None, cache_interval=3, taylor_order=taylor_order)
     accel.accelerate(pipe, AccelConfig(cache=config))
     eager = run(pipe, steps=STEPS, **kwargs)
     eager_counts = get_block_cache(pipe).state.counts()
     accel.restore(pipe)
-    assert eager_counts == (3, 5)
+    assert eager_counts == (full, STEPS - full)  # full at 0, 3, 6 (and 1: a first-order forecast needs two)
 
     capture = _WarmCapture()
     monkeypatch.setattr(cuda_graph, "capture_graph", capture)
@@ -199,7 +200,7 @@ def test_a_fixed_schedule_is_captured_whole_one_graph_per_decision(which, reques
     _restore(pipe)
 
     assert branches == [(("block_cache", ("cached", 0)),), (("block_cache", ("full", 0)),)] and capture.calls == 2
-    assert replays == [2 * 3, 2 * 5]  # every call replays, the first one right after its capture
+    assert replays == sorted([2 * full, 2 * (STEPS - full)])  # every call replays, the first right after its capture
     assert not eager_plan and cache.graph_path == CALL_GRAPHS and per_block.calls == 0
     assert counts == eager_counts
     for out in outs:

@@ -1,5 +1,6 @@
-"""Adaptive block cache for UNets and DiT transformers: First-Block Cache (ParaAttention) and TeaCache (2024), and
-on DiTs DBCache's first and last blocks (Cache-DiT, 2025).
+"""Block cache for UNets and DiT transformers: First-Block Cache (ParaAttention) and TeaCache (2024), on DiTs the
+first and last blocks of DBCache (Cache-DiT, 2025), and the forecast of TaylorSeer (Liu et al. 2025, "From
+Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers").
 
 Every call runs the network's head: `conv_in` and the first down block of a UNet, the first `first_blocks`
 transformer blocks of a DiT (DBCache's Fn blocks). When the head's output (UNet; its down block changes the
@@ -7,9 +8,11 @@ shape) or residual (DiT: its output minus the first block's input) moved less th
 since the last fully computed step, the cached blocks are skipped: the last of them (the tail) returns the
 head's output plus the residual (tail output minus head output) kept from that step. What follows the tail still
 runs: the output layers, and on a DiT its last `last_blocks` blocks (DBCache's Bn blocks), which refine that
-estimate. Every call position (cond / uncond, input shape: the session's slot) keeps its own state. With
-`threshold=None` a fixed schedule decides instead (a full step every `cache_interval` steps), from the step
-index alone.
+estimate. With `taylor_order` the residual is not re-added as kept but forecast at the current step:
+TaylorSeer's Taylor expansion in the step index about the last full step, its derivatives finite differences
+over the last full steps. With `threshold=None` a fixed schedule decides instead (a full step every
+`cache_interval` steps), from the step index alone. Every call position (cond / uncond, input shape: the
+session's slot) keeps its own state.
 
 The decision is a device tensor (`should_compute`). Eagerly it is read once per step, the one host sync of
 this technique. Under the runtime's CUDA graphs each call position is captured once with two CUDA-graph
@@ -80,6 +83,10 @@ class BlockCacheConfig:
     last_blocks: DiTs: the blocks after the cached ones that run on every call too (DBCache's Bn): on cached calls
         they refine the estimate of the cached blocks' output.
     A UNet takes first_blocks=1, last_blocks=0 only: its blocks are joined by skip connections.
+    taylor_order: None re-adds the cached blocks' residual kept from the last full step. An int forecasts it
+        instead (TaylorSeer): a Taylor expansion of that order in the step index, its derivatives finite
+        differences over the last `taylor_order + 1` full steps (1: the last two). Each call position runs fully
+        until it has that many (0 re-adds the kept residual through the forecast, as None does).
     """
 
     threshold: float | None = 0.1
@@ -88,6 +95,7 @@ class BlockCacheConfig:
     cache_interval: int | None = None
     first_blocks: int = 1
     last_blocks: int = 0
+    taylor_order: int | None = None
 
     def __post_init__(self):
         threshold = self.threshold
@@ -99,6 +107,7 @@ class BlockCacheConfig:
         _check_int("cache_interval", self.cache_interval, 1, optional=True)
         _check_int("first_blocks", self.first_blocks, 1)
         _check_int("last_blocks", self.last_blocks, 0)
+        _check_int("taylor_order", self.taylor_order, 0, optional=True)
         if (threshold is None) == (self.cache_interval is None):
             raise ValueError(f"BlockCacheConfig(threshold={threshold!r}, cache_interval={self.cache_interval!r}) is not "
                              "supported; valid: a threshold (adaptive), or threshold=None with cache_interval=N (a "
@@ -138,6 +147,21 @@ def should_compute(change: torch.Tensor, consecutive: torch.Tensor, force, thres
 def consecutive_after(consecutive: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
     """Cached calls in a row after this one: 0 after a full call, one more after a cached one."""
     return (consecutive + 1) * torch.logical_not(compute)
+
+
+def taylor_weights(distance, gaps, order: int) -> list:
+    """TaylorSeer's forecast as weights w_j on the residuals r_0 (newest), ..., r_order of the last `order + 1`
+    full steps: sum_j w_j r_j = sum_i D_i distance^i / i!, the Taylor expansion about the newest full step,
+    `distance` steps ahead. D_0 is a full step's residual and D_(i+1) at a full step is (D_i there - D_i at the
+    full step before) / the steps between them: `gaps[j]` from full step j + 1 to j. Numbers, or tensors (then
+    no host sync: a graph records it)."""
+    derivatives = [[float(k == j) for k in range(order + 1)] for j in range(order + 1)]  # D_i at full step j, as weights
+    weights, factor = derivatives[0], 1.0
+    for i in range(1, order + 1):
+        derivatives = [[(a - b) / gaps[j] for a, b in zip(derivatives[j], derivatives[j + 1])] for j in range(order + 1 - i)]
+        factor = factor * distance / i
+        weights = [w + factor * d for w, d in zip(weights, derivatives[0])]
+    return weights
 
 
 def conditional_nodes_supported() -> bool:
@@ -267,9 +291,9 @@ def _like(x: torch.Tensor) -> torch.Tensor:
 class _Slot:
     """One denoiser call position within a step (cond / uncond when called twice, one input shape)."""
 
-    def __init__(self, index: int, device: torch.device):
+    def __init__(self, index: int, device: torch.device, taylor_order: int | None = None):
         self.index = index
-        self.filled = False  # a call of the current pipeline call ran on this slot
+        self.forced = 0  # calls of the current pipeline call forced to run fully on this slot
         self.pending = False  # `next_*` holds a call's result that is not committed yet
         self.force = _zeros(torch.bool, device)  # DEVICE calls: set by the host before the call
         self.computed = _zeros(torch.bool, device)  # the decision of the last call
@@ -282,9 +306,18 @@ class _Slot:
         self.next_residuals: list | None = None
         self.tail_length: int | None = None  # the tail's output tuple length (None: a tensor)
         self.records: dict[int, tuple] = {}  # output structure per skipped module, for eager placeholders
+        # TaylorSeer: the residuals of the full calls before the last one (newest first), the step indices of the
+        # last taylor_order + 1 full calls (newest first) and this call's, as device tensors a graph reads.
+        self.taylor_order = taylor_order
+        self.older: list[list] = []
+        if taylor_order is not None:
+            self.step = _zeros(torch.float32, device)
+            self.full_steps = torch.zeros(taylor_order + 1, dtype=torch.float32, device=device)
+            self.next_full_steps = torch.zeros_like(self.full_steps)
 
     def reset(self) -> None:
-        self.filled = self.pending = False
+        self.forced = 0
+        self.pending = False
         self.counts.zero_()
 
     def ensure_reference(self, probe: torch.Tensor) -> None:
@@ -299,8 +332,8 @@ class _Slot:
         if not fits(self.residuals):
             usable = [x if isinstance(x, torch.Tensor) and s is not None and s.shape == x.shape else None
                       for x, s in zip(leaves, stem)]
-            self.residuals = [None if x is None else _like(x) for x in usable]
-            self.next_residuals = [None if x is None else _like(x) for x in usable]
+            self.residuals, self.next_residuals, *self.older = [
+                [None if x is None else _like(x) for x in usable] for _ in range(2 + (self.taylor_order or 0))]
 
     def commit(self) -> None:
         """Make the last call's result the state this call reads (device ops only, no host sync)."""
@@ -309,9 +342,14 @@ class _Slot:
         self.pending = False
         if self.reference is not None:  # None under a fixed schedule, which measures nothing
             torch.where(self.computed, self.next_reference, self.reference, out=self.reference)
-        for current, new in zip(self.residuals or [], self.next_residuals or []):
-            if current is not None:
-                torch.where(self.computed, new, current, out=current)
+        # On a full call every kept residual moves one place back, the oldest dropping out, and the new one comes in.
+        history = [self.next_residuals, self.residuals, *self.older]
+        for older, newer in reversed(list(zip(history[1:], history[:-1]))):
+            for current, new in zip(older or [], newer or []):
+                if current is not None:
+                    torch.where(self.computed, new, current, out=current)
+        if self.taylor_order is not None:
+            torch.where(self.computed, self.next_full_steps, self.full_steps, out=self.full_steps)
         self.consecutive.copy_(self.next_consecutive)
         self.counts.add_(torch.stack((self.computed, self.skipped)))
 
@@ -337,10 +375,10 @@ class BlockCacheState:
         self.mode, self.slot, self.execution = OFF, None, None
         self.per_block = False
 
-    def slot_for(self, index: int, device: torch.device) -> _Slot:
+    def slot_for(self, index: int, device: torch.device, taylor_order: int | None) -> _Slot:
         slot = self.slots.get(index)
         if slot is None:
-            slot = self.slots[index] = _Slot(index, device)
+            slot = self.slots[index] = _Slot(index, device, taylor_order)
         return slot
 
     def counts(self) -> tuple[int, int]:
@@ -478,12 +516,12 @@ class _TailHook(ModelHook):
                 slot.ensure_residuals(leaves, stem)
                 _store_residuals(slot, leaves, stem)
             with if_node(slot.skipped):
-                for leaf, base, residual in zip(leaves, stem, slot.residuals):
+                for leaf, base, residual in zip(leaves, stem, _estimate(slot)):
                     if residual is not None:
                         torch.add(base, residual, out=leaf)
             return output
         if state.mode == HOST and not state.compute and slot.residuals is not None:
-            cached = [None if r is None else base + r for base, r in zip(stem, slot.residuals)]
+            cached = [None if r is None else base + r for base, r in zip(stem, _estimate(slot))]
             return outputs.join(cached, slot.tail_length)
         output = self.cache.run_block(module, forward, args, kwargs)
         leaves = outputs.split(output)
@@ -494,8 +532,20 @@ class _TailHook(ModelHook):
             return output
         # BLEND: both branches computed, the decision picks one without reading it on the host.
         merged = [leaf if r is None else torch.where(slot.computed, leaf, base + r)
-                  for leaf, base, r in zip(leaves, stem, slot.residuals)]
+                  for leaf, base, r in zip(leaves, stem, _estimate(slot))]
         return outputs.join(merged, slot.tail_length)
+
+
+def _estimate(slot: _Slot) -> list:
+    """The cached blocks' residual on a cached call: the one kept from the last full call, or its TaylorSeer
+    forecast at this step (summed in float32: the weights grow with the distance and cancel)."""
+    if slot.taylor_order is None:
+        return slot.residuals
+    steps = slot.full_steps
+    weights = taylor_weights(slot.step - steps[0], steps[:-1] - steps[1:], slot.taylor_order)
+    history = [slot.residuals, *slot.older]
+    return [None if r is None else sum(w * kept[i].float() for w, kept in zip(weights, history)).to(r.dtype)
+            for i, r in enumerate(slot.residuals)]
 
 
 def _store_residuals(slot: _Slot, leaves: list, stem: list) -> None:
@@ -625,16 +675,20 @@ class BlockCache:
         if call.step is None:
             state.mode, state.slot = OFF, None
             return None
-        slot = state.slot_for(call.slot, sample.device)
+        config = self.config
+        slot = state.slot_for(call.slot, sample.device, config.taylor_order)
         slot.commit()
-        force = call.step < self.config.warmup_steps or not slot.filled
-        slot.filled = True
+        # A forecast extrapolates from taylor_order + 1 full calls: each slot runs fully until it has them.
+        force = call.step < config.warmup_steps or slot.forced < 1 + (config.taylor_order or 0)
+        slot.forced += force
+        if config.taylor_order is not None:
+            slot.step.fill_(call.step)  # a device write, not a sync: the forecast reads it, in a graph too
         slot.pending = True  # staged by this call, also when it is replayed from a graph and no Python runs in it
         state.slot = slot
-        if self.config.threshold is None:
+        if config.threshold is None:
             # A fixed schedule is known before the call: the hooks follow it without a sync, so graphs may capture it.
             state.mode, state.force = HOST, force
-            state.compute = force or call.step % self.config.cache_interval == 0
+            state.compute = force or call.step % config.cache_interval == 0
             if call.graphed and self._replayable(sample):
                 self.graph_path = CALL_GRAPHS
             return FULL if state.compute else CACHED, slot.index
@@ -690,6 +744,8 @@ class BlockCache:
             slot.next_reference.copy_(probe)
         torch.logical_not(slot.computed, out=slot.skipped)
         slot.next_consecutive.copy_(consecutive_after(slot.consecutive, slot.computed))
+        if slot.taylor_order is not None:
+            torch.cat((slot.step.view(1), slot.full_steps[:-1]), out=slot.next_full_steps)
 
     def _remove_hooks(self) -> None:
         for module in self._hooked:
