@@ -47,6 +47,7 @@ from torch.utils import _pytree as pytree
 from ..capture import capture_graph, signature_key
 from ..errors import UnsupportedPipelineError
 from ..session import technique_functions
+from ._noise_guard import NoiseGuard
 
 logger = logging.getLogger(__name__)
 
@@ -642,6 +643,7 @@ class BlockCache:
             self._remove_hooks()
             raise
         self.session.add_call_listener(self._on_call)
+        self.noise = NoiseGuard(pipe, session, NAME)
 
     def _on_call(self, session) -> None:
         self.state.reset()
@@ -675,6 +677,7 @@ class BlockCache:
         if call.step is None:
             state.mode, state.slot = OFF, None
             return None
+        self.noise.check()
         config = self.config
         slot = state.slot_for(call.slot, sample.device, config.taylor_order)
         slot.commit()
@@ -757,6 +760,7 @@ class BlockCache:
     def remove(self) -> None:
         self.planner.remove_decider(NAME)
         self.session.remove_call_listener(self._on_call)
+        self.noise.remove()
         self._remove_hooks()
         self.state.slots.clear()
         self.block_graphs.clear()
