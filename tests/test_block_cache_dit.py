@@ -505,3 +505,35 @@ def test_dit_block_cache_under_cuda_graphs_matches_eager_on_gpu(tmp_path):
     assert counts == eager_counts and eager_counts[1] >= 1
     for out in graphed:
         np.testing.assert_allclose(out, eager, rtol=0, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [
+    {"threshold": None, "cache_interval": 3, "first_blocks": 2, "last_blocks": 1, "taylor_order": 1},
+    {"first_blocks": 2, "last_blocks": 1, "taylor_order": 1},
+], ids=["fixed-schedule", "threshold"])
+def test_dit_options_under_cuda_graphs_match_eager_on_gpu(options, tmp_path):
+    """DBCache's first / last blocks and the TaylorSeer forecast with PixArt's transformer captured by the graph
+    hook: a fixed schedule as whole-call graphs, a threshold as conditional nodes (or per-block graphs on a torch
+    without them); the eager output and counts, also on the second run (replays only)."""
+    from accel.cache.block_cache import CALL_GRAPHS, CONDITIONAL_NODES, PER_BLOCK_GRAPHS
+    from accel.runtime import apply_cuda_graph, remove_cuda_graph
+
+    pipe, kwargs, threshold = _build("pixart", tmp_path)
+    pipe = pipe.to("cuda")
+    config = BlockCacheConfig(**{"threshold": threshold, **options})
+    accel.accelerate(pipe, AccelConfig(cache=config))
+    eager = run(pipe, steps=STEPS, **kwargs)
+    eager_counts = get_block_cache(pipe).state.counts()
+    apply_cuda_graph(pipe.transformer)
+    graphed = []
+    for _ in range(2):
+        graphed.append(run(pipe, steps=STEPS, **kwargs))
+        assert get_block_cache(pipe).state.counts() == eager_counts
+    path = get_block_cache(pipe).graph_path
+    remove_cuda_graph(pipe.transformer)
+    accel.restore(pipe)
+    expected = CALL_GRAPHS if config.threshold is None else CONDITIONAL_NODES if conditional_nodes_supported() else PER_BLOCK_GRAPHS
+    assert path == expected and eager_counts[1] >= 1
+    for out in graphed:
+        np.testing.assert_allclose(out, eager, rtol=0, atol=2e-3)
