@@ -56,8 +56,9 @@ HOOK_NAME = f"accel.{NAME}"
 # DiT block lists in the order the transformer runs them (Flux: dual-stream blocks, then single-stream ones).
 DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
-# How a call runs: OFF (untouched), HOST (decided on the host: eagerly, or its blocks from per-block CUDA graphs)
-# or DEVICE (decided on the GPU, for a CUDA graph of the whole call). A DEVICE call executes as BLEND (eager,
+# How a call runs: OFF (untouched), HOST (decided on the host: after the head, eagerly or with its blocks from
+# per-block CUDA graphs; or, on a fixed schedule, in the plan, eagerly or in a graph of the whole call) or DEVICE
+# (decided on the GPU, for a CUDA graph of the whole call). A DEVICE call executes as BLEND (eager,
 # both branches, selected with `torch.where`: the graph hook's warm-up) or GRAPH (being captured: both branches
 # recorded as conditional nodes).
 OFF, HOST, DEVICE, BLEND, GRAPH = "off", "host", "device", "blend", "graph"
@@ -476,7 +477,7 @@ class _HeadHook(_AlwaysHook):
 
 
 class _RestHook(ModelHook):
-    """A block after the first one: skipped on cached calls."""
+    """A cached block before the tail: skipped on cached calls."""
 
     def __init__(self, cache: "BlockCache"):
         super().__init__()
@@ -499,7 +500,8 @@ class _RestHook(ModelHook):
 
 
 class _TailHook(ModelHook):
-    """The last block: cached calls return the stem plus the kept residual; full calls keep a new residual."""
+    """The last cached block: cached calls return the stem (the head's output) plus the kept residual, or its
+    forecast; full calls keep a new residual."""
 
     def __init__(self, cache: "BlockCache"):
         super().__init__()
@@ -690,8 +692,7 @@ class BlockCache:
         state.slot = slot
         if config.threshold is None:
             # A fixed schedule is known before the call: the hooks follow it without a sync, so graphs may capture it.
-            state.mode, state.force = HOST, force
-            state.compute = force or call.step % config.cache_interval == 0
+            state.mode, state.compute = HOST, force or call.step % config.cache_interval == 0
             if call.graphed and self._replayable(sample):
                 self.graph_path = CALL_GRAPHS
             return FULL if state.compute else CACHED, slot.index
