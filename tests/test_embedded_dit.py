@@ -1,0 +1,122 @@
+"""The embedded DiT (mini-sd3-cifar10): size, the folder of shared files, plain-diffusers loading, generation,
+the training script's step / resume / export, and the quality harness, the CLI and the app on it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from accel.embedded import EMBEDDED_MODEL_DIR
+from accel.embedded_dit import (
+    EMBEDDED_DIT_DIR,
+    EMBEDDED_DIT_NAME,
+    build_transformer,
+    is_embedded_dit,
+    resolve_model,
+    save_pipeline,
+)
+
+SHIPPED = (EMBEDDED_DIT_DIR / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+TINY = {"width": 32, "depth": 2, "head_dim": 16}
+LINKS = ("text_encoder/text_model.safetensors", "text_encoder_2", "tokenizer", "tokenizer_2",
+         "vae/diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The shipped layout around a tiny random transformer."""
+    torch.manual_seed(0)
+    return save_pipeline(build_transformer(**TINY), tmp_path_factory.mktemp("dit") / "pipeline")
+
+
+def load_plain(folder, caplog):
+    """``DiffusionPipeline.from_pretrained`` with no arguments but offline, and no warning logged while loading."""
+    import diffusers
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    diffusers.utils.logging.enable_propagation()
+    transformers.utils.logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    finally:
+        diffusers.utils.logging.disable_propagation()
+        transformers.utils.logging.disable_propagation()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "torchvision" not in r.getMessage()]
+    assert not warnings, warnings
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_pipeline(pipe) -> None:
+    """SD3 on the UNet model's CLIP encoder (pooled output unprojected), zeros from the T5 slot, 32x32 images."""
+    from transformers import CLIPTextModel
+
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert {module.dtype for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_3)} == {torch.float32}
+    clip = CLIPTextModel.from_pretrained(EMBEDDED_MODEL_DIR / "text_encoder")
+    ids = pipe.tokenizer(["a photo of a horse", ""], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours, theirs = pipe.text_encoder_2(ids, output_hidden_states=True), clip(ids, output_hidden_states=True)
+    torch.testing.assert_close(ours.text_embeds, theirs.pooler_output)
+    torch.testing.assert_close(ours.hidden_states[-2], theirs.hidden_states[-2])
+    _, _, pooled, _ = pipe.encode_prompt("a photo of a horse", None, None, do_classifier_free_guidance=False)
+    embeds = pipe.encode_prompt("a photo of a horse", None, None, do_classifier_free_guidance=False)[0]
+    assert embeds.shape == (1, 77 + 256, 512) and pooled.shape == (1, 512)
+    assert not embeds[:, 77:].any()  # the T5 slot's 256 tokens
+    images = pipe("a photo of a horse", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_transformer_is_a_patch_2_mmdit_within_the_size_budget():
+    transformer = build_transformer()
+    config = transformer.config
+    assert (config.sample_size, config.patch_size, config.in_channels, config.out_channels) == (16, 2, 4, 4)
+    assert config.joint_attention_dim == config.pooled_projection_dim == 512  # two 256-wide CLIP encoders
+    assert sum(p.numel() for p in transformer.parameters()) * 2 <= 11.5e6  # fp16, with the folder's other files < 12 MB
+    with torch.no_grad():
+        out = transformer(torch.randn(2, 4, 16, 16), torch.randn(2, 333, 512), torch.randn(2, 512), torch.tensor([999.0, 1.0])).sample
+    assert out.shape == (2, 4, 16, 16)
+
+
+def test_folder_shares_the_unet_models_files_through_relative_links(tiny_folder):
+    for name in LINKS:
+        link = tiny_folder / name
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link)), name
+    assert (tiny_folder / "vae/diffusion_pytorch_model.safetensors").samefile(EMBEDDED_MODEL_DIR / "vae/diffusion_pytorch_model.safetensors")
+    assert (tiny_folder / "text_encoder/text_model.safetensors").samefile(EMBEDDED_MODEL_DIR / "text_encoder/model.safetensors")
+    assert json.loads((tiny_folder / "vae/config.json").read_text())["shift_factor"] == 0.0
+    projection = load_file(tiny_folder / "text_encoder/text_projection.safetensors")["text_projection.weight"]
+    assert projection.dtype == torch.float16 and torch.equal(projection.float(), torch.eye(256))
+
+
+def test_saved_folder_loads_with_plain_diffusers_and_generates(tiny_folder, caplog):
+    check_pipeline(load_plain(tiny_folder, caplog))
+
+
+def test_shipped_folder_links_stay_inside_the_models_folder():
+    models = EMBEDDED_DIT_DIR.parent.resolve()
+    for name in LINKS:
+        link = EMBEDDED_DIT_DIR / name
+        assert link.is_symlink() and not os.path.isabs(os.readlink(link)), name
+        assert link.resolve().is_relative_to(models) and link.exists(), name
+    own = [p for p in EMBEDDED_DIT_DIR.rglob("*") if p.is_file() and not any(q.is_symlink() for q in (p, *p.parents))]
+    assert sum(p.stat().st_size for p in own) <= 12e6
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the DiT's trained transformer weights are not installed yet")
+def test_shipped_folder_loads_with_plain_diffusers_and_generates(caplog):
+    check_pipeline(load_plain(EMBEDDED_DIT_DIR, caplog))
+
+
+def test_model_name_resolves_to_the_folder():
+    assert resolve_model(EMBEDDED_DIT_NAME) == EMBEDDED_DIT_DIR
+    assert resolve_model("some/hub-id") == "some/hub-id" and resolve_model(None) is None
+    assert is_embedded_dit(EMBEDDED_DIT_NAME) and is_embedded_dit(str(EMBEDDED_DIT_DIR))
+    assert not is_embedded_dit(None) and not is_embedded_dit(EMBEDDED_MODEL_DIR)
