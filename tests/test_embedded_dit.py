@@ -120,3 +120,32 @@ def test_model_name_resolves_to_the_folder():
     assert resolve_model("some/hub-id") == "some/hub-id" and resolve_model(None) is None
     assert is_embedded_dit(EMBEDDED_DIT_NAME) and is_embedded_dit(str(EMBEDDED_DIT_DIR))
     assert not is_embedded_dit(None) and not is_embedded_dit(EMBEDDED_MODEL_DIR)
+
+
+def test_training_step_resume_and_export(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from apps import train_embedded_dit
+
+    tiny = ["--width", "32", "--depth", "2", "--head-dim", "16"]
+    args = ["--synthetic", "8", "--batch-size", "4", "--seed", "0", "--checkpoint-every", "1"] + tiny
+    first = train_embedded_dit.main(["--out", str(tmp_path / "run"), "--max-steps", "1"] + args)
+    assert first["steps"] == 1
+    assert json.loads((tmp_path / "run/transformer_checkpoint/state.json").read_text())["step"] == 1
+    before = load_file(tmp_path / "run/transformer_checkpoint/transformer.safetensors")
+    resumed = train_embedded_dit.main(["--out", str(tmp_path / "run"), "--max-steps", "2"] + args)
+    assert resumed["steps"] == 2
+    after = load_file(tmp_path / "run/transformer_checkpoint/transformer.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Two steps in one go give the weights of one step, a restart, and one more.
+    train_embedded_dit.main(["--out", str(tmp_path / "fresh"), "--max-steps", "2"] + args)
+    for key, value in load_file(tmp_path / "fresh/transformer_checkpoint/transformer.safetensors").items():
+        torch.testing.assert_close(value, after[key])
+
+    exported = tmp_path / "run/pipeline"
+    weights = load_file(exported / "transformer/diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    pipe = StableDiffusion3Pipeline.from_pretrained(exported, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert image.shape == (1, 3, 32, 32)
