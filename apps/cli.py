@@ -13,7 +13,8 @@ EMBEDDED_GUIDANCE = 4.0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the embedded CIFAR-10 model)")
+    p.add_argument("--model", default=None, help="diffusers folder or Hub id, or mini-sd3-cifar10 for the embedded DiT "
+                   "(default: the embedded CIFAR-10 model)")
     p.add_argument("--preset", default=None, help="acceleration preset (see `accel presets`); default: none")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="load weights in this dtype")
@@ -35,7 +36,7 @@ def cmd_generate(args) -> int:
     if args.steps is None and embedded and not args.preset:
         args.steps = EMBEDDED_STEPS
     if args.guidance is None:
-        args.guidance = EMBEDDED_GUIDANCE if embedded else 7.5
+        args.guidance = EMBEDDED_GUIDANCE if embedded else _dit_guidance(args.model)
     call = {"prompt": args.prompt, "guidance_scale": args.guidance, "num_images_per_prompt": args.num_images}
     if args.negative_prompt:
         call["negative_prompt"] = args.negative_prompt
@@ -90,13 +91,20 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _dit_guidance(model) -> float:
+    """The embedded DiT's guidance for it, 7.5 for any other model; its default steps are SD3's own (28)."""
+    from accel.embedded_dit import EMBEDDED_DIT_GUIDANCE, is_embedded_dit
+
+    return EMBEDDED_DIT_GUIDANCE if is_embedded_dit(model) else 7.5
+
+
 def cmd_eval(args) -> int:
-    from accel.quality import evaluate, write_report
+    from accel.quality.evaluate import evaluate, write_report
     from apps.loading import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.guidance is None:
-        args.guidance = EMBEDDED_GUIDANCE if args.model is None else 7.5
+        args.guidance = EMBEDDED_GUIDANCE if args.model is None else _dit_guidance(args.model)
     classifier = None
     if args.classifier is not None:
         from accel.quality.classifier import load_classifier

@@ -149,3 +149,33 @@ def test_training_step_resume_and_export(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert image.shape == (1, 3, 32, 32)
+
+
+def test_quality_harness_cli_and_app_take_the_dit(tiny_folder, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from accel.quality.classifier import CifarResNet
+    from accel.quality.evaluate import evaluate, write_report
+    from apps import cli
+    from apps.gradio_app import ComparisonApp, Controls
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    classifier = CifarResNet(widths=(8, 16, 16, 32)).eval()
+    reference = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    result = evaluate(pipe, n=10, num_inference_steps=1, batch_size=5, classifier=classifier, reference_images=reference)
+    assert (result["pipeline"], result["scheduler"], result["dtype"]) == ("StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler", "float32")
+    assert 0 <= result["baseline"]["adherence"] <= 1 and result["baseline"]["frechet_distance"] >= 0
+    assert "| baseline |" in write_report(result, tmp_path / "eval")[1].read_text()
+
+    out = tmp_path / "horse.png"
+    assert cli.main(["generate", "--model", str(tiny_folder), "--prompt", "a photo of a horse", "--steps", "2",
+                     "--device", "cpu", "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (32, 32)
+
+    app = ComparisonApp(pipe, model_name="tiny DiT", warmup=False)
+    assert (app.native_size, app.size_multiple, app.min_size, app.max_size) == (32, 8, 8, 64)
+    comparison = app.compare(Controls(prompt="a photo of a horse", steps=2))
+    assert comparison.baseline.size == (32, 32) and comparison.ssim == pytest.approx(1.0)
