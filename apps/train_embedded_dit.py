@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def rectified_flow_pair(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noisy latent (1 - sigma) x0 + sigma noise and the velocity noise - x0 the transformer learns."""
+    return (1 - sigma) * x0 + sigma * noise, noise - x0
+
+
 @torch.no_grad()
 def encode_training_set(args: argparse.Namespace, transformer, device: torch.device):
     """Latents of the training set and the caption embeddings (the empty caption last), from the frozen encoders."""
@@ -88,8 +93,7 @@ def train(args: argparse.Namespace) -> dict:
         x0, caption = sample_latent_batch(latents, args.batch_size, generator, cfg_dropout=args.cfg_dropout)
         normal = torch.randn(args.batch_size, device=device, generator=generator)
         sigma = torch.sigmoid(args.logit_mean + args.logit_std * normal).view(-1, 1, 1, 1)
-        noise = torch.randn(x0.shape, device=device, generator=generator)
-        noisy = (1 - sigma) * x0 + sigma * noise
+        noisy, target = rectified_flow_pair(x0, torch.randn(x0.shape, device=device, generator=generator), sigma)
 
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup_steps)
@@ -103,7 +107,7 @@ def train(args: argparse.Namespace) -> dict:
                     encoder_hidden_states=prompt_embeds[caption],
                     pooled_projections=pooled_embeds[caption],
                 ).sample
-            loss = (velocity.float() - (noise - x0)).square().mean()
+            loss = (velocity.float() - target).square().mean()
             accelerator.backward(loss)
             return loss
 

@@ -122,6 +122,21 @@ def test_model_name_resolves_to_the_folder():
     assert not is_embedded_dit(None) and not is_embedded_dit(EMBEDDED_MODEL_DIR)
 
 
+def test_training_target_is_what_the_scheduler_integrates():
+    from accel.embedded_dit import build_scheduler
+    from apps.train_embedded_dit import rectified_flow_pair
+
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 4, 16, 16, generator=generator)
+    noisy, velocity = rectified_flow_pair(x0, noise, torch.tensor(0.3))
+    scheduler = build_scheduler()
+    scheduler.set_timesteps(sigmas=[0.3])
+    # The model sees sigma * 1000, as the training script passes it; one Euler step of the true velocity to sigma = 0
+    # lands on the data.
+    torch.testing.assert_close(scheduler.timesteps, torch.tensor([0.3 * scheduler.config.num_train_timesteps]))
+    torch.testing.assert_close(scheduler.step(velocity, scheduler.timesteps[0], noisy).prev_sample, x0)
+
+
 def test_training_step_resume_and_export(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
