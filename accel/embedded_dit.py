@@ -43,9 +43,10 @@ EMBEDDED_DIT_GUIDANCE = 4.0
 FLOW_SHIFT = 1.0
 
 PATCH_SIZE = 2
-# 5.5 M parameters: 11 MB in fp16, within the model's 12 MB budget (benchmarks/embedded_dit/cpu_speed.py times it
-# against the UNet model on a CPU).
-WIDTH, DEPTH, HEAD_DIM = 160, 6, 32
+# 4.6 M parameters, 9.3 MB in fp16: a sixth block (11.2 MB) would leave the repository, with the device machine's
+# wheels and the CIFAR-10 test set, too near its 64 MiB transfer limit, and take the CPU generation time from 1.14x
+# to 1.35x the UNet model's (benchmarks/embedded_dit/cpu_speed.py, one thread).
+WIDTH, DEPTH, HEAD_DIM = 160, 5, 32
 # Two CLIP encoders side by side (the same one twice): SD3 concatenates their features and pooled outputs.
 JOINT_ATTENTION_DIM = 2 * TEXT_HIDDEN_SIZE
 

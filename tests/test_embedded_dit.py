@@ -79,7 +79,7 @@ def test_transformer_is_a_patch_2_mmdit_within_the_size_budget():
     config = transformer.config
     assert (config.sample_size, config.patch_size, config.in_channels, config.out_channels) == (16, 2, 4, 4)
     assert config.joint_attention_dim == config.pooled_projection_dim == 512  # two 256-wide CLIP encoders
-    assert sum(p.numel() for p in transformer.parameters()) * 2 <= 11.5e6  # fp16, with the folder's other files < 12 MB
+    assert sum(p.numel() for p in transformer.parameters()) * 2 <= 10e6  # fp16; the model's own files stay under 12 MB
     with torch.no_grad():
         out = transformer(torch.randn(2, 4, 16, 16), torch.randn(2, 333, 512), torch.randn(2, 512), torch.tensor([999.0, 1.0])).sample
     assert out.shape == (2, 4, 16, 16)
