@@ -8,6 +8,8 @@ Tolerance: the tiny denoisers have random weights; a quantized run must stay wit
 roughly triples the SD error: 0.065 / 0.023.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import peft
 import pytest
@@ -295,3 +297,28 @@ def test_invalid_settings_are_clear_errors():
     with pytest.raises(ValueError, match="quantize_convs must be True or False"):
         RuntimeConfig(quantize="fp8", quantize_convs="yes")
     assert RuntimeConfig(quantize="int8", quantize_skip=["a.*"]).quantize_skip == ("a.*",)
+
+
+def test_quantized_presets(sd_pipe, tmp_path, monkeypatch):
+    """NAME-fp8 / NAME-int8: the preset with its denoiser quantized, for either family; the plain names unchanged."""
+    fast = accel.get_preset("fast")
+    assert accel.get_preset("fast-fp8") == fast.replace(runtime=replace(fast.runtime, quantize="fp8"))
+    assert fast.runtime.quantize is None and "fast-fp8" not in accel.preset_names()
+    flux = accel.get_preset("fast-int8", tiny_flux_pipeline(tmp_path))
+    assert flux.sampler is None and flux.cache is not None and flux.runtime.quantize == "int8"
+    with pytest.raises(ValueError, match="unknown preset 'fast-fp4'; valid presets: .*each also as NAME-fp8 or NAME-int8"):
+        accel.get_preset("fast-fp4")
+    with pytest.raises(UnsupportedDeviceError, match="compute capability 8.9"):
+        accel.accelerate(sd_pipe, preset="fast-fp8")
+    assert not accel.is_accelerated(sd_pipe)
+
+    before = run(sd_pipe)
+    accel.accelerate(sd_pipe, preset="quality")
+    quality = run(sd_pipe)
+    accel.restore(sd_pipe)
+    monkeypatch.setenv(CPU_SWITCH, "1")
+    accel.accelerate(sd_pipe, preset="quality-fp8")  # the others compile: covered on the GPU by benchmarks/quantize.py
+    out = run(sd_pipe)
+    accel.restore(sd_pipe)
+    assert not np.array_equal(out, quality) and np.abs(out - quality).max() < TOLERANCE["fp8"]
+    assert np.array_equal(run(sd_pipe), before)
