@@ -70,7 +70,9 @@ DEFAULT_SKIP = {
 
 
 def _fp8_matmul(x, x_scale, weight, weight_scale, bias, out_dtype):
-    return torch._scaled_mm(x, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=bias, out_dtype=out_dtype)
+    # Fast accumulation, torchao's inference default: faster on Hopper, its error far below E4M3's rounding.
+    return torch._scaled_mm(x, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=bias, out_dtype=out_dtype,
+                            use_fast_accum=True)
 
 
 def _int8_matmul(x, x_scale, weight, weight_scale, bias, out_dtype):
