@@ -1,6 +1,7 @@
 """FP8 / INT8 quantized denoisers on CPU (`ACCEL_QUANTIZE_CPU=1`, the reference kernels): the layer maths against
 its dequantized form, three passes on UNet, SD3 and Flux pipelines, the skip set, LoRA, composition with caching,
-compile and CUDA graphs, and the refusals. GPU speed and quality are measured by `benchmarks/quantize.py`.
+compile and CUDA graphs, and the refusals; behind the gpu marker, the real kernels under CUDA graphs. GPU speed and
+quality are measured by `benchmarks/quantize.py`.
 
 Tolerance: the tiny denoisers have random weights; a quantized run must stay within 0.05 (FP8) / 0.02 (INT8) of the
 16-bit output (max abs, images in [0, 1]) while differing from it. Measured: 0.020 / 0.006 (SD), 0.019 / 0.005 (SD3),
@@ -11,14 +12,13 @@ roughly triples the SD error: 0.065 / 0.023.
 from dataclasses import replace
 
 import numpy as np
-import peft
 import pytest
 import torch
 from tiny import run, tiny_flux_pipeline, tiny_sd3_pipeline
 
 import accel
 from accel import AccelConfig, DeepCacheConfig, RuntimeConfig, UnsupportedDeviceError
-from accel.runtime import quantize_report
+from accel.runtime import get_cuda_graph_hook, quantize_report
 from accel.runtime.quantize import (
     CPU_SWITCH,
     FORMATS,
@@ -195,6 +195,29 @@ def test_composes_with_compile_and_cuda_graphs(which, sd_pipe, tmp_path, cpu_ker
     assert np.array_equal(run(pipe, **kwargs), before)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", list(FORMATS))
+@pytest.mark.parametrize("which, dtype", [("sd", torch.float16), ("flux", torch.bfloat16)])
+def test_quantized_denoiser_under_cuda_graphs_on_gpu(which, dtype, quantize, sd_pipe, tmp_path):
+    """The real kernels at 16 bit: close to the 16-bit output, captured in graphs whose replays give the eager
+    quantized output, and restored bit-identical."""
+    pipe, kwargs = _pipeline(which, sd_pipe, tmp_path)
+    pipe = pipe.to("cuda", dtype)
+    before = run(pipe, **kwargs)
+    accel.accelerate(pipe, AccelConfig(runtime=RuntimeConfig(quantize=quantize)))
+    eager = run(pipe, **kwargs)
+    accel.restore(pipe)
+    accel.accelerate(pipe, AccelConfig(runtime=RuntimeConfig(quantize=quantize, cuda_graph=True)))
+    graphed, again = run(pipe, **kwargs), run(pipe, **kwargs)
+    graphs = get_cuda_graph_hook(accel.pipelines.denoiser(pipe)).graphs
+    accel.restore(pipe)
+    assert any(graph is not None for graph in graphs.values())
+    assert not np.array_equal(eager, before) and np.abs(eager - before).max() < TOLERANCE[quantize]
+    np.testing.assert_allclose(graphed, eager, atol=1e-3)
+    assert np.array_equal(again, graphed)
+    assert np.array_equal(run(pipe, **kwargs), before)
+
+
 def test_torch_compile_traces_the_quantized_layers():
     """One real compile per format (inductor on the CPU, about 20 s): whole graph, same output as eager."""
     torch.manual_seed(0)
@@ -205,6 +228,7 @@ def test_torch_compile_traces_the_quantized_layers():
 
 
 def _add_lora(net, **options):
+    peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     net.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=LORA_TARGETS, **options))
 
