@@ -8,8 +8,9 @@
    then the `balanced` preset's runtime (SDPA, channels-last, full torch.compile, CUDA graphs of UNet, VAE decoder and
    text encoders) at 16 bit, with FP8, with INT8 and with FP8 on the 1x1 convolutions too. Per config: end-to-end
    median of 5 calls after warm-up, the first call (compilation and capture; the UNet's compile alone), PSNR to stock,
-   peak memory, what was quantized, and the UNet step at CFG batch 2: median of --unet-iters calls timed with CUDA
-   events (graph replays under the compiled runtime).
+   peak memory, what was quantized, and the UNet step at CFG batch 2: the median UNet call of --unet-calls more
+   pipeline calls, timed around each call with CUDA events (graph replays under the compiled runtime; timing the
+   UNet inside the pipeline keeps its compiled code from recompiling for other arguments).
 Results are written after every config (quantize.json, quantize.md in --out), so a run cut short keeps what it did.
 
     python3 benchmarks/quantize.py --out DIR [--smoke]   (smoke: the CPU with ACCEL_QUANTIZE_CPU=1, tiny, eager)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -36,7 +38,7 @@ from accel.quality.evaluate import evaluate
 from accel.quality.metrics import psnr
 from accel.runtime import first_call_seconds, quantize_report
 from accel.runtime.quantize import CPU_SWITCH
-from apps.bench import time_pipeline, time_unet_step
+from apps.bench import time_pipeline
 from apps.bench_archs import build_pipeline
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -68,14 +70,38 @@ def _images(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).float() / 255
 
 
-def _measure(pipe, config, args: dict, unet_iters: int) -> dict:
-    """One config on the pipeline: end to end, the UNet step (on CUDA), the first calls, the quantized layers."""
+def _unet_call_ms(pipe, args: dict, calls: int) -> float:
+    """The median milliseconds of the UNet calls in `calls` pipeline calls (CUDA events; the host clock on a CPU)."""
+    cuda = pipe.device.type == "cuda"
+
+    def stamp():
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    marks = []
+    handles = [pipe.unet.register_forward_pre_hook(lambda *_: marks.append([stamp()])),
+               pipe.unet.register_forward_hook(lambda *_: marks[-1].append(stamp()))]
+    try:
+        for _ in range(calls):
+            pipe(**args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if cuda:
+        torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) if cuda else (end - start) * 1e3 for start, end in marks)
+
+
+def _measure(pipe, config, args: dict, unet_calls: int) -> dict:
+    """One config on the pipeline: end to end, the UNet step, the first calls, the quantized layers."""
     if config is not None:
         accel.accelerate(pipe, config)
     try:
         timing = time_pipeline(pipe, args, runs=5, warmup=2, seed=0)
-        if pipe.device.type == "cuda":
-            timing["unet_step_ms"] = time_unet_step(pipe, height=args["height"], width=args["width"], iters=unet_iters)
+        timing["unet_step_ms"] = _unet_call_ms(pipe, args, unet_calls)
         timing["unet_first_call_s"] = first_call_seconds(pipe.unet)
         report = quantize_report(pipe)
         timing["layers"] = None if report is None else {reason: len(layers) for reason, layers in report.items()}
@@ -85,7 +111,7 @@ def _measure(pipe, config, args: dict, unet_iters: int) -> dict:
     return timing
 
 
-def speed(device: str, dtype: torch.dtype, arch: str, size: int, steps: int, unet_iters: int, runtime: RuntimeConfig,
+def speed(device: str, dtype: torch.dtype, arch: str, size: int, steps: int, unet_calls: int, runtime: RuntimeConfig,
           names: list[str], rows: list[dict], save) -> None:
     from diffusers import DPMSolverMultistepScheduler
 
@@ -106,7 +132,7 @@ def speed(device: str, dtype: torch.dtype, arch: str, size: int, steps: int, une
         torch._dynamo.reset()
         row = {"config": name, "accel_config": repr(configs[name])}
         try:
-            timing = _measure(pipe, configs[name], args, unet_iters)
+            timing = _measure(pipe, configs[name], args, unet_calls)
         except Exception as err:  # one failing config must not lose the others
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             rows.append(row)
@@ -145,8 +171,10 @@ def markdown(report: dict) -> str:
                          f"{_cell(r, 'adherence', '.3f')} | {change} | {_cell(r, 'frechet_distance', '.1f')} |")
         lines.append("")
     if report.get("speed"):
-        lines += [f"{meta['arch']} architecture (random weights), {meta['size']} px, DPM-Solver++ {meta['steps']} steps, "
-                  f"CFG 7.5, {meta['dtype']}; UNet step: CFG batch 2, median of {meta['unet_iters']} calls:", "",
+        weights = "trained" if meta["arch"] == "embedded" else "random"
+        lines += [f"{meta['arch']} architecture ({weights} weights), {meta['size']} px, DPM-Solver++ {meta['steps']} steps, "
+                  f"CFG 7.5, {meta['dtype']}; UNet step: CFG batch 2, the median UNet call of {meta['unet_calls']} pipeline "
+                  f"calls:", "",
                   "| config | end to end (ms) | speed-up | UNet step (ms) | first call (s) | UNet compile (s) | peak GiB "
                   "| PSNR to stock (dB) | layers |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in report["speed"]:
@@ -164,7 +192,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="the CPU, the embedded architecture, no compilation")
     parser.add_argument("--quality-n", type=int, default=1000, help="prompts on the embedded model (0: skip)")
-    parser.add_argument("--unet-iters", type=int, default=200)
+    parser.add_argument("--unet-calls", type=int, default=10, help="pipeline calls whose UNet calls are timed")
     parser.add_argument("--configs", default="stock,compiled 16-bit,compiled fp8,compiled int8,compiled fp8 + 1x1 convs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -180,20 +208,21 @@ def main() -> int:
         quality_n, quality_steps, batch_size, references = args.quality_n, EMBEDDED_STEPS, 250, None
     report = {"meta": {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                        "command": "python3 " + " ".join(sys.argv), "arch": arch, "size": size, "steps": steps,
-                       "dtype": str(dtype).replace("torch.", ""), "unet_iters": args.unet_iters, "quality_n": quality_n,
+                       "dtype": str(dtype).replace("torch.", ""), "unet_calls": args.unet_calls, "quality_n": quality_n,
                        "quality_steps": quality_steps, "smoke": args.smoke}}
     start = time.perf_counter()
 
     def save():
         report["meta"]["elapsed_s"] = round(time.perf_counter() - start, 1)
-        (args.out / "quantize.json").write_text(json.dumps(report, indent=1, default=str))
+        text = json.dumps(report, indent=1, default=str).replace("Infinity", "null")  # identical images: strict JSON
+        (args.out / "quantize.json").write_text(text)
         (args.out / "quantize.md").write_text(markdown(report))
 
     if quality_n:
         report["embedded"] = quality(device, dtype, quality_n, quality_steps, batch_size, references)
         save()
     report["speed"] = []
-    speed(device, dtype, arch, size, steps, args.unet_iters, runtime, args.configs.split(","), report["speed"], save)
+    speed(device, dtype, arch, size, steps, args.unet_calls, runtime, args.configs.split(","), report["speed"], save)
     print(markdown(report))
     return 0
 
