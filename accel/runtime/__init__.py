@@ -106,8 +106,7 @@ class RuntimeConfig:
                                  f"module-name patterns such as ('*.norm1.linear',), got {self.quantize_skip!r}")
             object.__setattr__(self, "quantize_skip", tuple(self.quantize_skip))
         if self.quantize is None and (self.quantize_skip is not None or self.quantize_convs):
-            raise ValueError(f"RuntimeConfig.quantize_skip and quantize_convs apply to quantize='fp8' or 'int8'; "
-                             f"quantize is None")
+            raise ValueError("RuntimeConfig.quantize_skip and quantize_convs apply to quantize='fp8' or 'int8'; quantize is None")
         if isinstance(self.components, str) or not self.components:
             raise ValueError(f"RuntimeConfig.components must be a non-empty tuple from {COMPONENTS}, got {self.components!r}")
         for component in self.components:
