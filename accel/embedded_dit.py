@@ -96,6 +96,27 @@ def resolve_model(model: str | os.PathLike | None) -> str | os.PathLike | None:
     return EMBEDDED_DIT_DIR
 
 
+def check_shared_text_encoder(text_encoder, shared_dir: str | os.PathLike = EMBEDDED_MODEL_DIR) -> None:
+    """Raise unless ``text_encoder`` holds the shared CLIP weights.
+
+    The shared file names its tensors as ``CLIPTextModel`` saves them (no ``text_model.`` prefix); transformers
+    5.24 maps them onto ``CLIPTextModelWithProjection``, transformers 5.17 (the GPU machine's on 2026-12-02) does
+    not and initialises the whole encoder at random with only a warning, so prompts become noise that differs on
+    every load: the cause of the first two training runs' failures."""
+    import transformers
+    from safetensors import safe_open
+
+    with safe_open(Path(shared_dir) / "text_encoder" / "model.safetensors", "pt") as f:
+        name = next(key for key in f.keys() if key.endswith("token_embedding.weight"))
+        expected = f.get_tensor(name)
+    actual = text_encoder.get_input_embeddings().weight.detach().cpu().to(expected.dtype)
+    if not torch.equal(actual, expected):
+        raise RuntimeError(
+            f"the text encoder did not load {EMBEDDED_MODEL_DIR.name}'s CLIP weights (transformers "
+            f"{transformers.__version__} initialised it at random: it does not map the shared file's tensor names "
+            "onto CLIPTextModelWithProjection); install transformers>=5.24, with which the folder loads exactly")
+
+
 def is_embedded_dit(model: str | os.PathLike | None) -> bool:
     """Whether ``model`` (a name or a folder) is this model."""
     return model is not None and (model == EMBEDDED_DIT_NAME or Path(model).resolve() == EMBEDDED_DIT_DIR)

@@ -201,3 +201,67 @@ def test_quality_harness_cli_and_app_take_the_dit(tiny_folder, tmp_path):
     assert (app.native_size, app.size_multiple, app.min_size, app.max_size) == (32, 8, 8, 64)
     comparison = app.compare(Controls(prompt="a photo of a horse", steps=2))
     assert comparison.baseline.size == (32, 32) and comparison.ssim == pytest.approx(1.0)
+
+
+def test_text_encoder_check_accepts_the_shared_weights_and_refuses_random_ones(tiny_folder):
+    from transformers import CLIPTextModelWithProjection
+
+    from accel.embedded_dit import check_shared_text_encoder
+
+    loaded = CLIPTextModelWithProjection.from_pretrained(tiny_folder / "text_encoder")
+    check_shared_text_encoder(loaded)
+    random = CLIPTextModelWithProjection(loaded.config)  # what transformers 5.17 gave: every CLIP weight initialised anew
+    with pytest.raises(RuntimeError, match="did not load mini-sd-cifar10's CLIP weights.*transformers>=5.24"):
+        check_shared_text_encoder(random)
+
+
+def test_whitened_text_layers_train_on_whitened_inputs_and_fold_exactly():
+    from apps.train_embedded_dit import WhitenedLinear, fold_text_layers, whiten_text_layers
+
+    generator = torch.Generator().manual_seed(0)
+    # Caption-like features: a large shared part, a small varying one, and the T5 slot's zero tokens after 6 tokens.
+    tokens = 50 + torch.randn(6, 4, 64, generator=generator) * torch.logspace(0, -2, 64)
+    prompt_embeds = torch.cat([tokens, torch.zeros(6, 3, 64)], dim=1)
+    pooled = torch.randn(6, 64, generator=generator) + 20
+    linear = torch.nn.Linear(64, 8)
+    same = WhitenedLinear(linear, tokens)
+    torch.testing.assert_close(same(prompt_embeds), linear(prompt_embeds), atol=1e-4, rtol=1e-4)
+    whitened = (tokens.reshape(-1, 64) - same.mean) @ same.projection.T
+    assert whitened.mean(0).abs().max() < 1e-3 and whitened.var(0).max() < 1.01  # centred, at most unit variance
+
+
+    # On the transformer: taking the layers over keeps its function, a fresh start changes it, folding keeps that.
+    torch.manual_seed(0)
+    transformer = build_transformer(**TINY)
+    context = torch.cat([50 + torch.randn(120, 5, 512, generator=generator) * 10, torch.zeros(120, 4, 512)], dim=1)
+    pooled = 20 + torch.randn(600, 512, generator=generator)
+    inputs = dict(hidden_states=torch.randn(3, 4, 16, 16, generator=generator), timestep=torch.tensor([100.0, 500.0, 900.0]),
+                  encoder_hidden_states=context[:3], pooled_projections=pooled[:3])
+
+    def run():
+        with torch.no_grad():
+            return transformer(**inputs).sample
+
+    stock = run()
+    whiten_text_layers(transformer, context, pooled, fresh=False)
+    assert isinstance(transformer.context_embedder, WhitenedLinear)
+    # Equal within float32 rounding through a map of condition number about 30 (the variance floor is 1e-3).
+    torch.testing.assert_close(run(), stock, atol=2e-3, rtol=1e-2)
+    whiten_text_layers(build_transformer(**TINY), context, pooled, fresh=True)  # builds from any transformer
+    transformer.context_embedder.reset_parameters()
+    fresh = run()
+    assert not torch.allclose(fresh, stock, atol=1e-3)
+    fold_text_layers(transformer)
+    assert type(transformer.context_embedder) is torch.nn.Linear
+    assert type(transformer.time_text_embed.text_embedder.linear_1) is torch.nn.Linear
+    torch.testing.assert_close(run(), fresh, atol=2e-3, rtol=1e-2)
+
+
+def test_whitened_training_exports_the_function_it_trained(tmp_path):
+    from apps import train_embedded_dit
+
+    result = train_embedded_dit.main(["--out", str(tmp_path / "run"), "--synthetic", "8", "--batch-size", "4", "--max-steps", "3",
+                                      "--whiten-text", "--width", "32", "--depth", "2", "--head-dim", "16"])
+    check = result["export_check_loss"]
+    assert result["whiten_text"] and check["ema_folded"] == pytest.approx(check["ema"], rel=1e-3)
+    assert check["saved_fp16"] == pytest.approx(check["ema"], rel=1e-2)

@@ -36,13 +36,15 @@ def main() -> int:
 
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
-    from accel.embedded_dit import resolve_model
+    from accel.embedded_dit import check_shared_text_encoder, resolve_model
     from accel.quality.cifar import load_cifar10
     from accel.quality.classifier import load_classifier
     from accel.quality.evaluate import evaluate, write_report
 
     pipe = DiffusionPipeline.from_pretrained(resolve_model(args.model), local_files_only=True).to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+        check_shared_text_encoder(encoder)
     classifier = load_classifier(args.classifier, device=pipe.device)
     reference = load_cifar10("test")[0]
     config = pipe.scheduler.config
