@@ -38,10 +38,10 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
             timestep spacing, zero-SNR rescaling. None means Stable Diffusion's schedule. A
             flow-matching scheduler (FlowMatch Euler / Heun, DPM-Solver or UniPC with
             `use_flow_sigmas`: SD3, Flux, Sana) gives a `FlowSamplerScheduler` on its flow schedule
-            (its shift, dynamic shifting and spacing); there the schedules are "default" (the base's
-            shifted sigmas), "explicit" (flow sigmas in [0, 1]) and "tuned" (files fitted on a flow
-            model), and the samplers `samplers.registry.FLOW_SAMPLER_NAMES` (the others raise,
-            saying why).
+            (its shift and dynamic shifting); there the schedules are "default" (the sigmas diffusers'
+            flow scheduler of the sampler's kind gives on that shift, see `FlowSamplerScheduler`),
+            "explicit" (flow sigmas in [0, 1]) and "tuned" (files fitted on a flow model), and the
+            samplers `samplers.registry.FLOW_SAMPLER_NAMES` (the others raise, saying why).
         options: `order` (UniPC, DEIS: 1-3; iPNDM: 1-4), `eta` (DDIM, SDE samplers),
             `use_corrector` (UniPC), `lower_order_final`, `solver_type` ("midpoint"/"heun"),
             `r` (dpmpp_sde), `coefficients` (olss: one row per step, see `samplers.olss`),

@@ -87,13 +87,13 @@ _OPTION_TO_CONFIG = {
 }
 
 
-def _flow_config(base) -> dict[str, Any]:
-    """A flow-matching base scheduler's schedule in the config entries of each flow scheduler class."""
+def _flow_config(base, accepted: set[str]) -> dict[str, Any]:
+    """A flow-matching base scheduler's schedule in the config entries that a flow scheduler class accepts."""
     schedule = FlowSchedule.from_config(base)
-    config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+    config = dict(base.config)
     config.update(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift, flow_shift=schedule.shift,
                   use_dynamic_shifting=schedule.use_dynamic_shifting, time_shift_type=schedule.time_shift_type)
-    return config
+    return {k: v for k, v in config.items() if k in accepted}
 
 
 def make_diffusers_scheduler(name: str, schedule: str, base, options: dict[str, Any], flow: bool = False):
@@ -110,7 +110,7 @@ def make_diffusers_scheduler(name: str, schedule: str, base, options: dict[str, 
         raise ValueError("schedule='lcm' is only supported by backend='samplers' for samplers other than 'lcm'")
     cls, fixed = table[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    config = _flow_config(base) if flow else dict(base.config) if base is not None else {}
+    config = _flow_config(base, accepted) if flow else dict(base.config) if base is not None else {}
     config.update(fixed)
     extra = dict(_SCHEDULE_CONFIG[schedule])
     for key, value in options.items():

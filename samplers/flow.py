@@ -9,15 +9,16 @@ on flow states and sigmas unchanged (Euler is diffusers' `FlowMatchEulerDiscrete
 `FlowMatchHeunDiscreteScheduler`), and the exponential integrators (DPM-Solver++, UniPC, OLSS) take the
 signal scale alpha = 1 - s (`samplers._loop.signal_scales`), whose log-SNR is -inf at s = 1.
 
-A schedule is the model's scheduler's: n sigmas evenly spaced in the unshifted sigma, then shifted,
-`shift * s / (1 + (shift - 1) * s)` (SD3's static shift) or, with dynamic shifting (Flux), `e^mu / (e^mu +
-1 / s - 1)` with `mu` from the image's token count (`calculate_shift`, as the pipelines compute it).
+A schedule is n sigmas evenly spaced in the unshifted sigma as diffusers' flow schedulers space them
+(`FLOW_SPACINGS`), then shifted, `shift * s / (1 + (shift - 1) * s)` (SD3's static shift) or, with dynamic
+shifting (Flux), `e^mu / (e^mu + 1 / s - 1)` with `mu` from the image's token count (`calculate_shift`, as
+the pipelines compute it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import numpy as np
@@ -83,15 +84,17 @@ class FlowSchedule:
             if config.get(flag):
                 raise ValueError(f"{name} has {flag}=True, which reshapes its sigmas; the flow samplers take the "
                                  "evenly spaced, shifted ones: pass schedule='explicit' with sigmas=[...] instead")
-        spacing = config.get("flow_spacing")
-        if spacing is None:  # UniPC's config is the one with a corrector
-            unipc = "disable_corrector" in config
-            spacing = "flow_match" if not config.get("use_flow_sigmas") else "unipc" if unipc else "dpm_solver"
+        unipc = "disable_corrector" in config  # UniPC's config is the one with a corrector
+        spacing = "flow_match" if not config.get("use_flow_sigmas") else "unipc" if unipc else "dpm_solver"
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in config.items() if k in known and k not in ("spacing", "mu")}
         if "shift" not in config and "flow_shift" in config:
             values["shift"] = config["flow_shift"]
         return cls(**values, spacing=spacing, mu=mu)
+
+    def with_spacing(self, spacing: str) -> "FlowSchedule":
+        """The same model's schedule spaced as another scheduler spaces it."""
+        return replace(self, spacing=spacing)
 
     def _shifted(self, unshifted: np.ndarray, mu: float | None) -> np.ndarray:
         if self.use_dynamic_shifting:

@@ -83,6 +83,9 @@ class SamplerSpec:
     # its update only uses dx/dsigma = (x - D) / sigma, the same ODE in the flow form, or because its
     # generator takes the flow's signal scale (`flow=run.flow`)
     flow_refusal: str | None = None
+    # how its default schedule on a flow-matching model spaces the sigmas (`samplers.flow.FLOW_SPACINGS`):
+    # as diffusers' scheduler of its kind does (FlowMatch Euler / Heun, DPM-Solver or UniPC with flow sigmas)
+    flow_spacing: str = "flow_match"
 
     def adds_noise(self, options: dict[str, Any]) -> bool:
         """Whether a run with `options` draws fresh noise, so that its result depends on the generator."""
@@ -146,6 +149,7 @@ def _dpm_solver(function, order: int, predict_x0: bool, options: dict[str, Any],
     return SamplerSpec(
         function, lambda x, s, k, o, run: dpm_solver_multistep_steps(x, s, k, predict_x0, **o, flow=run.flow),
         orders=(order,), default_order=order, options=options, flow_refusal=None if predict_x0 else _NOISE_PREDICTION,
+        flow_spacing="dpm_solver",
     )
 
 
@@ -179,11 +183,11 @@ SAMPLERS: dict[str, SamplerSpec] = {
     ),
     "unipc_bh1": SamplerSpec(
         partial(sample_unipc, variant="bh1"), lambda x, s, k, o, run: unipc_steps(x, s, k, "bh1", **o, flow=run.flow),
-        orders=(1, 2, 3), default_order=2, options=_UNIPC,
+        orders=(1, 2, 3), default_order=2, options=_UNIPC, flow_spacing="unipc",
     ),
     "unipc_bh2": SamplerSpec(
         partial(sample_unipc, variant="bh2"), lambda x, s, k, o, run: unipc_steps(x, s, k, "bh2", **o, flow=run.flow),
-        orders=(1, 2, 3), default_order=2, options=_UNIPC,
+        orders=(1, 2, 3), default_order=2, options=_UNIPC, flow_spacing="unipc",
     ),
     "deis": SamplerSpec(
         sample_deis, lambda x, s, k, o, run: deis_steps(x, s, k, **o),
@@ -208,7 +212,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     # DPM-Solver++(2M)'s family with fitted per-step coefficients (samplers.olss)
     "olss": SamplerSpec(
         sample_olss, lambda x, s, k, o, run: olss_steps(x, s, **o, begin=run.begin, flow=run.flow),
-        orders=(2,), default_order=2, options={"coefficients": None},
+        orders=(2,), default_order=2, options={"coefficients": None}, flow_spacing="dpm_solver",
     ),
 }
 FLOW_SAMPLER_NAMES: tuple[str, ...] = tuple(name for name, spec in SAMPLERS.items() if spec.flow_refusal is None)

@@ -332,11 +332,11 @@ class FlowSamplerScheduler(_SolverAdapter):
             flow schedule (copied from the pipeline's scheduler; see `samplers.flow.FlowSchedule`).
         base_shift, max_shift, base_image_seq_len, max_image_seq_len: read by the pipelines to compute
             the dynamic shift `mu`.
-        flow_spacing: how the base scheduler spaces its sigmas (`samplers.flow.FLOW_SPACINGS`), so that
-            `schedule="default"` gives its steps.
         sampler: one of `samplers.registry.FLOW_SAMPLER_NAMES`.
-        schedule: "default" (the base scheduler's shifted sigmas) or "explicit" (the option `sigmas=[...]`,
-            final flow sigmas, or `timesteps=[...]`, `sigma * num_train_timesteps`).
+        schedule: "default" (the sigmas diffusers' scheduler of the sampler's kind gives on this shift:
+            FlowMatch Euler's for Euler, Heun, DDIM, PNDM; DPM-Solver's with `use_flow_sigmas` for
+            DPM-Solver++ and OLSS; UniPC's for UniPC) or "explicit" (the option `sigmas=[...]`, final flow
+            sigmas, or `timesteps=[...]`, `sigma * num_train_timesteps`).
         num_steps: steps when `set_timesteps` gets none.
         sampler_options: the sampler's options (see `samplers.make_scheduler`).
     """
@@ -355,13 +355,13 @@ class FlowSamplerScheduler(_SolverAdapter):
         max_shift: float = 1.15,
         base_image_seq_len: int = 256,
         max_image_seq_len: int = 4096,
-        flow_spacing: str = "flow_match",
         sampler: str = "dpmpp_2m",
         schedule: str = "default",
         num_steps: int | None = None,
         sampler_options: dict | None = None,
     ):
-        self._setup(FlowSchedule.from_config(self.config), self._checked_options(sampler_options))
+        options = self._checked_options(sampler_options)
+        self._setup(FlowSchedule.from_config(self.config).with_spacing(SAMPLERS[sampler].flow_spacing), options)
 
     @classmethod
     def from_base(cls, base, *, sampler: str, schedule: str = "default", num_steps=None, options=None):
@@ -369,7 +369,7 @@ class FlowSamplerScheduler(_SolverAdapter):
         base_config = dict(base.config if hasattr(base, "config") else base)
         schedule_of_base = FlowSchedule.from_config(base_config)  # raises for what it cannot reproduce
         config = {k: base_config[k] for k in FLOW_CONFIG_KEYS if k in base_config}
-        config.update(shift=schedule_of_base.shift, flow_spacing=schedule_of_base.spacing)
+        config["shift"] = schedule_of_base.shift
         return cls(
             **config, sampler=sampler, schedule=schedule, num_steps=num_steps, sampler_options=dict(options or {})
         )

@@ -365,7 +365,8 @@ def tune_schedule(
             schedule the flow form, see `samplers.flow.FlowDenoiser`).
         noise: unit Gaussian noise, one calibration input per batch entry.
         noise_schedule: the model's (a `NoiseSchedule`, or a `FlowSchedule`: the search then runs
-            in the flow form); gives sigma_max (the fixed first sigma) and sigma_min.
+            in the flow form, on the sampler's default spacing, `FlowSamplerScheduler`); gives sigma_max
+            (the fixed first sigma) and sigma_min.
         init_schedule: a schedule name (see `get_sigmas`) or several: one search starts from
             each (the loss has local minima) and the best result wins; `loss_init` is the
             loss of the first. None: "karras" on a betas schedule, "default" on a flow one.
@@ -391,6 +392,9 @@ def tune_schedule(
     """
     options = dict(sampler_options or {})
     flow = _flow(noise_schedule)
+    if flow:  # the sampler's own default sigmas (`FlowSamplerScheduler`): its first sigma stays fixed
+        check_sampler_args(sampler, num_steps, "default", options, flow=True)
+        noise_schedule = noise_schedule.with_spacing(SAMPLERS[sampler].flow_spacing)
     if init_schedule is None:
         init_schedule = reference_schedule(noise_schedule)
     inits, init_sigmas, order_choices = _check_search(sampler, num_steps, options, objective, space, init_schedule,

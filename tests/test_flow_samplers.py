@@ -135,29 +135,37 @@ def test_pure_flow_sampler_agrees_with_diffusers(case, make, kwargs, name, optio
 
 
 def test_flow_schedules_are_the_schedulers_own():
-    """Static shift, dynamic shift (exponential, linear), shift_terminal, the pipeline's sigmas; and the
-    DPM-Solver and UniPC spacings with use_flow_sigmas."""
+    """Static shift, dynamic shift (exponential, linear), shift_terminal, the pipeline's sigmas; the default
+    sigmas of each sampler are those of diffusers' scheduler of its kind (FlowMatch, DPM-Solver and UniPC
+    with use_flow_sigmas), on the base scheduler's shift, whichever kind the base is."""
+    euler_mu = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     cases = [
-        (FlowMatchEulerDiscreteScheduler(shift=3.0), {}),
-        (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), {"mu": 1.3}),
-        (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear"), {"mu": 0.6}),
-        (FlowMatchEulerDiscreteScheduler(shift=2.0, shift_terminal=0.1), {}),
-        (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), {"mu": 0.8, "sigmas": np.linspace(1, 0.2, 5)}),
-        (FlowMatchHeunDiscreteScheduler(shift=3.0), {}),
-        (DPMSolverMultistepScheduler(**FLOW, flow_shift=3.0), {}),
-        (DPMSolverMultistepScheduler(**FLOW, use_dynamic_shifting=True), {"mu": 0.9}),
-        (UniPCMultistepScheduler(**FLOW, flow_shift=2.0), {}),
+        ("euler", FlowMatchEulerDiscreteScheduler(shift=3.0), None, {}),
+        ("euler", euler_mu, None, {"mu": 1.3}),
+        ("euler", FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear"), None,
+         {"mu": 0.6}),
+        ("euler", FlowMatchEulerDiscreteScheduler(shift=2.0, shift_terminal=0.1), None, {}),
+        ("dpmpp_2m", euler_mu, None, {"mu": 0.8, "sigmas": np.linspace(1, 0.2, 5)}),  # Flux passes its own
+        ("heun", FlowMatchHeunDiscreteScheduler(shift=3.0), None, {}),
+        ("dpmpp_2m", DPMSolverMultistepScheduler(**FLOW, flow_shift=3.0), None, {}),
+        ("olss", DPMSolverMultistepScheduler(**FLOW, use_dynamic_shifting=True), None, {"mu": 0.9}),
+        ("unipc_bh1", UniPCMultistepScheduler(**FLOW, flow_shift=2.0), None, {}),
+        ("dpmpp_3m", FlowMatchEulerDiscreteScheduler(shift=3.0), DPMSolverMultistepScheduler(**FLOW, flow_shift=3.0),
+         {}),
+        ("unipc_bh2", euler_mu, UniPCMultistepScheduler(**FLOW, use_dynamic_shifting=True), {"mu": 0.5}),
+        ("pndm", DPMSolverMultistepScheduler(**FLOW, flow_shift=2.0), FlowMatchEulerDiscreteScheduler(shift=2.0), {}),
     ]
-    for base, kwargs in cases:
-        base.set_timesteps(None if "sigmas" in kwargs else 5, **kwargs)
-        ours = samplers.make_scheduler("euler", base=base)
+    for name, base, reference, kwargs in cases:
+        reference = reference or copy.deepcopy(base)
+        reference.set_timesteps(None if "sigmas" in kwargs else 5, **kwargs)
+        ours = samplers.make_scheduler(name, base=base)
         assert isinstance(ours, samplers.FlowSamplerScheduler)
         ours.set_timesteps(None if "sigmas" in kwargs else 5, **kwargs)
-        expected = torch.unique_consecutive(base.sigmas.double())
-        if isinstance(base, UniPCMultistepScheduler):
-            expected[0] = 1.0  # diffusers' UniPC moves sigma 1 down by 1e-6 (our UniPC does the same, not the schedule)
-        assert torch.allclose(ours.sigmas.double(), expected, atol=1e-6, rtol=0), type(base).__name__
-        assert torch.allclose(ours.timesteps, ours.sigmas[:-1] * 1000)
+        expected = torch.unique_consecutive(reference.sigmas.double())
+        if isinstance(reference, UniPCMultistepScheduler):
+            expected[0] = 1.0  # diffusers' UniPC moves sigma 1 down by 1e-6; our UniPC does it, not the schedule
+        assert torch.allclose(ours.sigmas.double(), expected, atol=1e-6, rtol=0), (name, type(base).__name__)
+        assert torch.allclose(ours.timesteps[:1], ours.sigmas[:1] * 1000, rtol=1e-6)
 
 
 def test_flow_samplers_converge_at_their_order_on_gaussian_data():
@@ -361,7 +369,8 @@ def test_tuned_flow_files_are_reused_by_name_and_never_cross_forms(tmp_path):
     noise, _ = GAUSSIAN.start(6, seed=7)
     tuned = samplers.tune_schedule(GAUSSIAN.denoiser, noise, SCHEDULE, sampler="olss", num_steps=4, passes=2,
                                    reference_steps=100, objective="psnr")
-    assert tuned.form == "flow" and tuned.sigmas[0] == 1.0 and tuned.sigmas[-1] == 0
+    # OLSS's default sigmas are DPM-Solver's with use_flow_sigmas, whose first is shifted 1 - 1/1000
+    assert tuned.form == "flow" and tuned.sigmas[0] == pytest.approx(3 * 0.999 / (1 + 2 * 0.999)) and tuned.sigmas[-1] == 0
     assert tuned.loss_tuned < tuned.loss_init and tuned.reference == "dpmpp_2m x 100 default steps"
     assert tuned.timesteps == pytest.approx([s * 1000 for s in tuned.sigmas[:-1]])
     samplers.save_tuned_schedule(tuned, tmp_path, "olss-4")
@@ -373,7 +382,8 @@ def test_tuned_flow_files_are_reused_by_name_and_never_cross_forms(tmp_path):
     # the adapter runs the fitted rows, whose final samples are the searched loss away from the reference
     pure = samplers.sample("olss", GAUSSIAN.denoiser, noise, torch.tensor(tuned.sigmas, dtype=torch.float64),
                            flow=True, disable=True, coefficients=tuned.coefficients)
-    reference = samplers.sample("dpmpp_2m", GAUSSIAN.denoiser, noise, SCHEDULE.sigmas(100), flow=True, disable=True)
+    reference_sigmas = SCHEDULE.with_spacing("dpm_solver").sigmas(100)  # the reference runs on the sampler's sigmas
+    reference = samplers.sample("dpmpp_2m", GAUSSIAN.denoiser, noise, reference_sigmas, flow=True, disable=True)
     loss = float((10 * torch.log10((pure - reference).square().mean(1))).mean())
     assert loss == pytest.approx(tuned.loss_tuned, abs=1e-9)
     x = noise
