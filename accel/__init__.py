@@ -22,6 +22,7 @@ _EXPORTS = {
     "AlreadyAcceleratedError": "errors",
     "NotAcceleratedError": "errors",
     "UnsupportedPipelineError": "errors",
+    "UnsupportedDeviceError": "errors",
     "describe_presets": "presets",
     "get_preset": "presets",
     "preset_names": "presets",

@@ -5,6 +5,10 @@ class UnsupportedPipelineError(TypeError):
     """The pipeline has no denoiser the suite knows how to accelerate."""
 
 
+class UnsupportedDeviceError(RuntimeError):
+    """The pipeline's device cannot run what the config asks (FP8 matmuls on a GPU without FP8 tensor cores)."""
+
+
 class AlreadyAcceleratedError(RuntimeError):
     """`accelerate` was called on a pipeline that is already accelerated."""
 

@@ -3,14 +3,21 @@
 Each is an `AccelConfig`; the README's preset table gives the speed and quality measured for each. Pipelines
 on a flow-matching schedule (SD3, Flux, Sana) get the same names without the sampler swap, which runs on betas
 schedules only: the runtime alone, and for "fast" the block cache on top.
+
+Every preset also goes by `NAME-fp8` / `NAME-int8`: the same config with the denoiser quantized
+(`RuntimeConfig.quantize`; FP8 needs a GPU of compute capability 8.9 or newer, and is refused elsewhere). They are
+not listed as presets of their own, so the plain names stay one reproducible config on every GPU.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from .cache import BlockCacheConfig
 from .config import AccelConfig
 from .pipelines import flow_matching
 from .runtime import RuntimeConfig
+from .runtime.quantize import FORMATS
 from .sampler import SamplerConfig
 
 # Fastest runtime measured on the H100 (benchmarks/results/sd15-layout.md); graphs fall back to eager on CPU.
@@ -55,11 +62,23 @@ def describe_presets(pipe=None) -> list[tuple[str, str, AccelConfig]]:
 
 
 def get_preset(name: str, pipe=None) -> AccelConfig:
-    """The preset `name` for `pipe`'s family (None: UNet and other betas-schedule pipelines)."""
+    """The preset `name` for `pipe`'s family (None: UNet and other betas-schedule pipelines); `NAME-fp8` or
+    `NAME-int8` is preset NAME with its denoiser quantized."""
     presets = _presets(_is_flow(pipe))
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
-    return presets[name][1]
+    base, quantize = _quantized(name)
+    if base not in presets:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(presets)}, each also as NAME-fp8 or "
+                         f"NAME-int8 (quantized denoiser)")
+    config = presets[base][1]
+    return config if quantize is None else config.replace(runtime=replace(config.runtime, quantize=quantize))
+
+
+def _quantized(name: str) -> tuple[str, str | None]:
+    """("fast", "fp8") for "fast-fp8"; (name, None) for a name without a quantization suffix."""
+    for quantize in FORMATS:
+        if name.endswith(f"-{quantize}"):
+            return name[: -len(quantize) - 1], quantize
+    return name, None
 
 
 def _is_flow(pipe) -> bool:

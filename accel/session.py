@@ -156,6 +156,7 @@ class AccelSession:
         self.call_defaults: dict[str, Any] = {}
         self.step_index: int | None = None
         self.num_inference_steps: int | None = None
+        self.call_arguments: dict[str, Any] = {}  # the pipeline call's arguments by name, its defaults included
         self.initial_latents: torch.Tensor | None = None  # what the pipeline's prepare_latents returned this call
         self._pipe = weakref.ref(pipe) if pipe is not None else (lambda: None)
         self._call_listeners: list[Callable[["AccelSession"], None]] = []
@@ -196,9 +197,10 @@ class AccelSession:
         """Every change `accelerate` made, in order, for logs and reports."""
         return [{"technique": t.name, "config": repr(c)} for t, c in self.applied]
 
-    def begin_call(self, num_inference_steps: int | None) -> None:
+    def begin_call(self, num_inference_steps: int | None, arguments: dict[str, Any] | None = None) -> None:
         self.step_index = 0
         self.num_inference_steps = num_inference_steps
+        self.call_arguments = arguments or {}
         self.initial_latents = None
         for fn in list(self._call_listeners):
             fn(self)
@@ -206,6 +208,7 @@ class AccelSession:
     def end_call(self) -> None:
         self.step_index = None
         self.num_inference_steps = None
+        self.call_arguments = {}
         self.initial_latents = None
 
     def close(self) -> None:
@@ -327,7 +330,8 @@ class AcceleratedCall:
         steps = kwargs.get("num_inference_steps", bound.get("num_inference_steps"))
         if steps is None and "num_inference_steps" in signature.parameters:
             steps = signature.parameters["num_inference_steps"].default
-        session.begin_call(steps)
+        defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
+        session.begin_call(steps, {**defaults, **bound})
         try:
             return super().__call__(*args, **kwargs)
         finally:

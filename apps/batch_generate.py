@@ -450,8 +450,11 @@ def run(args) -> int:
         args.steps = EMBEDDED_STEPS
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.preset is not None and args.preset not in accel.preset_names():
-        raise SystemExit(f"unknown preset {args.preset!r}; valid presets: {', '.join(accel.preset_names())}")
+    if args.preset is not None:
+        try:
+            accel.get_preset(args.preset)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     try:
         items = read_prompts(args.prompts, format=args.format, seed=args.seed, negative_prompt=args.negative_prompt,
                              steps=args.steps, guidance=args.guidance, height=args.height, width=args.width)

@@ -27,7 +27,7 @@ def cmd_generate(args) -> int:
     if args.steps is None and embedded and not args.preset:
         args.steps = EMBEDDED_STEPS
     if args.guidance is None:
-        args.guidance = EMBEDDED_GUIDANCE if embedded else 7.5
+        args.guidance = EMBEDDED_GUIDANCE if embedded else _dit_guidance(args.model)
     call = {"prompt": args.prompt, "guidance_scale": args.guidance, "num_images_per_prompt": args.num_images}
     if args.negative_prompt:
         call["negative_prompt"] = args.negative_prompt
@@ -82,14 +82,21 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _dit_guidance(model) -> float:
+    """The embedded DiT's guidance for it, 7.5 for any other model; its default steps are SD3's own (28)."""
+    from accel.embedded_dit import EMBEDDED_DIT_GUIDANCE, is_embedded_dit
+
+    return EMBEDDED_DIT_GUIDANCE if is_embedded_dit(model) else 7.5
+
+
 def cmd_eval(args) -> int:
     from accel.embedded import EMBEDDED_GUIDANCE
-    from accel.quality import evaluate, write_report
+    from accel.quality.evaluate import evaluate, write_report
     from apps.loading import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.guidance is None:
-        args.guidance = EMBEDDED_GUIDANCE if args.model is None else 7.5
+        args.guidance = EMBEDDED_GUIDANCE if args.model is None else _dit_guidance(args.model)
     classifier = None
     if args.classifier is not None:
         from accel.quality.classifier import load_classifier
@@ -368,7 +375,10 @@ def cmd_distill(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except FileNotFoundError as err:  # a model, file or folder that is not there: its message, no traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -174,13 +174,15 @@ class ComparisonApp:
         self._classifier = None
         self.default_steps = EMBEDDED_STEPS if embedded else OTHER_STEPS
         self.default_guidance = EMBEDDED_GUIDANCE if embedded else OTHER_GUIDANCE
-        unet = pipe.unet
+        unet = getattr(pipe, "unet", None)
+        denoiser = unet if unet is not None else pipe.transformer  # SD 1.x/2.x/XL, or a DiT such as SD3
         self.vae_scale_factor = int(getattr(pipe, "vae_scale_factor", 8))
-        self.native_size = int(unet.config.sample_size) * self.vae_scale_factor
-        # diffusers' SD pipelines take multiples of 8; the UNet needs a latent of at least one pixel
-        # at its lowest level.
-        self.size_multiple = math.lcm(8, self.vae_scale_factor)
-        lowest = self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.native_size = int(denoiser.config.sample_size) * self.vae_scale_factor
+        # diffusers' SD pipelines take multiples of 8, DiT pipelines of a patch; the UNet needs a latent of
+        # at least one pixel at its lowest level.
+        patch = self.vae_scale_factor * (1 if unet is not None else denoiser.config.patch_size)
+        self.size_multiple = math.lcm(8, patch)
+        lowest = patch if unet is None else self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self.min_size = -(-lowest // self.size_multiple) * self.size_multiple
         self.max_size = 2 * self.native_size  # the app's limit: larger sizes are memory, not insight
         if warmup:  # one-time initialisation out of the first baseline's latency
@@ -193,11 +195,12 @@ class ComparisonApp:
         """The embedded model (default), a local diffusers folder or a Hub id, safetensors weights only."""
         from diffusers import DiffusionPipeline
 
+        from accel.embedded_dit import resolve_model
         from apps.loading import default_model, pick_device
 
         device = pick_device(device)
         embedded = model is None
-        path = default_model() if embedded else Path(model).expanduser()
+        path = default_model() if embedded else Path(resolve_model(model)).expanduser()
         local = embedded or path.exists() or str(model).startswith((".", "/", "~"))
         if local and not (path / "model_index.json").is_file():
             raise SystemExit(f"{path} is not a diffusers pipeline folder: no model_index.json in it")

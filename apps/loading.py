@@ -26,6 +26,9 @@ def load_pipeline(model: str | os.PathLike | None, *, device: str = "auto", dtyp
     """`DiffusionPipeline.from_pretrained` with errors that say what is missing."""
     from diffusers import DiffusionPipeline
 
+    from accel.embedded_dit import resolve_model
+
+    model = resolve_model(model)  # the embedded DiT by name
     path = Path(model) if model is not None else default_model()
     local = path.exists() or model is None or str(model).startswith((".", "/", "~"))
     if local and not (path / "model_index.json").is_file():

@@ -46,23 +46,9 @@ from accel.quality.metrics import psnr
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", required=True, choices=["vae", "unet"])
-    parser.add_argument("--out", type=Path, required=True, help="working folder: checkpoints, vae/, pipeline/")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder with train.tar.gz / test.tar.gz")
-    parser.add_argument("--synthetic", type=int, default=0, help="use N random images instead of CIFAR-10 (tests)")
+    add_training_args(parser, init_from="UNet / text encoder")
     parser.add_argument("--tokenizer", type=Path, default=EMBEDDED_MODEL_DIR / "tokenizer")
-    parser.add_argument("--init-from", type=Path, default=None, help="pipeline folder whose UNet / text encoder to start from")
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--time-budget", type=float, default=None, help="stop (and save) after this many seconds")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--warmup-steps", type=int, default=500)
-    parser.add_argument("--ema-decay", type=float, default=0.9995)
-    parser.add_argument("--cfg-dropout", type=float, default=0.1, help="share of empty captions")
     parser.add_argument("--min-snr-gamma", type=float, default=5.0)
-    parser.add_argument("--checkpoint-every", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (falls back to eager if it fails)")
     # Architecture; the defaults are the shipped model's, smaller values are for tests.
     parser.add_argument("--vae-channels", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--unet-channels", type=int, nargs="+", default=[64, 128, 192])
@@ -74,6 +60,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_size = args.batch_size or stage_defaults[1]
     args.lr = args.lr or stage_defaults[2]
     return args
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, init_from: str) -> None:
+    """The options every embedded-model training run takes: data, length, optimizer, EMA, checkpoints, precision."""
+    parser.add_argument("--out", type=Path, required=True, help="working folder: checkpoints, vae/, pipeline/")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder with train.tar.gz / test.tar.gz")
+    parser.add_argument("--synthetic", type=int, default=0, help="use N random images instead of CIFAR-10 (tests)")
+    parser.add_argument("--init-from", type=Path, default=None, help=f"pipeline folder whose {init_from} to start from")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--time-budget", type=float, default=None, help="stop (and save) after this many seconds")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--warmup-steps", type=int, default=500)
+    parser.add_argument("--ema-decay", type=float, default=0.9995)
+    parser.add_argument("--cfg-dropout", type=float, default=0.1, help="share of empty captions")
+    parser.add_argument("--checkpoint-every", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser (falls back to eager if it fails)")
 
 
 def load_train_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,15 +130,99 @@ class EMA:
             shadow.copy_(state[name])
 
 
-class Stopper:
-    """Ends training at ``max_steps`` or after ``time_budget`` seconds, whichever comes first."""
+class Checkpoint:
+    """A stage's weights, EMA weights, optimizer state and progress in one folder, picked up on the next start."""
 
-    def __init__(self, max_steps: int, time_budget: float | None):
-        self.max_steps = max_steps
-        self.deadline = None if time_budget is None else time.monotonic() + time_budget
+    def __init__(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer, emas: dict[str, EMA] | None = None):
+        self.folder, self.modules, self.optimizer, self.emas = folder, modules, optimizer, emas or {}
 
-    def done(self, step: int) -> bool:
-        return step >= self.max_steps or (self.deadline is not None and time.monotonic() > self.deadline)
+    def load(self, device: torch.device) -> tuple[int, float]:
+        """(step, training seconds) of the saved run after loading it; (0, 0.0) when there is none."""
+        if not (self.folder / "state.json").is_file():
+            return 0, 0.0
+        state = json.loads((self.folder / "state.json").read_text())
+        for name, module in self.modules.items():
+            module.load_state_dict(load_file(self.folder / f"{name}.safetensors", device=str(device)))
+        for name, ema in self.emas.items():
+            ema.load_state_dict(load_file(self.folder / f"{name}_ema.safetensors", device=str(device)), self.modules[name])
+        self.optimizer.load_state_dict(torch.load(self.folder / "optimizer.pt", map_location=device, weights_only=True))
+        return state["step"], state["seconds"]
+
+    def save(self, step: int, seconds: float) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name, module in self.modules.items():
+            save_tensors(module, self.folder / f"{name}.safetensors")
+        for name, ema in self.emas.items():
+            save_file(ema.state_dict(self.modules[name]), self.folder / f"{name}_ema.safetensors")
+        torch.save(self.optimizer.state_dict(), self.folder / "optimizer.pt")
+        (self.folder / "state.json").write_text(json.dumps({"step": step, "seconds": seconds}))
+
+
+class TrainingLoop:
+    """Steps, training seconds, progress bar and checkpoints of one stage, resumed from ``checkpoint``:
+    ``while loop.running(): ...; loop.advance(loss)``, then ``loop.finish()``. Training ends at ``--max-steps``
+    or after ``--time-budget`` seconds, whichever comes first."""
+
+    def __init__(self, args: argparse.Namespace, checkpoint: Checkpoint, accelerator: Accelerator, desc: str):
+        self.checkpoint, self.max_steps, self.checkpoint_every = checkpoint, args.max_steps, args.checkpoint_every
+        self.step, self.seconds = checkpoint.load(accelerator.device)
+        if self.step:
+            accelerator.print(f"resumed {desc} from {checkpoint.folder} at step {self.step}")
+        self.deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+        self.bar = tqdm(total=args.max_steps, initial=self.step, desc=desc, disable=not accelerator.is_local_main_process)
+        self.losses, self.mean_loss = [], None
+        self.start = time.monotonic()
+
+    def running(self) -> bool:
+        return self.step < self.max_steps and (self.deadline is None or time.monotonic() <= self.deadline)
+
+    def advance(self, loss: torch.Tensor) -> None:
+        """Count a finished step; the mean loss reaches the host once in 100 steps, not every step."""
+        self.step += 1
+        self.bar.update(1)
+        self.losses.append(loss.detach())
+        if self.step % 100 == 0:
+            self.mean_loss, self.losses = torch.stack(self.losses).mean().item(), []
+            self.bar.set_postfix(loss=f"{self.mean_loss:.4f}")
+        if self.step % self.checkpoint_every == 0:
+            self.save()
+
+    def save(self) -> None:
+        now = time.monotonic()
+        self.seconds, self.start = self.seconds + now - self.start, now
+        self.checkpoint.save(self.step, self.seconds)
+
+    def finish(self) -> None:
+        self.bar.close()
+        self.save()
+
+
+class CompileFallback:
+    """Runs training steps through ``torch.compile(model)`` when asked; after a failure, eagerly from then on."""
+
+    def __init__(self, model: torch.nn.Module, enabled: bool, accelerator: Accelerator):
+        self.model, self.accelerator = model, accelerator
+        self.current = torch.compile(model) if enabled else model
+
+    def __call__(self, step_fn):
+        try:
+            return step_fn(self.current)
+        except Exception as error:  # a failed compilation must not cost the run
+            if self.current is self.model:
+                raise
+            self.accelerator.print(f"torch.compile failed, training eagerly: {error!r}"[:2000])
+            self.current = self.model
+            return step_fn(self.model)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """Seeded, TF32 on, bf16 autocast on CUDA unless ``--mixed-precision`` says otherwise; creates ``--out``."""
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    return Accelerator(mixed_precision=args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,26 +238,10 @@ def train_vae(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     vae, optimizer = accelerator.prepare(vae, optimizer)
     raw = accelerator.unwrap_model(vae)
 
-    ckpt_dir = args.out / "vae_checkpoint"
-    step, seconds = 0, 0.0
-    if (ckpt_dir / "state.json").is_file():
-        state = json.loads((ckpt_dir / "state.json").read_text())
-        step, seconds = state["step"], state["seconds"]
-        raw.load_state_dict(load_file(ckpt_dir / "vae.safetensors", device=str(device)))
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location=device, weights_only=True))
-        accelerator.print(f"resumed VAE from {ckpt_dir} at step {step}")
-
-    def save_checkpoint() -> None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_tensors(raw, ckpt_dir / "vae.safetensors")
-        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
-        (ckpt_dir / "state.json").write_text(json.dumps({"step": step, "seconds": seconds}))
-
+    loop = TrainingLoop(args, Checkpoint(args.out / "vae_checkpoint", {"vae": raw}, optimizer), accelerator, "vae")
     kl_weight = 1e-6  # SD's autoencoder weight on the per-image KL sum against per-image reconstruction sums
-    stopper = Stopper(args.max_steps, args.time_budget)
-    progress = tqdm(total=args.max_steps, initial=step, desc="vae", disable=not accelerator.is_local_main_process)
-    start = time.monotonic()
-    while not stopper.done(step):
+    while loop.running():
+        step = loop.step
         # Per-step generator seeded by (seed, step): a resumed run draws the batches an unbroken one would.
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
         index = torch.randint(0, images.shape[0], (args.batch_size,), device=device, generator=generator)
@@ -188,17 +261,8 @@ def train_vae(args: argparse.Namespace, accelerator: Accelerator) -> dict:
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        step += 1
-        progress.update(1)
-        if step % 100 == 0:
-            progress.set_postfix(loss=f"{loss.item() / 3072:.4f}")
-        if step % args.checkpoint_every == 0:
-            seconds_now = seconds + time.monotonic() - start
-            seconds, start = seconds_now, time.monotonic()
-            save_checkpoint()
-    progress.close()
-    seconds += time.monotonic() - start
-    save_checkpoint()
+        loop.advance(loss / 3072)  # shown per pixel value
+    loop.finish()
 
     raw.eval()
     latents, recon_psnr = [], []
@@ -215,8 +279,8 @@ def train_vae(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     raw.save_pretrained(args.out / "vae")
     result = {
         "stage": "vae",
-        "steps": step,
-        "train_seconds": round(seconds, 1),
+        "steps": loop.step,
+        "train_seconds": round(loop.seconds, 1),
         "batch_size": args.batch_size,
         "latent_std": latent_std,
         "scaling_factor": raw.config.scaling_factor,
@@ -308,35 +372,14 @@ def train_unet(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     snr = alphas_cumprod / (1 - alphas_cumprod)
     loss_weight = (snr.clamp(max=args.min_snr_gamma) / snr).float()
 
-    ckpt_dir = args.out / "unet_checkpoint"
-    step, seconds = 0, 0.0
-    if (ckpt_dir / "state.json").is_file():
-        state = json.loads((ckpt_dir / "state.json").read_text())
-        step, seconds = state["step"], state["seconds"]
-        raw_unet.load_state_dict(load_file(ckpt_dir / "unet.safetensors", device=str(device)))
-        raw_text.load_state_dict(load_file(ckpt_dir / "text_encoder.safetensors", device=str(device)), strict=False)
-        unet_ema.load_state_dict(load_file(ckpt_dir / "unet_ema.safetensors", device=str(device)), raw_unet)
-        text_ema.load_state_dict(load_file(ckpt_dir / "text_encoder_ema.safetensors", device=str(device)), raw_text)
-        optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", map_location=device, weights_only=True))
-        accelerator.print(f"resumed UNet from {ckpt_dir} at step {step}")
-
-    def save_checkpoint() -> None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_tensors(raw_unet, ckpt_dir / "unet.safetensors")
-        save_tensors(raw_text, ckpt_dir / "text_encoder.safetensors")
-        save_file(unet_ema.state_dict(raw_unet), ckpt_dir / "unet_ema.safetensors")
-        save_file(text_ema.state_dict(raw_text), ckpt_dir / "text_encoder_ema.safetensors")
-        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
-        (ckpt_dir / "state.json").write_text(json.dumps({"step": step, "seconds": seconds}))
-
+    checkpoint = Checkpoint(args.out / "unet_checkpoint", {"unet": raw_unet, "text_encoder": raw_text}, optimizer,
+                            emas={"unet": unet_ema, "text_encoder": text_ema})
+    loop = TrainingLoop(args, checkpoint, accelerator, "unet")
     if device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
-    forward_unet = torch.compile(unet) if args.compile else unet
-
-    stopper = Stopper(args.max_steps, args.time_budget)
-    progress = tqdm(total=args.max_steps, initial=step, desc="unet", disable=not accelerator.is_local_main_process)
-    start = time.monotonic()
-    while not stopper.done(step):
+    run_step = CompileFallback(unet, args.compile, accelerator)
+    while loop.running():
+        step = loop.step
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
         n = args.batch_size
         index = torch.randint(0, latent_mean.shape[0], (n,), device=device, generator=generator)
@@ -363,38 +406,23 @@ def train_unet(args: argparse.Namespace, accelerator: Accelerator) -> dict:
             accelerator.backward(loss)
             return loss
 
-        try:
-            loss = forward_backward(forward_unet)
-        except Exception as error:  # a failed compilation must not cost the run
-            if forward_unet is unet:
-                raise
-            accelerator.print(f"torch.compile failed, training eagerly: {error!r}"[:2000])
-            forward_unet = unet
-            loss = forward_backward(unet)
+        loss = run_step(forward_backward)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         unet_ema.update(raw_unet, step)
         text_ema.update(raw_text, step)
-        step += 1
-        progress.update(1)
-        if step % 100 == 0:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        if step % args.checkpoint_every == 0:
-            seconds, start = seconds + time.monotonic() - start, time.monotonic()
-            save_checkpoint()
-    progress.close()
-    seconds += time.monotonic() - start
-    save_checkpoint()
+        loop.advance(loss)
+    loop.finish()
 
     unet_ema.copy_to(raw_unet)
     text_ema.copy_to(raw_text)
     export_pipeline(raw_unet.eval(), raw_text.eval(), vae, tokenizer, args.out / "pipeline")
     result = {
         "stage": "unet",
-        "steps": step,
-        "train_seconds": round(seconds, 1),
+        "steps": loop.step,
+        "train_seconds": round(loop.seconds, 1),
         "batch_size": args.batch_size,
-        "samples_seen": step * args.batch_size,
+        "samples_seen": loop.step * args.batch_size,
         "init_from": str(args.init_from) if args.init_from else None,
         "unet_parameters": sum(p.numel() for p in raw_unet.parameters()),
         "text_encoder_parameters": sum(p.numel() for p in raw_text.parameters()),
@@ -406,12 +434,7 @@ def train_unet(args: argparse.Namespace, accelerator: Accelerator) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-    accelerator = Accelerator(mixed_precision=args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no"))
-    args.out.mkdir(parents=True, exist_ok=True)
+    accelerator = make_accelerator(args)
     return (train_vae if args.stage == "vae" else train_unet)(args, accelerator)
 
 

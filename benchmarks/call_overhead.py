@@ -12,6 +12,10 @@ package's helper where it is installed. Run it once per code version (`--label b
 copy of the old packages) in the same device call to compare versions.
 
     python3 benchmarks/call_overhead.py --device cuda --steps 20 --label after --out out/call-overhead-after.json
+
+Host timings on the device move by tens of percent between calls, so `--count-calls` also counts the Python
+function calls per UNet call (cProfile, one timed pipeline call per config): a measure of the host work the
+session and hooks add that does not depend on the host's speed (run it on the CPU).
 """
 
 from __future__ import annotations
@@ -80,6 +84,19 @@ def call(pipe, steps: int, device: str) -> float:
     return time.perf_counter() - start
 
 
+def count_calls(pipe, steps: int, device: str) -> float:
+    """Python function calls per UNet call over one pipeline call (after a first, untimed one)."""
+    import cProfile
+    import pstats
+
+    call(pipe, steps, device)
+    profile = cProfile.Profile()
+    profile.enable()
+    call(pipe, steps, device)
+    profile.disable()
+    return pstats.Stats(profile).total_calls / steps
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -87,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configs")
     parser.add_argument("--label", default="after")
+    parser.add_argument("--count-calls", action="store_true", help="also count Python calls per UNet call")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
@@ -109,6 +127,14 @@ def main(argv=None) -> None:
                 times[name].append(call(pipe, args.steps, args.device))
             finally:
                 undo()
+    calls = {}
+    if args.count_calls:
+        for name in names:
+            undo = enable(pipe, table[name])
+            try:
+                calls[name] = count_calls(pipe, args.steps, args.device)
+            finally:
+                undo()
     results = {}
     for name, values in times.items():
         row = {"median_ms": 1e3 * statistics.median(values), "times_ms": [1e3 * t for t in values]}
@@ -117,6 +143,9 @@ def main(argv=None) -> None:
             differences = [(t - s) / args.steps for t, s in zip(values, times["stock"])]
             row["overhead_per_call_ms"] = 1e3 * statistics.median(differences)
             row["speedup"] = statistics.median(s / t for t, s in zip(values, times["stock"]))
+        if name in calls:
+            row["python_calls_per_unet_call"] = calls[name]
+            row["extra_calls_per_unet_call"] = calls[name] - calls.get("stock", calls[name])
         results[name] = row
     meta = {"label": args.label, "accel": str(Path(accel.__file__).parent), "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "torch": torch.__version__,
@@ -126,6 +155,8 @@ def main(argv=None) -> None:
     print(f"{args.label}: {meta['accel']} on {meta['gpu'] or args.device}, DDIM {args.steps} steps")
     for name, row in results.items():
         extra = "" if "speedup" not in row else f"  {row['overhead_per_call_ms']:+7.3f} ms/call, {row['speedup']:.2f}x vs stock"
+        if "python_calls_per_unet_call" in row:
+            extra += f", {row['python_calls_per_unet_call']:.0f} Python calls/UNet call ({row['extra_calls_per_unet_call']:+.0f})"
         print(f"  {name:18s} {row['median_ms']:9.1f} ms/image  {row['per_unet_call_ms']:7.3f} ms/UNet call{extra}")
 
 

@@ -13,6 +13,7 @@ GPU_TESTS=(
   tests/test_block_cache_graphs.py
   "tests/test_cache.py::test_block_cache_under_cuda_graphs_decides_on_the_gpu"
   "tests/test_block_cache_dit.py::test_dit_block_cache_under_cuda_graphs_matches_eager_on_gpu"
+  "tests/test_block_cache_dit.py::test_dit_options_under_cuda_graphs_match_eager_on_gpu"
 )
 if [ "${SMOKE:-0}" = 1 ]; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

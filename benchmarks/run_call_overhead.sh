@@ -14,7 +14,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 SITE=/tmp/site
 for label in before after; do
   root=$PWD; [ "$label" = before ] && root=$PWD/.before
-  PYTHONPATH=$SITE:$root timeout 150 python3 benchmarks/call_overhead.py --device cuda --steps 20 --rounds 6 --label "$label" \
+  PYTHONPATH=$SITE:$root timeout 150 python3 benchmarks/call_overhead.py --device cuda --steps 20 --rounds 5 --label "$label" \
     --out "$OUT/call-overhead-$label.json" 2>&1 | grep -v Warning
   echo "[run_call_overhead] $label done at $((SECONDS - START)) s"
 done
@@ -25,6 +25,6 @@ bench() {  # bench SECONDS NAME ARGS...: one harness run in its own process (wri
   rm -f "$OUT/$name.png"  # at most 8 files come back
   echo "[run_call_overhead] $name done at $((SECONDS - START)) s"
 }
-bench 150 sd15-ddim50-deepcache --scheduler ddim --steps 50 --interleave --runs 8 --configs "stock${PEER},deepcache"
-bench 100 sd15-dpmpp20-deepcache --scheduler dpmpp_2m --steps 20 --interleave --runs 8 --configs "stock${PEER},deepcache"
+bench 150 sd15-ddim50-deepcache --scheduler ddim --steps 50 --interleave --runs 6 --configs "stock${PEER},deepcache"
+bench 100 sd15-dpmpp20-deepcache --scheduler dpmpp_2m --steps 20 --interleave --runs 6 --configs "stock${PEER},deepcache"
 echo "[run_call_overhead] took $((SECONDS - START)) s"

@@ -90,10 +90,15 @@ def image_caption_folder(root: str | os.PathLike, resolution: int) -> CaptionedI
 
 def cifar10_captioned(split: str = "train", root: str | os.PathLike | None = None, *, limit: int | None = None) -> CaptionedImages:
     """CIFAR-10 with the embedded model's caption templates ("a photo of a cat", "a blurry photo of a cat", ...)."""
-    from accel.embedded import CIFAR10_CLASSES, class_captions
     from accel.quality.cifar import load_cifar10
 
-    images, labels = load_cifar10(split, root, limit=limit)
+    return class_captioned(*load_cifar10(split, root, limit=limit))
+
+
+def class_captioned(images: torch.Tensor, labels: torch.Tensor) -> CaptionedImages:
+    """Images labelled with CIFAR-10 class indices, captioned by every template of their class."""
+    from accel.embedded import CIFAR10_CLASSES, class_captions
+
     num_templates = len(class_captions(CIFAR10_CLASSES[0]))
     captions = tuple(text for name in CIFAR10_CLASSES for text in class_captions(name))
     choices = labels[:, None] * num_templates + torch.arange(num_templates)

@@ -17,7 +17,7 @@ from tiny import run, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipelin
 
 import accel
 from accel import AccelConfig, RuntimeConfig, SamplerConfig
-from accel.cache import BlockCacheConfig, DeepCacheConfig, apply_block_cache, get_block_cache
+from accel.cache import BlockCacheConfig, DeepCacheConfig, apply_block_cache, block_cache, get_block_cache
 from accel.cache.block_cache import (
     BLEND,
     HOOK_NAME,
@@ -27,9 +27,10 @@ from accel.cache.block_cache import (
     denoiser_layout,
     relative_l1,
     should_compute,
+    taylor_weights,
 )
 from accel.runtime import get_cuda_graph_hook
-from accel.session import get_session
+from accel.session import get_session, planner_of
 
 TOLERANCE = 0.1
 STEPS = 8
@@ -90,6 +91,192 @@ def test_three_passes_and_remaining_blocks_skipped(which, tmp_path):
     assert all(HOOK_NAME not in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) for m in pipe.transformer.modules())
 
 
+# pipeline, first_blocks, last_blocks: every role of a block present (Flux: the first blocks dual-stream, the last
+# single-stream)
+DBCACHE = [("pixart", 2, 1), ("sd3", 1, 1), ("flux", 2, 1)]
+
+
+@pytest.mark.parametrize("which, first, last", DBCACHE)
+def test_first_and_last_blocks_run_on_every_call_three_passes(which, first, last, tmp_path):
+    pipe, kwargs, threshold = _build(which, tmp_path)
+    layout = denoiser_layout(pipe, first, last)
+    always, cached_blocks = [*layout.lead, layout.head, *layout.trail], [*layout.rest, layout.tail]
+    assert len(always) == first + last and len(layout.trail) == last
+    counts, handles = _leaf_calls(always + cached_blocks)
+    before = run(pipe, steps=STEPS, **kwargs)
+    per_call = [c // STEPS for c in counts]
+    counts[:] = [0] * len(counts)
+
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=threshold, first_blocks=first, last_blocks=last)))
+    cached = run(pipe, steps=STEPS, **kwargs)
+    full, skipped = get_block_cache(pipe).state.counts()
+    assert skipped >= 2 and full >= 2 and full + skipped == STEPS
+    assert counts[:len(always)] == [c * STEPS for c in per_call[:len(always)]]  # the first and last blocks: every step
+    assert counts[len(always):] == [c * full for c in per_call[len(always):]]  # the cached ones: full steps only
+    _close_then_restored(pipe, kwargs, before, cached, handles)
+
+
+def _close_then_restored(pipe, kwargs, before, cached, handles):
+    """The enabled pass: close to the baseline yet different, the same again on the next call (state is reset per
+    call). Then restored (and the test's hooks removed): bit-identical to the baseline, no hook of the cache left."""
+    assert not np.array_equal(cached, before) and np.abs(cached - before).max() < TOLERANCE
+    assert np.array_equal(run(pipe, steps=STEPS, **kwargs), cached)
+    accel.restore(pipe)
+    for handle in handles:
+        handle.remove()
+    assert np.array_equal(run(pipe, steps=STEPS, **kwargs), before)
+    assert all(HOOK_NAME not in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) for m in pipe.transformer.modules())
+
+
+def test_the_decision_is_taken_from_the_residual_after_the_first_blocks(tmp_path, monkeypatch):
+    """With first_blocks=2 the probe is the second block's output minus the first block's input."""
+    pipe = tiny_sd3_pipeline(tmp_path)
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=0.5, first_blocks=2, last_blocks=1)))
+    session, transformer, layout = get_session(pipe), pipe.transformer, get_block_cache(pipe).layout
+    seen, probes = {}, []
+    handles = [transformer.transformer_blocks[0].register_forward_pre_hook(
+                   lambda m, args, kwargs: seen.__setitem__("input", kwargs["hidden_states"]), with_kwargs=True),
+               layout.head.register_forward_hook(lambda m, a, out: seen.__setitem__("head", layout.head_outputs.split(out)[0]))]
+    measure = block_cache.relative_l1
+    monkeypatch.setattr(block_cache, "relative_l1", lambda new, old: (probes.append(new), measure(new, old))[1])
+    with torch.no_grad():
+        session.begin_call(3)
+        for step in range(3):  # step 0 is forced full, without measuring
+            session.step_index = step
+            transformer(**_sd3_inputs(transformer, step))
+            assert len(probes) == step
+            if probes:
+                torch.testing.assert_close(probes[-1], seen["head"] - seen["input"], rtol=0, atol=0)
+        session.end_call()
+    assert layout.head is transformer.transformer_blocks[1]
+    for handle in handles:
+        handle.remove()
+    accel.restore(pipe)
+
+
+def test_first_and_last_blocks_need_a_dit_with_blocks_left_to_cache(sd_pipe, tmp_path):
+    with pytest.raises(ValueError, match=r"first_blocks=2, last_blocks=0\) needs a DiT; on a UNet.*valid: first_blocks=1, last_blocks=0"):
+        accel.accelerate(sd_pipe, AccelConfig(cache=BlockCacheConfig(first_blocks=2)))
+    assert not accel.is_accelerated(sd_pipe)
+    pixart, _, _ = _build("pixart", tmp_path)
+    with pytest.raises(ValueError, match=r"leaves no block to cache in this PixArtTransformer2DModel of 4 blocks; "
+                                         r"valid: first_blocks \+ last_blocks <= 3"):
+        accel.accelerate(pixart, AccelConfig(cache=BlockCacheConfig(first_blocks=3, last_blocks=1)))
+    assert not accel.is_accelerated(pixart)
+    assert all(HOOK_NAME not in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) for m in pixart.transformer.modules())
+    for field, value, valid in (("first_blocks", 0, "an int >= 1"), ("last_blocks", -1, "an int >= 0"), ("first_blocks", 1.5, "an int >= 1")):
+        with pytest.raises(ValueError, match=f"BlockCacheConfig.{field}={value} is not supported; valid: {valid}"):
+            BlockCacheConfig(**{field: value})
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a fixed schedule measures nothing")
+
+
+@pytest.mark.parametrize("which", ["pixart", "flux"])
+def test_fixed_schedule_three_passes_decided_from_the_step_index(which, tmp_path, monkeypatch):
+    """threshold=None, cache_interval=3, warmup_steps=2: full steps 0, 1, 3, 6, decided in each call's plan; the
+    threshold's measure (and its host sync) never runs."""
+    pipe, kwargs, _ = _build(which, tmp_path)
+    layout = denoiser_layout(pipe)
+    counts, handles = _leaf_calls([layout.head, layout.tail])
+    before = run(pipe, steps=STEPS, **kwargs)
+    per_call = [c // STEPS for c in counts]
+    counts[:] = [0] * len(counts)
+
+    monkeypatch.setattr(block_cache, "relative_l1", _refuse)
+    monkeypatch.setattr(block_cache, "should_compute", _refuse)
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=None, cache_interval=3, warmup_steps=2)))
+    planner, plans = planner_of(pipe.transformer), []
+    handles.append(pipe.transformer.register_forward_pre_hook(lambda m, a: plans.append(planner.current)))
+    cached = run(pipe, steps=STEPS, **kwargs)
+    assert [p.decisions["block_cache"] for p in plans] == [
+        (decision, 0) for decision in ("full", "full", "cached", "full", "cached", "cached", "full", "cached")]
+    assert get_block_cache(pipe).state.counts() == (4, 4)
+    assert counts == [per_call[0] * STEPS, per_call[1] * 4]
+    _close_then_restored(pipe, kwargs, before, cached, handles)
+
+
+def test_fixed_schedule_settings():
+    valid = r"valid: a threshold \(adaptive\), or threshold=None with cache_interval=N"
+    with pytest.raises(ValueError, match=rf"threshold=None, cache_interval=None\) is not supported; {valid}"):
+        BlockCacheConfig(threshold=None)
+    with pytest.raises(ValueError, match=rf"threshold=0.1, cache_interval=2\) is not supported; {valid}"):
+        BlockCacheConfig(cache_interval=2)
+    with pytest.raises(ValueError, match="cache_interval=0 is not supported; valid: None or an int >= 1"):
+        BlockCacheConfig(threshold=None, cache_interval=0)
+    with pytest.raises(ValueError, match="max_consecutive_cached is not supported with cache_interval.*valid: max_consecutive_cached=None"):
+        BlockCacheConfig(threshold=None, cache_interval=2, max_consecutive_cached=1)
+    with pytest.raises(ValueError, match="threshold=-1 is not supported; valid: a number >= 0, or None with cache_interval"):
+        BlockCacheConfig(threshold=-1)
+
+
+@pytest.mark.parametrize("which", ["pixart", "sd3", "flux"])
+def test_taylor_forecast_three_passes_and_order_0_is_the_plain_re_add(which, tmp_path):
+    pipe, kwargs, threshold = _build(which, tmp_path)
+    before = run(pipe, steps=STEPS, **kwargs)
+    outs, counts = {}, {}
+    for order in (None, 0, 1):
+        accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=threshold, taylor_order=order)))
+        outs[order] = run(pipe, steps=STEPS, **kwargs)
+        counts[order] = get_block_cache(pipe).state.counts()
+        if order != 1:
+            accel.restore(pipe)
+    assert np.array_equal(outs[0], outs[None]) and counts[0] == counts[None]
+    full, cached = counts[1]
+    assert cached >= 2 and full >= 2  # the first two steps run fully: a first-order forecast needs two
+    assert not np.array_equal(outs[1], outs[None])
+    _close_then_restored(pipe, kwargs, before, outs[1], [])
+
+
+def test_taylor_weights():
+    assert taylor_weights(3, [], 0) == [1.0]
+    assert taylor_weights(1, [1], 1) == [2.0, -1.0]  # r0 + (r0 - r1)
+    assert taylor_weights(1, [2], 1) == [1.5, -0.5]  # the slope over a gap of two steps
+    assert taylor_weights(1, [1, 1], 2) == [2.5, -2.0, 0.5]  # + (r0 - 2 r1 + r2) / 2
+    # full steps 1, 2, 4, forecast at 5: D1 = (r0 - r1) / 2, D2 = (D1 - (r1 - r2) / 1) / 2, r0 + D1 + D2 / 2
+    assert taylor_weights(1, [2, 1], 2) == [1.625, -0.875, 0.25]
+    tensors = taylor_weights(torch.tensor(1.0), torch.tensor([2.0, 1.0]), 2)
+    assert [w.item() for w in tensors] == [1.625, -0.875, 0.25]
+    assert sum(taylor_weights(2.5, [3, 2, 1], 3)) == pytest.approx(1.0)  # a constant residual is forecast as itself
+
+
+@pytest.mark.parametrize("order, weights", [
+    (1, {3: {2: 2.0, 1: -1.0}, 5: {4: 1.5, 2: -0.5}, 7: {6: 1.5, 4: -0.5}}),
+    (2, {3: {2: 2.5, 1: -2.0, 0: 0.5}, 5: {4: 1.625, 2: -0.875, 1: 0.25}, 7: {6: 1.625, 4: -0.75, 2: 0.125}}),
+])
+def test_taylor_forecast_per_slot_matches_the_hand_computed_extrapolation(order, weights, tmp_path):
+    """SD3's transformer called twice a step (cond, uncond), full every second step once `order + 1` full steps
+    are in: on each cached call the last block returns the first block's output plus the forecast residual,
+    sum_j w_j (tail - head output at full step j), from that slot's own full steps."""
+    pipe = tiny_sd3_pipeline(tmp_path)
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=None, cache_interval=2, taylor_order=order)))
+    session, transformer, layout = get_session(pipe), pipe.transformer, get_block_cache(pipe).layout
+    seen = {}
+    handles = [layout.head.register_forward_hook(lambda m, a, out: seen.__setitem__("head", layout.head_outputs.split(out)[0])),
+               layout.tail.register_forward_hook(lambda m, a, out: seen.__setitem__("tail", layout.tail_outputs.split(out)[0]))]
+    residuals, tails, heads = {}, {}, {}
+    with torch.no_grad():
+        session.begin_call(STEPS)
+        for step in range(STEPS):
+            session.step_index = step
+            for branch in (0, 1):
+                transformer(**_sd3_inputs(transformer, 10 * step + branch))
+                heads[branch, step], tails[branch, step] = seen["head"], seen["tail"]
+                if step not in weights:
+                    residuals[branch, step] = seen["tail"] - seen["head"]
+        session.end_call()
+    assert get_block_cache(pipe).state.counts() == (2 * (STEPS - 3), 2 * 3)
+    for branch in (0, 1):
+        for step, ws in weights.items():
+            expected = heads[branch, step] + sum(w * residuals[branch, full] for full, w in ws.items())
+            torch.testing.assert_close(tails[branch, step], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(residuals[0, 2], residuals[1, 2])  # the two slots did keep different residuals
+    for handle in handles:
+        handle.remove()
+    accel.restore(pipe)
+
+
 def _sd3_inputs(transformer, seed):
     g = torch.Generator().manual_seed(seed)
     config = transformer.config
@@ -143,15 +330,16 @@ class _RunThrice(ModelHook):
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
-@pytest.mark.parametrize("which", ["pixart", "sd"])
-def test_device_decision_matches_the_host_decision(which, tmp_path, request, monkeypatch):
+@pytest.mark.parametrize("which, options", [("pixart", {}), ("sd", {}), ("flux", {"first_blocks": 2, "last_blocks": 1}),
+                                            ("sd3", {"first_blocks": 2, "last_blocks": 1, "taylor_order": 1})])
+def test_device_decision_matches_the_host_decision(which, options, tmp_path, request, monkeypatch):
     """The decision a graph would replay, run eagerly (both branches, `torch.where`), executed three times
     per call: the same output and counts as deciding on the host once per call."""
     if which == "sd":
         pipe, kwargs, threshold = request.getfixturevalue("sd_pipe"), {}, 0.5
     else:
         pipe, kwargs, threshold = _build(which, tmp_path)
-    config = AccelConfig(cache=BlockCacheConfig(threshold=threshold, max_consecutive_cached=2))
+    config = AccelConfig(cache=BlockCacheConfig(threshold=threshold, max_consecutive_cached=2, **options))
     accel.accelerate(pipe, config)
     host = run(pipe, steps=STEPS, **kwargs)
     host_counts = get_block_cache(pipe).state.counts()
@@ -168,6 +356,41 @@ def test_device_decision_matches_the_host_decision(which, tmp_path, request, mon
         assert get_block_cache(pipe).state.counts() == host_counts
         np.testing.assert_allclose(device, host, rtol=0, atol=1e-6)
     denoiser._diffusers_hook.remove_hook("test.run_thrice", recurse=False)
+    accel.restore(pipe)
+
+
+class _ReplayStandIn(ModelHook):
+    """A whole-call CUDA graph on the CPU: the first call of each plan runs (the capture); later ones return its
+    output without running any Python below, as a replay does (the device state keeps the captured call's values)."""
+
+    def __init__(self, planner):
+        super().__init__()
+        self.planner, self.outputs = planner, {}
+
+    def new_forward(self, module, *args, **kwargs):
+        key = self.planner.current.key
+        if key not in self.outputs:
+            self.outputs[key] = self.fn_ref.original_forward(*args, **kwargs)
+        return self.outputs[key]
+
+
+def test_a_replayed_call_is_committed_by_its_plan(tmp_path, monkeypatch):
+    """A replay runs none of the cache's hooks: the plan alone must stage the call's result for the next commit."""
+    pipe = tiny_sd3_pipeline(tmp_path)
+    monkeypatch.setattr(BlockCache, "_device_path", lambda self, graph, sample: True)
+    accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(threshold=0.5)))
+    session, transformer = get_session(pipe), pipe.transformer
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_ReplayStandIn(session.planner(transformer)),
+                                                                         "test.replay")
+    inputs = _sd3_inputs(transformer, 1)
+    with torch.no_grad():
+        session.begin_call(6)
+        for step in range(6):
+            session.step_index = step
+            transformer(**inputs)
+        session.end_call()
+    assert sum(get_block_cache(pipe).state.counts()) == 6  # one captured call, five replays: each one committed
+    transformer._diffusers_hook.remove_hook("test.replay", recurse=False)
     accel.restore(pipe)
 
 
@@ -227,7 +450,7 @@ def test_legacy_callback_advances_the_step_index(tmp_path):
 
 def test_dit_pipelines_take_the_block_cache_runtime_and_a_compatible_sampler_only(tmp_path):
     pixart, kwargs, threshold = _build("pixart", tmp_path / "pixart")
-    accepted = "the accepted configs are: SamplerConfig, BlockCacheConfig, RuntimeConfig"
+    accepted = "the accepted configs are: SamplerConfig, BlockCacheConfig, PatchParallelConfig, RuntimeConfig"
     with pytest.raises(accel.UnsupportedPipelineError, match=f"DeepCacheConfig needs a pipeline with a UNet2DConditionModel.*PixArtAlphaPipeline has a DiT .*{accepted}"):
         accel.accelerate(pixart, AccelConfig(cache=DeepCacheConfig(), runtime=RuntimeConfig(cuda_graph=True)))
     assert not accel.is_accelerated(pixart)
@@ -278,5 +501,37 @@ def test_dit_block_cache_under_cuda_graphs_matches_eager_on_gpu(tmp_path):
         pytest.skip(f"torch {torch.__version__} has no CUDA-graph conditional nodes: checked the per-block graph path only")
     assert get_block_cache(pipe) is None and (("block_cache", 0),) in captured
     assert counts == eager_counts and eager_counts[1] >= 1
+    for out in graphed:
+        np.testing.assert_allclose(out, eager, rtol=0, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [
+    {"threshold": None, "cache_interval": 3, "first_blocks": 2, "last_blocks": 1, "taylor_order": 1},
+    {"first_blocks": 2, "last_blocks": 1, "taylor_order": 1},
+], ids=["fixed-schedule", "threshold"])
+def test_dit_options_under_cuda_graphs_match_eager_on_gpu(options, tmp_path):
+    """DBCache's first / last blocks and the TaylorSeer forecast with PixArt's transformer captured by the graph
+    hook: a fixed schedule as whole-call graphs, a threshold as conditional nodes (or per-block graphs on a torch
+    without them); the eager output and counts, also on the second run (replays only)."""
+    from accel.cache.block_cache import CALL_GRAPHS, CONDITIONAL_NODES, PER_BLOCK_GRAPHS
+    from accel.runtime import apply_cuda_graph, remove_cuda_graph
+
+    pipe, kwargs, threshold = _build("pixart", tmp_path)
+    pipe = pipe.to("cuda")
+    config = BlockCacheConfig(**{"threshold": threshold, **options})
+    accel.accelerate(pipe, AccelConfig(cache=config))
+    eager = run(pipe, steps=STEPS, **kwargs)
+    eager_counts = get_block_cache(pipe).state.counts()
+    apply_cuda_graph(pipe.transformer)
+    graphed = []
+    for _ in range(2):
+        graphed.append(run(pipe, steps=STEPS, **kwargs))
+        assert get_block_cache(pipe).state.counts() == eager_counts
+    path = get_block_cache(pipe).graph_path
+    remove_cuda_graph(pipe.transformer)
+    accel.restore(pipe)
+    expected = CALL_GRAPHS if config.threshold is None else CONDITIONAL_NODES if conditional_nodes_supported() else PER_BLOCK_GRAPHS
+    assert path == expected and eager_counts[1] >= 1
     for out in graphed:
         np.testing.assert_allclose(out, eager, rtol=0, atol=2e-3)

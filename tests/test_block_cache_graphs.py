@@ -7,6 +7,7 @@ from graphs on full and cached calls, the same output and decisions as the eager
 fallback when a capture fails. The `gpu` tests at the end check the same against real graphs.
 """
 
+import functools
 import logging
 
 import numpy as np
@@ -18,9 +19,9 @@ from torch.utils import _pytree as pytree
 import accel
 from accel import AccelConfig, RuntimeConfig
 from accel.cache import BlockCacheConfig, get_block_cache
-from accel.cache.block_cache import PER_BLOCK_GRAPHS, BlockCache
-from accel.capture import _Graph
-from accel.runtime import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
+from accel.cache.block_cache import CALL_GRAPHS, PER_BLOCK_GRAPHS, BlockCache
+from accel.capture import _Graph, signature_key
+from accel.runtime import apply_cuda_graph, cuda_graph, get_cuda_graph_hook, remove_cuda_graph
 from accel.session import planner_of
 
 STEPS = 8
@@ -134,6 +135,76 @@ def test_per_block_graphs_replay_the_head_always_and_the_rest_on_full_calls(whic
     _restore(pipe)
     assert not cache.block_graphs.graphs and cache.block_graphs.pool is None  # removing the cache drops its graphs
     assert np.array_equal(run(pipe, steps=STEPS, **kwargs), before)
+
+
+def test_per_block_graphs_replay_a_dits_first_and_last_blocks_on_every_call(tmp_path, monkeypatch):
+    """DBCache's first and last blocks replay their graphs on every call, the cached ones on full calls only (and
+    the forecast, outside any graph, gives the eager output)."""
+    pipe, kwargs = tiny_pixart_pipeline(tmp_path), PIXART_KWARGS
+    config = BlockCacheConfig(threshold=0.3, first_blocks=2, last_blocks=1, taylor_order=1)
+    accel.accelerate(pipe, AccelConfig(cache=config))
+    host = run(pipe, steps=STEPS, **kwargs)
+    host_counts = get_block_cache(pipe).state.counts()
+    accel.restore(pipe)
+    full, cached = host_counts
+    assert cached >= 2
+
+    monkeypatch.setattr(BlockCache, "_replayable", staticmethod(lambda sample: True))
+    cache, capture = _accelerate_with_graphs(pipe, config)
+    outs = [run(pipe, steps=STEPS, **kwargs) for _ in range(2)]
+    layout, names = cache.layout, {id(m): n for n, m in cache.denoiser.named_modules()}
+    always = [names[id(m)] for m in (*layout.lead, layout.head, *layout.trail)]
+    skipped = [names[id(m)] for m in (*layout.rest, layout.tail)]
+    replays, counts = _replays(cache), cache.state.counts()
+    _restore(pipe)
+
+    assert always == ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.3"]
+    assert replays == {**{name: 2 * STEPS for name in always}, **{name: 2 * full for name in skipped}}
+    assert capture.calls == 4 and counts == host_counts
+    for out in outs:
+        np.testing.assert_allclose(out, host, rtol=0, atol=1e-6)
+
+
+class _WarmCapture(_FakeCapture):
+    """`_FakeCapture` with `capture_graph`'s warm-up runs: a call executes warmup_iters + 1 times on first use."""
+
+    def __call__(self, fn, leaves, spec, device, *, warmup_iters=2, pool=None):
+        for _ in range(warmup_iters):
+            fn(pytree.tree_unflatten([leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec))
+        return super().__call__(fn, leaves, spec, device, warmup_iters=warmup_iters, pool=pool)
+
+
+@pytest.mark.parametrize("which, taylor_order, full", [("sd", None, 3), ("pixart", 1, 4)])
+def test_a_fixed_schedule_is_captured_whole_one_graph_per_decision(which, taylor_order, full, request, tmp_path, monkeypatch):
+    """No decision waits for the head: the graph hook captures each call whole (here on the CPU, with a stand-in
+    capture that also runs the warm-ups), one graph per slot and full / cached decision, and the output and
+    counts are the eager run's."""
+    pipe, kwargs, _ = _pipeline(which, request, tmp_path)
+    config = BlockCacheConfig(threshold=None, cache_interval=3, taylor_order=taylor_order)
+    accel.accelerate(pipe, AccelConfig(cache=config))
+    eager = run(pipe, steps=STEPS, **kwargs)
+    eager_counts = get_block_cache(pipe).state.counts()
+    accel.restore(pipe)
+    assert eager_counts == (full, STEPS - full)  # full at 0, 3, 6 (and 1: a first-order forecast needs two)
+
+    capture = _WarmCapture()
+    monkeypatch.setattr(cuda_graph, "capture_graph", capture)
+    monkeypatch.setattr(cuda_graph, "signature_key", functools.partial(signature_key, device_type="cpu"))
+    monkeypatch.setattr(BlockCache, "_replayable", staticmethod(lambda sample: True))
+    cache, per_block = _accelerate_with_graphs(pipe, config)
+    outs = [run(pipe, steps=STEPS, **kwargs) for _ in range(2)]
+    hook, counts = get_cuda_graph_hook(cache.denoiser), cache.state.counts()
+    branches = sorted(key[1] for key in hook.graphs)
+    replays = sorted(entry.graph.replays for entry in hook.graphs.values())
+    eager_plan = planner_of(cache.denoiser).current.eager
+    _restore(pipe)
+
+    assert branches == [(("block_cache", ("cached", 0)),), (("block_cache", ("full", 0)),)] and capture.calls == 2
+    assert replays == sorted([2 * full, 2 * (STEPS - full)])  # every call replays, the first right after its capture
+    assert not eager_plan and cache.graph_path == CALL_GRAPHS and per_block.calls == 0
+    assert counts == eager_counts
+    for out in outs:
+        np.testing.assert_allclose(out, eager, rtol=0, atol=1e-6)
 
 
 def test_a_block_whose_capture_fails_runs_eagerly_and_the_others_replay(sd_pipe, monkeypatch, caplog):

@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedPipelineError
+from ._noise_guard import NoiseGuard
 
 
 FULL, CACHED, OFF = "full", "cached", "off"
@@ -203,6 +204,7 @@ class FeatureCache:
             self._remove_hooks()
             raise
         session.add_call_listener(self._on_call)
+        self.noise = NoiseGuard(pipe, session, name)
 
     def _on_call(self, session) -> None:
         self.state.reset()
@@ -213,6 +215,7 @@ class FeatureCache:
         if call.step is None:
             state.mode, state.slot = OFF, None
             return OFF, None
+        self.noise.check()
         if state.schedule is None:
             state.schedule = self.full_steps(self.session.num_steps())
         slot = state.slots.get(call.slot)
@@ -236,6 +239,7 @@ class FeatureCache:
     def remove(self) -> None:
         self.planner.remove_decider(self.name)
         self.session.remove_call_listener(self._on_call)
+        self.noise.remove()
         self._remove_hooks()
         self.hooks.clear()
         self.state.slots.clear()

@@ -1,10 +1,18 @@
-"""Adaptive first-block cache for UNets and DiT transformers (after ParaAttention's First-Block Cache and TeaCache, 2024).
+"""Block cache for UNets and DiT transformers: First-Block Cache (ParaAttention) and TeaCache (2024), on DiTs the
+first and last blocks of DBCache (Cache-DiT, 2025), and the forecast of TaylorSeer (Liu et al. 2025, "From
+Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers").
 
-Every call runs the network's head: `conv_in` and the first down block of a UNet, the first transformer block
-of a DiT. When the first block's output (UNet; its down block changes the shape) or residual (DiT: output
-minus input) moved less than `threshold` (relative L1) since the last fully computed step, the remaining
-blocks are skipped: the last block returns the head's output plus the residual (last block output minus head
-output) kept from that step, and only the output layers run.
+Every call runs the network's head: `conv_in` and the first down block of a UNet, the first `first_blocks`
+transformer blocks of a DiT (DBCache's Fn blocks). When the head's output (UNet; its down block changes the
+shape) or residual (DiT: its output minus the first block's input) moved less than `threshold` (relative L1)
+since the last fully computed step, the cached blocks are skipped: the last of them (the tail) returns the
+head's output plus the residual (tail output minus head output) kept from that step. What follows the tail still
+runs: the output layers, and on a DiT its last `last_blocks` blocks (DBCache's Bn blocks), which refine that
+estimate. With `taylor_order` the residual is not re-added as kept but forecast at the current step:
+TaylorSeer's Taylor expansion in the step index about the last full step, its derivatives finite differences
+over the last full steps. With `threshold=None` a fixed schedule decides instead (a full step every
+`cache_interval` steps), from the step index alone. Every call position (cond / uncond, input shape: the
+session's slot) keeps its own state.
 
 The decision is a device tensor (`should_compute`). Eagerly it is read once per step, the one host sync of
 this technique. Under the runtime's CUDA graphs each call position is captured once with two CUDA-graph
@@ -14,12 +22,15 @@ position commits before it runs: the graph hook's warm-up runs and its capture, 
 several times, then leave the same state as a single replay.
 
 A torch without conditional nodes (2.11, say) cannot capture that decision. There the call is not captured
-whole: it runs eagerly, deciding on the host once per step after the head, and the head, each remaining block
-and the tail run as per-block CUDA graphs (captured per block and input signature on first use, one memory
-pool), so the launch-bound bulk of the network still replays from graphs and a cached call replays only the
-head's. The denoiser's own small ops between blocks (time embedding, `conv_in`, the output layers; a DiT's
+whole: it runs eagerly, deciding on the host once per step after the head, and each block (the ones that
+always run; on full calls the cached ones too) runs as a per-block CUDA graph (captured per block and input
+signature on first use, one memory pool), so the launch-bound bulk of the network still replays from graphs and
+a cached call replays only the head's (and a DiT's last blocks'). The denoiser's own small ops between blocks (time embedding, `conv_in`, the output layers; a DiT's
 patch embedding and final layer) stay eager. The cache's state lives in its own buffers, written eagerly
 from copies of the blocks' outputs, never in a graph's static buffers.
+
+A fixed schedule is known before the call, so it needs neither: the hooks follow it without a sync, and under
+CUDA graphs each call is captured whole, one graph per call position and decision (full / cached), on any torch.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from torch.utils import _pytree as pytree
 from ..capture import capture_graph, signature_key
 from ..errors import UnsupportedPipelineError
 from ..session import technique_functions
+from ._noise_guard import NoiseGuard
 
 logger = logging.getLogger(__name__)
 
@@ -44,35 +56,74 @@ HOOK_NAME = f"accel.{NAME}"
 # DiT block lists in the order the transformer runs them (Flux: dual-stream blocks, then single-stream ones).
 DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
-# How a call runs: OFF (untouched), HOST (decided on the host: eagerly, or its blocks from per-block CUDA graphs)
-# or DEVICE (decided on the GPU, for a CUDA graph of the whole call). A DEVICE call executes as BLEND (eager,
+# How a call runs: OFF (untouched), HOST (decided on the host: after the head, eagerly or with its blocks from
+# per-block CUDA graphs; or, on a fixed schedule, in the plan, eagerly or in a graph of the whole call) or DEVICE
+# (decided on the GPU, for a CUDA graph of the whole call). A DEVICE call executes as BLEND (eager,
 # both branches, selected with `torch.where`: the graph hook's warm-up) or GRAPH (being captured: both branches
 # recorded as conditional nodes).
 OFF, HOST, DEVICE, BLEND, GRAPH = "off", "host", "device", "blend", "graph"
-# Which path a call the graph hook would capture takes (`BlockCache.graph_path`).
-CONDITIONAL_NODES, PER_BLOCK_GRAPHS = "conditional nodes", "per-block graphs"
+# Which path a call the graph hook would capture takes (`BlockCache.graph_path`); a fixed schedule's calls are
+# captured whole, one graph per slot and decision.
+CONDITIONAL_NODES, PER_BLOCK_GRAPHS, CALL_GRAPHS = "conditional nodes", "per-block graphs", "whole-call graphs"
+# A fixed schedule's decision for a call, part of the call's plan (and so of its graph key).
+FULL, CACHED = "full", "cached"
 
 
 @dataclass(frozen=True)
 class BlockCacheConfig:
-    """threshold: skip the remaining blocks while the first block's output (UNet) or residual (DiT) changed
-        by less than this (mean |new - old| / mean |old|, against the last fully computed step). 0 never skips.
+    """threshold: skip the cached blocks while the head's output (UNet) or residual (DiT) changed by less than
+        this (mean |new - old| / mean |old|, against the last fully computed step). 0 never skips. None: a fixed
+        schedule instead (`cache_interval`).
     warmup_steps: the first steps always run fully.
     max_consecutive_cached: at most this many cached steps in a row (None: no limit).
+    cache_interval: with threshold=None, a full step every `cache_interval` steps (steps 0, N, 2N, ... and the
+        warm-up), the others cached. Decided from the step index before the call, with no host sync: under CUDA
+        graphs each call is captured whole, and every run (and every method given the same full steps) computes
+        the same steps.
+    first_blocks: DiTs: the blocks that run on every call (DBCache's Fn); the decision is taken from the residual
+        after them. More blocks give a steadier signal and cost more on cached calls.
+    last_blocks: DiTs: the blocks after the cached ones that run on every call too (DBCache's Bn): on cached calls
+        they refine the estimate of the cached blocks' output.
+    A UNet takes first_blocks=1, last_blocks=0 only: its blocks are joined by skip connections.
+    taylor_order: None re-adds the cached blocks' residual kept from the last full step. An int forecasts it
+        instead (TaylorSeer): a Taylor expansion of that order in the step index, its derivatives finite
+        differences over the last `taylor_order + 1` full steps (1: the last two). Each call position runs fully
+        until it has that many (0 re-adds the kept residual through the forecast, as None does).
     """
 
-    threshold: float = 0.1
+    threshold: float | None = 0.1
     warmup_steps: int = 1
     max_consecutive_cached: int | None = None
+    cache_interval: int | None = None
+    first_blocks: int = 1
+    last_blocks: int = 0
+    taylor_order: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or not self.threshold >= 0:
-            raise ValueError(f"BlockCacheConfig.threshold={self.threshold!r} is not supported; valid: a number >= 0")
-        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 1:
-            raise ValueError(f"BlockCacheConfig.warmup_steps={self.warmup_steps!r} is not supported; valid: an int >= 1")
-        limit = self.max_consecutive_cached
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise ValueError(f"BlockCacheConfig.max_consecutive_cached={limit!r} is not supported; valid: None or an int >= 1")
+        threshold = self.threshold
+        if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold >= 0):
+            raise ValueError(f"BlockCacheConfig.threshold={threshold!r} is not supported; valid: a number >= 0, or None "
+                             "with cache_interval")
+        _check_int("warmup_steps", self.warmup_steps, 1)
+        _check_int("max_consecutive_cached", self.max_consecutive_cached, 1, optional=True)
+        _check_int("cache_interval", self.cache_interval, 1, optional=True)
+        _check_int("first_blocks", self.first_blocks, 1)
+        _check_int("last_blocks", self.last_blocks, 0)
+        _check_int("taylor_order", self.taylor_order, 0, optional=True)
+        if (threshold is None) == (self.cache_interval is None):
+            raise ValueError(f"BlockCacheConfig(threshold={threshold!r}, cache_interval={self.cache_interval!r}) is not "
+                             "supported; valid: a threshold (adaptive), or threshold=None with cache_interval=N (a "
+                             "fixed schedule, a full step every N steps)")
+        if self.cache_interval is not None and self.max_consecutive_cached is not None:
+            raise ValueError("BlockCacheConfig.max_consecutive_cached is not supported with cache_interval, whose fixed "
+                             "schedule caches at most cache_interval - 1 steps in a row; valid: max_consecutive_cached=None")
+
+
+def _check_int(name: str, value, minimum: int, optional: bool = False) -> None:
+    if (value is None and optional) or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        return
+    valid = f"{'None or ' if optional else ''}an int >= {minimum}"
+    raise ValueError(f"BlockCacheConfig.{name}={value!r} is not supported; valid: {valid}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +149,21 @@ def should_compute(change: torch.Tensor, consecutive: torch.Tensor, force, thres
 def consecutive_after(consecutive: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
     """Cached calls in a row after this one: 0 after a full call, one more after a cached one."""
     return (consecutive + 1) * torch.logical_not(compute)
+
+
+def taylor_weights(distance, gaps, order: int) -> list:
+    """TaylorSeer's forecast as weights w_j on the residuals r_0 (newest), ..., r_order of the last `order + 1`
+    full steps: sum_j w_j r_j = sum_i D_i distance^i / i!, the Taylor expansion about the newest full step,
+    `distance` steps ahead. D_0 is a full step's residual and D_(i+1) at a full step is (D_i there - D_i at the
+    full step before) / the steps between them: `gaps[j]` from full step j + 1 to j. Numbers, or tensors (then
+    no host sync: a graph records it)."""
+    derivatives = [[float(k == j) for k in range(order + 1)] for j in range(order + 1)]  # D_i at full step j, as weights
+    weights, factor = derivatives[0], 1.0
+    for i in range(1, order + 1):
+        derivatives = [[(a - b) / gaps[j] for a, b in zip(derivatives[j], derivatives[j + 1])] for j in range(order + 1 - i)]
+        factor = factor * distance / i
+        weights = [w + factor * d for w, d in zip(weights, derivatives[0])]
+    return weights
 
 
 def conditional_nodes_supported() -> bool:
@@ -146,7 +212,9 @@ class _Outputs:
 
 @dataclass
 class _Layout:
-    """The denoiser's modules by role: `stem` (UNet `conv_in`), `head` (first block), `rest`, `tail` (last block)."""
+    """The denoiser's modules by role: `stem` (UNet `conv_in`), `head` (the block after which the decision is
+    taken), `rest` (skipped on cached calls), `tail` (the last skipped block: on cached calls it returns the
+    estimate), and on a DiT `lead` (blocks before the head) and `trail` (blocks after the tail), which always run."""
 
     kind: str  # "unet" or "transformer"
     sample_arg: str
@@ -156,17 +224,25 @@ class _Layout:
     tail: torch.nn.Module
     head_outputs: _Outputs = field(default_factory=_Outputs)
     tail_outputs: _Outputs = field(default_factory=_Outputs)
-    hidden_arg: str = "hidden_states"
+    hidden_arg: str = "hidden_states"  # the first block's hidden-states argument: a DiT head's residual is from it
+    lead: list[torch.nn.Module] = field(default_factory=list)
+    trail: list[torch.nn.Module] = field(default_factory=list)
 
 
-def denoiser_layout(pipe) -> _Layout:
-    """The block cache's view of the pipeline's UNet or DiT transformer; UnsupportedPipelineError otherwise."""
+def denoiser_layout(pipe, first_blocks: int = 1, last_blocks: int = 0) -> _Layout:
+    """The block cache's view of the pipeline's UNet or DiT transformer; UnsupportedPipelineError otherwise, and
+    ValueError for `first_blocks` / `last_blocks` (BlockCacheConfig) that the denoiser cannot take."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         down, up = list(getattr(unet, "down_blocks", None) or []), list(getattr(unet, "up_blocks", None) or [])
         if len(down) < 2 or not up or getattr(unet, "conv_in", None) is None:
             raise UnsupportedPipelineError(
                 f"the block cache needs a UNet with conv_in, at least two down blocks and up blocks, got {type(unet).__name__}")
+        if (first_blocks, last_blocks) != (1, 0):
+            raise ValueError(
+                f"BlockCacheConfig(first_blocks={first_blocks}, last_blocks={last_blocks}) needs a DiT; on a UNet, whose "
+                "blocks are joined by skip connections, valid: first_blocks=1, last_blocks=0 (conv_in and the first "
+                "down block run on every call; DeepCacheConfig keeps more of the shallow blocks running)")
         mid = [unet.mid_block] if getattr(unet, "mid_block", None) is not None else []
         # A down block returns (hidden states, skip outputs); the last up block returns a tensor.
         return _Layout("unet", "sample", unet.conv_in, down[0], [*down[1:], *mid, *up[:-1]], up[-1],
@@ -179,10 +255,15 @@ def denoiser_layout(pipe) -> _Layout:
         raise UnsupportedPipelineError(
             f"the block cache needs a UNet2DConditionModel `.unet` or a DiT `.transformer` with at least two blocks in "
             f"{' / '.join(DIT_BLOCK_LISTS)}; {type(pipe).__name__} has {found}")
+    if first_blocks + last_blocks >= len(blocks):
+        raise ValueError(
+            f"BlockCacheConfig(first_blocks={first_blocks}, last_blocks={last_blocks}) leaves no block to cache in this "
+            f"{type(transformer).__name__} of {len(blocks)} blocks; valid: first_blocks + last_blocks <= {len(blocks) - 1}")
     from diffusers.hooks._helpers import TransformerBlockRegistry  # diffusers' own table of block outputs
 
+    head, tail = first_blocks - 1, len(blocks) - last_blocks - 1
     outputs = []
-    for block in (blocks[0], blocks[-1]):
+    for block in (blocks[0], blocks[head], blocks[tail]):
         try:
             meta = TransformerBlockRegistry.get(type(block))
         except ValueError:
@@ -191,8 +272,9 @@ def denoiser_layout(pipe) -> _Layout:
                 "TransformerBlockRegistry)") from None
         outputs.append((_Outputs(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index),
                         meta.hidden_states_argument_name))
-    return _Layout("transformer", "hidden_states", None, blocks[0], blocks[1:-1], blocks[-1],
-                   head_outputs=outputs[0][0], tail_outputs=outputs[1][0], hidden_arg=outputs[0][1])
+    return _Layout("transformer", "hidden_states", None, blocks[head], blocks[head + 1:tail], blocks[tail],
+                   head_outputs=outputs[1][0], tail_outputs=outputs[2][0], hidden_arg=outputs[0][1],
+                   lead=blocks[:head], trail=blocks[tail + 1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,9 +293,9 @@ def _like(x: torch.Tensor) -> torch.Tensor:
 class _Slot:
     """One denoiser call position within a step (cond / uncond when called twice, one input shape)."""
 
-    def __init__(self, index: int, device: torch.device):
+    def __init__(self, index: int, device: torch.device, taylor_order: int | None = None):
         self.index = index
-        self.filled = False  # a call of the current pipeline call ran on this slot
+        self.forced = 0  # calls of the current pipeline call forced to run fully on this slot
         self.pending = False  # `next_*` holds a call's result that is not committed yet
         self.force = _zeros(torch.bool, device)  # DEVICE calls: set by the host before the call
         self.computed = _zeros(torch.bool, device)  # the decision of the last call
@@ -226,9 +308,18 @@ class _Slot:
         self.next_residuals: list | None = None
         self.tail_length: int | None = None  # the tail's output tuple length (None: a tensor)
         self.records: dict[int, tuple] = {}  # output structure per skipped module, for eager placeholders
+        # TaylorSeer: the residuals of the full calls before the last one (newest first), the step indices of the
+        # last taylor_order + 1 full calls (newest first) and this call's, as device tensors a graph reads.
+        self.taylor_order = taylor_order
+        self.older: list[list] = []
+        if taylor_order is not None:
+            self.step = _zeros(torch.float32, device)
+            self.full_steps = torch.zeros(taylor_order + 1, dtype=torch.float32, device=device)
+            self.next_full_steps = torch.zeros_like(self.full_steps)
 
     def reset(self) -> None:
-        self.filled = self.pending = False
+        self.forced = 0
+        self.pending = False
         self.counts.zero_()
 
     def ensure_reference(self, probe: torch.Tensor) -> None:
@@ -243,18 +334,24 @@ class _Slot:
         if not fits(self.residuals):
             usable = [x if isinstance(x, torch.Tensor) and s is not None and s.shape == x.shape else None
                       for x, s in zip(leaves, stem)]
-            self.residuals = [None if x is None else _like(x) for x in usable]
-            self.next_residuals = [None if x is None else _like(x) for x in usable]
+            self.residuals, self.next_residuals, *self.older = [
+                [None if x is None else _like(x) for x in usable] for _ in range(2 + (self.taylor_order or 0))]
 
     def commit(self) -> None:
         """Make the last call's result the state this call reads (device ops only, no host sync)."""
         if not self.pending:
             return
         self.pending = False
-        torch.where(self.computed, self.next_reference, self.reference, out=self.reference)
-        for current, new in zip(self.residuals or [], self.next_residuals or []):
-            if current is not None:
-                torch.where(self.computed, new, current, out=current)
+        if self.reference is not None:  # None under a fixed schedule, which measures nothing
+            torch.where(self.computed, self.next_reference, self.reference, out=self.reference)
+        # On a full call every kept residual moves one place back, the oldest dropping out, and the new one comes in.
+        history = [self.next_residuals, self.residuals, *self.older]
+        for older, newer in reversed(list(zip(history[1:], history[:-1]))):
+            for current, new in zip(older or [], newer or []):
+                if current is not None:
+                    torch.where(self.computed, new, current, out=current)
+        if self.taylor_order is not None:
+            torch.where(self.computed, self.next_full_steps, self.full_steps, out=self.full_steps)
         self.consecutive.copy_(self.next_consecutive)
         self.counts.add_(torch.stack((self.computed, self.skipped)))
 
@@ -272,6 +369,7 @@ class BlockCacheState:
         self.compute = True  # HOST calls: the decision, once the head has run
         self.execution: str | None = None  # BLEND / GRAPH of the latest execution of a DEVICE call
         self.stem: list | None = None
+        self.origin: torch.Tensor | None = None  # DiTs: the first block's input hidden states in this call
 
     def reset(self) -> None:
         for slot in self.slots.values():
@@ -279,10 +377,10 @@ class BlockCacheState:
         self.mode, self.slot, self.execution = OFF, None, None
         self.per_block = False
 
-    def slot_for(self, index: int, device: torch.device) -> _Slot:
+    def slot_for(self, index: int, device: torch.device, taylor_order: int | None) -> _Slot:
         slot = self.slots.get(index)
         if slot is None:
-            slot = self.slots[index] = _Slot(index, device)
+            slot = self.slots[index] = _Slot(index, device, taylor_order)
         return slot
 
     def counts(self) -> tuple[int, int]:
@@ -341,12 +439,14 @@ class _StemHook(ModelHook):
         return output
 
 
-class _HeadHook(ModelHook):
-    """The first block: runs, then the decision is taken from its output (UNet) or residual (DiT)."""
+class _AlwaysHook(ModelHook):
+    """A DiT block that runs on every call: one of DBCache's first blocks before the head, or of its last blocks
+    after the tail. The network's first block (`origin`) keeps its input, which the head's residual is taken from."""
 
-    def __init__(self, cache: "BlockCache"):
+    def __init__(self, cache: "BlockCache", origin: bool = False):
         super().__init__()
         self.cache = cache
+        self.origin = origin
         self._signature = None
 
     def initialize_hook(self, module):
@@ -356,22 +456,28 @@ class _HeadHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         cache = self.cache
-        output = cache.run_block(module, self.fn_ref.original_forward, args, kwargs)
+        if self.origin and cache.state.mode != OFF:
+            cache.state.origin = self._signature.bind(module, *args, **kwargs).arguments[cache.layout.hidden_arg]
+        return cache.run_block(module, self.fn_ref.original_forward, args, kwargs)
+
+
+class _HeadHook(_AlwaysHook):
+    """The block after which the decision is taken, from its output (UNet) or residual (DiT)."""
+
+    def new_forward(self, module, *args, **kwargs):
+        cache = self.cache
+        output = super().new_forward(module, *args, **kwargs)
         if cache.state.mode == OFF:
             return output
         leaves = cache.layout.head_outputs.split(output)
-        if cache.layout.kind == "unet":
-            probe = leaves[0]
-        else:
-            hidden = self._signature.bind(module, *args, **kwargs).arguments[cache.layout.hidden_arg]
+        if cache.layout.kind != "unet":
             cache.state.stem = leaves
-            probe = leaves[0] - hidden
-        cache.decide(probe)
+        cache.decide(leaves[0], cache.state.origin)
         return output
 
 
 class _RestHook(ModelHook):
-    """A block after the first one: skipped on cached calls."""
+    """A cached block before the tail: skipped on cached calls."""
 
     def __init__(self, cache: "BlockCache"):
         super().__init__()
@@ -394,7 +500,8 @@ class _RestHook(ModelHook):
 
 
 class _TailHook(ModelHook):
-    """The last block: cached calls return the stem plus the kept residual; full calls keep a new residual."""
+    """The last cached block: cached calls return the stem (the head's output) plus the kept residual, or its
+    forecast; full calls keep a new residual."""
 
     def __init__(self, cache: "BlockCache"):
         super().__init__()
@@ -412,12 +519,12 @@ class _TailHook(ModelHook):
                 slot.ensure_residuals(leaves, stem)
                 _store_residuals(slot, leaves, stem)
             with if_node(slot.skipped):
-                for leaf, base, residual in zip(leaves, stem, slot.residuals):
+                for leaf, base, residual in zip(leaves, stem, _estimate(slot)):
                     if residual is not None:
                         torch.add(base, residual, out=leaf)
             return output
         if state.mode == HOST and not state.compute and slot.residuals is not None:
-            cached = [None if r is None else base + r for base, r in zip(stem, slot.residuals)]
+            cached = [None if r is None else base + r for base, r in zip(stem, _estimate(slot))]
             return outputs.join(cached, slot.tail_length)
         output = self.cache.run_block(module, forward, args, kwargs)
         leaves = outputs.split(output)
@@ -428,8 +535,20 @@ class _TailHook(ModelHook):
             return output
         # BLEND: both branches computed, the decision picks one without reading it on the host.
         merged = [leaf if r is None else torch.where(slot.computed, leaf, base + r)
-                  for leaf, base, r in zip(leaves, stem, slot.residuals)]
+                  for leaf, base, r in zip(leaves, stem, _estimate(slot))]
         return outputs.join(merged, slot.tail_length)
+
+
+def _estimate(slot: _Slot) -> list:
+    """The cached blocks' residual on a cached call: the one kept from the last full call, or its TaylorSeer
+    forecast at this step (summed in float32: the weights grow with the distance and cancel)."""
+    if slot.taylor_order is None:
+        return slot.residuals
+    steps = slot.full_steps
+    weights = taylor_weights(slot.step - steps[0], steps[:-1] - steps[1:], slot.taylor_order)
+    history = [slot.residuals, *slot.older]
+    return [None if r is None else sum(w * kept[i].float() for w, kept in zip(weights, history)).to(r.dtype)
+            for i, r in enumerate(slot.residuals)]
 
 
 def _store_residuals(slot: _Slot, leaves: list, stem: list) -> None:
@@ -494,7 +613,7 @@ class BlockCache:
 
     def __init__(self, pipe, config: BlockCacheConfig, session):
         self.session = session
-        self.layout = denoiser_layout(pipe)
+        self.layout = denoiser_layout(pipe, config.first_blocks, config.last_blocks)
         self.denoiser = pipe.unet if self.layout.kind == "unet" else pipe.transformer
         self.config = config
         self.state = BlockCacheState()
@@ -503,9 +622,13 @@ class BlockCache:
         self._said: set[str] = set()
         self._hooked: list[torch.nn.Module] = []
         layout = self.layout
-        blocks = {id(m) for m in (layout.head, *layout.rest, layout.tail)}
+        blocks = {id(m) for m in (*layout.lead, layout.head, *layout.rest, layout.tail, *layout.trail)}
         self.block_graphs = BlockGraphs({id(m): name for name, m in self.denoiser.named_modules() if id(m) in blocks})
-        hooks = [(layout.head, _HeadHook(self)), *[(m, _RestHook(self)) for m in layout.rest], (layout.tail, _TailHook(self))]
+        origin = layout.kind == "transformer"
+        hooks = [*[(m, _AlwaysHook(self, origin=origin and i == 0)) for i, m in enumerate(layout.lead)],
+                 (layout.head, _HeadHook(self, origin=origin and not layout.lead)),
+                 *[(m, _RestHook(self)) for m in layout.rest], (layout.tail, _TailHook(self)),
+                 *[(m, _AlwaysHook(self)) for m in layout.trail]]
         if layout.stem is not None:
             hooks.insert(0, (layout.stem, _StemHook(self)))
         for module, _ in hooks:
@@ -522,6 +645,7 @@ class BlockCache:
             self._remove_hooks()
             raise
         self.session.add_call_listener(self._on_call)
+        self.noise = NoiseGuard(pipe, session, NAME)
 
     def _on_call(self, session) -> None:
         self.state.reset()
@@ -543,21 +667,35 @@ class BlockCache:
 
     def plan(self, call):
         """This call's mode and slot, made once before it runs: the decision the session records for it (the slot
-        a CUDA graph with conditional nodes is keyed on, or None); host-decided calls under graphs run eagerly."""
+        a CUDA graph with conditional nodes is keyed on, a fixed schedule's decision and slot, or None); calls
+        decided on the host after their head run eagerly under graphs."""
         state = self.state
         if call.graphed and state.mode == DEVICE and state.execution == BLEND:
             # The previous call ran eagerly although it was meant for a graph: capture failed or was refused.
             self._host_decisions_from_now("the call was not replayed from a captured graph; see the CUDA-graph log line")
         state.execution, state.per_block = None, False
+        state.stem = state.origin = None
         sample = call.sample
         if call.step is None:
             state.mode, state.slot = OFF, None
             return None
-        slot = state.slot_for(call.slot, sample.device)
+        self.noise.check()
+        config = self.config
+        slot = state.slot_for(call.slot, sample.device, config.taylor_order)
         slot.commit()
-        force = call.step < self.config.warmup_steps or not slot.filled
-        slot.filled = True
-        state.slot, state.stem = slot, None
+        # A forecast extrapolates from taylor_order + 1 full calls: each slot runs fully until it has them.
+        force = call.step < config.warmup_steps or slot.forced < 1 + (config.taylor_order or 0)
+        slot.forced += force
+        if config.taylor_order is not None:
+            slot.step.fill_(call.step)  # a device write, not a sync: the forecast reads it, in a graph too
+        slot.pending = True  # staged by this call, also when it is replayed from a graph and no Python runs in it
+        state.slot = slot
+        if config.threshold is None:
+            # A fixed schedule is known before the call: the hooks follow it without a sync, so graphs may capture it.
+            state.mode, state.compute = HOST, force or call.step % config.cache_interval == 0
+            if call.graphed and self._replayable(sample):
+                self.graph_path = CALL_GRAPHS
+            return FULL if state.compute else CACHED, slot.index
         if self._device_path(call.graphed, sample):
             state.mode = DEVICE
             slot.force.fill_(force)  # a device write, not a sync: the graph reads it
@@ -587,17 +725,21 @@ class BlockCache:
             self._said.add(CONDITIONAL_NODES)
         return self.conditional_nodes
 
-    def decide(self, probe: torch.Tensor) -> None:
-        """After the first block: take this call's decision and stage the state it leaves behind."""
+    def decide(self, head: torch.Tensor, origin: torch.Tensor | None) -> None:
+        """After the head: take this call's decision from the head's output (`origin` None: UNet) or its residual
+        over the first block's input `origin` (DiT), and stage the state the call leaves behind."""
         state, slot, config = self.state, self.state.slot, self.config
-        slot.ensure_reference(probe)
+        probe = None
+        if config.threshold is not None:  # else a fixed schedule, decided in the plan
+            probe = head if origin is None else head - origin
+            slot.ensure_reference(probe)
         if state.mode == HOST:
-            compute = state.force or bool(should_compute(  # the one host sync of an eager call
-                relative_l1(probe, slot.reference), slot.consecutive, False, config.threshold, config.max_consecutive_cached))
-            state.compute = compute
-            slot.computed.fill_(compute)
-            if compute:
-                slot.next_reference.copy_(probe)
+            if probe is not None:
+                state.compute = state.force or bool(should_compute(  # the one host sync of an eager call
+                    relative_l1(probe, slot.reference), slot.consecutive, False, config.threshold, config.max_consecutive_cached))
+                if state.compute:
+                    slot.next_reference.copy_(probe)
+            slot.computed.fill_(state.compute)
         else:
             state.execution = GRAPH if probe.is_cuda and torch.cuda.is_current_stream_capturing() else BLEND
             pred = should_compute(relative_l1(probe, slot.reference), slot.consecutive, slot.force,
@@ -606,7 +748,8 @@ class BlockCache:
             slot.next_reference.copy_(probe)
         torch.logical_not(slot.computed, out=slot.skipped)
         slot.next_consecutive.copy_(consecutive_after(slot.consecutive, slot.computed))
-        slot.pending = True
+        if slot.taylor_order is not None:
+            torch.cat((slot.step.view(1), slot.full_steps[:-1]), out=slot.next_full_steps)
 
     def _remove_hooks(self) -> None:
         for module in self._hooked:
@@ -618,6 +761,7 @@ class BlockCache:
     def remove(self) -> None:
         self.planner.remove_decider(NAME)
         self.session.remove_call_listener(self._on_call)
+        self.noise.remove()
         self._remove_hooks()
         self.state.slots.clear()
         self.block_graphs.clear()

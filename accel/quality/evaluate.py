@@ -162,12 +162,13 @@ def evaluate(
         baseline_images, baseline_seconds = generate(pipe, prompts, **options)
     cifar_domain = tuple(baseline_images.shape[-2:]) == (32, 32)
     reference_features = None
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)  # a UNet, or a DiT
     result = {
         "model": str(getattr(pipe, "name_or_path", "") or type(pipe).__name__),
         "pipeline": type(pipe).__name__,
         "scheduler": type(pipe.scheduler).__name__,
         "device": str(pipe._execution_device),
-        "dtype": str(pipe.unet.dtype).replace("torch.", "") if hasattr(pipe, "unet") else None,
+        "dtype": str(denoiser.dtype).replace("torch.", "") if denoiser is not None else None,
         "preset": preset,
         "config": repr(config) if config is not None else None,
         "n": len(prompts),

@@ -1,4 +1,4 @@
-"""Compiled runtime: attention backend, channels-last, reduced precision, torch.compile, CUDA graphs.
+"""Compiled runtime: attention backend, channels-last, reduced precision, 8-bit matmuls, torch.compile, CUDA graphs.
 
 Stable Diffusion UNets at batch 1-2 are bound by kernel launches on H100-class GPUs; replaying a
 captured CUDA graph (and compiling the blocks first) removes most of that overhead. The same steps run
@@ -15,12 +15,15 @@ import torch
 
 from ..errors import UnsupportedPipelineError, check_choice
 from ..pipelines import denoiser, denoiser_kind
+from ..session import get_session
 from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
 from .compile import apply_compile, first_call_seconds, precompile_report, remove_compile
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
+from .quantize import DEFAULT_SKIP, FORMATS, QuantizedLayers
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 COMPILE_MODES = (None, "regional", "full")
+QUANTIZE_CHOICES = (None, *FORMATS)
 # The denoiser goes by its generic name or by its kind; "unet" / "transformer" must match the pipeline's.
 DENOISER_COMPONENTS = ("denoiser", "unet", "transformer")
 COMPONENTS = (*DENOISER_COMPONENTS, "vae", "text_encoder")
@@ -38,6 +41,7 @@ __all__ = [
     "remove_compile",
     "first_call_seconds",
     "precompile_report",
+    "quantize_report",
 ]
 
 
@@ -52,6 +56,12 @@ class RuntimeConfig:
     channels_last: NHWC memory format for the denoiser's convolutions (and ControlNet's).
     dtype: cast every pipeline module to "float16" / "bfloat16" / "float32"; the original weights
         are kept on the CPU so `restore` is exact.
+    quantize: None, "fp8" (E4M3 weights and activations with row-wise scales, `torch._scaled_mm`: CUDA compute
+        capability >= 8.9) or "int8" (the same in INT8, `torch._int_mm`: for GPUs without FP8), on the denoiser's
+        linear layers but the sensitive ones (`accel.runtime.quantize`).
+    quantize_skip: module-name patterns (fnmatch, e.g. "*.norm1.linear") of the denoiser's layers to leave in 16 bit;
+        None: the default sensitive set for UNets or DiTs (`accel.runtime.quantize.DEFAULT_SKIP`), () quantizes all.
+    quantize_convs: also quantize the 1x1 convolutions (as matmuls over the pixels).
     compile: None, "regional" (repeated blocks, short compile) or "full".
     compile_workers: with "regional", how many worker processes compile the distinct blocks alongside
         the first call (None: half the host's cores, at most 8; 0: all in this process).
@@ -67,6 +77,9 @@ class RuntimeConfig:
     fuse_qkv: bool = False
     channels_last: bool = False
     dtype: str | None = None
+    quantize: str | None = None
+    quantize_skip: tuple[str, ...] | None = None
+    quantize_convs: bool = False
     compile: str | None = None
     compile_workers: int | None = None
     cuda_graph: bool = False
@@ -76,7 +89,8 @@ class RuntimeConfig:
         check_choice("RuntimeConfig.attention", self.attention, ATTENTION_CHOICES)
         check_choice("RuntimeConfig.dtype", self.dtype, (None, *DTYPES))
         check_choice("RuntimeConfig.compile", self.compile, COMPILE_MODES)
-        for name in ("fuse_qkv", "channels_last", "cuda_graph"):
+        check_choice("RuntimeConfig.quantize", self.quantize, QUANTIZE_CHOICES)
+        for name in ("fuse_qkv", "channels_last", "quantize_convs", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile_workers is not None:
@@ -86,6 +100,13 @@ class RuntimeConfig:
             if self.compile != "regional":
                 raise ValueError(f"RuntimeConfig.compile_workers applies to compile='regional' only; "
                                  f"compile is {self.compile!r}")
+        if self.quantize_skip is not None:
+            if isinstance(self.quantize_skip, str) or not all(isinstance(p, str) for p in self.quantize_skip):
+                raise ValueError(f"RuntimeConfig.quantize_skip must be None (the default sensitive layers) or a tuple of "
+                                 f"module-name patterns such as ('*.norm1.linear',), got {self.quantize_skip!r}")
+            object.__setattr__(self, "quantize_skip", tuple(self.quantize_skip))
+        if self.quantize is None and (self.quantize_skip is not None or self.quantize_convs):
+            raise ValueError("RuntimeConfig.quantize_skip and quantize_convs apply to quantize='fp8' or 'int8'; quantize is None")
         if isinstance(self.components, str) or not self.components:
             raise ValueError(f"RuntimeConfig.components must be a non-empty tuple from {COMPONENTS}, got {self.components!r}")
         for component in self.components:
@@ -170,6 +191,19 @@ def _on_each(modules: list[torch.nn.Module], apply, remove) -> list[torch.nn.Mod
     return done
 
 
+def _quantize(pipe, config: RuntimeConfig, session) -> QuantizedLayers:
+    skip = DEFAULT_SKIP[denoiser_kind(pipe)] if config.quantize_skip is None else config.quantize_skip
+    return QuantizedLayers(denoiser(pipe), config.quantize, skip, config.quantize_convs)
+
+
+def quantize_report(pipe) -> dict[str, list[str]] | None:
+    """The denoiser layers `RuntimeConfig(quantize=...)` quantized on the accelerated `pipe` and those it left in 16
+    bit, by reason ("skipped", "unaligned", "adapter_variant"); None where nothing is quantized."""
+    session = get_session(pipe)
+    runtime = None if session is None else session.state.get("runtime")
+    return next((state.report for step, state in getattr(runtime, "applied", ()) if step.name == "quantize"), None)
+
+
 def _compile(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:
     workers = {"workers": config.compile_workers} if config.compile == "regional" else {}
     return _on_each(_modules(pipe, config.components), lambda m: apply_compile(m, config.compile, **workers), remove_compile)
@@ -212,6 +246,7 @@ RUNTIME_STEPS = (
     RuntimeStep("fuse_qkv", lambda c: c.fuse_qkv, lambda pipe, c, s: apply_fused_qkv(denoiser(pipe)),
                 lambda pipe, saved: remove_fused_qkv(denoiser(pipe), saved)),
     RuntimeStep("channels_last", lambda c: c.channels_last, _to_channels_last, _to_contiguous),
+    RuntimeStep("quantize", lambda c: c.quantize is not None, _quantize, lambda pipe, layers: layers.remove()),
     RuntimeStep("compile", lambda c: c.compile is not None, _compile, _uncompile),
     RuntimeStep("cuda_graph", lambda c: c.cuda_graph, _capture_graphs, _release_graphs),
 )
