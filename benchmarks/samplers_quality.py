@@ -37,30 +37,35 @@ CANDIDATES = (*DEFAULT_CANDIDATES, ("unipc_bh2 order 2", "unipc_bh2", "default",
 @dataclass
 class Judge:
     """What a row is scored against: the reference images (uint8) from the same seeds and prompts, the
-    prompts' labels, the CIFAR-10 classifier and its features of the CIFAR-10 test set."""
+    prompts' labels, the CIFAR-10 classifier and its features of the CIFAR-10 test set (None for a model
+    that does not make 32x32 CIFAR-10 images: PSNR only)."""
 
     reference: torch.Tensor
     labels: torch.Tensor
-    classifier: torch.nn.Module
-    reference_features: torch.Tensor
+    classifier: torch.nn.Module | None
+    reference_features: torch.Tensor | None
 
     def row(self, label: str, sampler: str, schedule: str, steps: int, images: torch.Tensor, seconds: float,
             options: dict | None = None, **extra) -> dict:
         """PSNR (dB, mean over images) to the reference, prompt adherence and Frechet distance of `images`."""
-        predicted, features = classifier_outputs(self.classifier, images)
         values = psnr(images.float() / 255, self.reference.float() / 255)
         finite = values[torch.isfinite(values)]
         result = {"label": label, "sampler": sampler, "schedule": schedule, "options": options or {}, "steps": steps,
                   **extra, "psnr_db": finite.mean().item() if finite.numel() else math.inf,
-                  "adherence": (predicted == self.labels).double().mean().item(),
-                  "frechet_distance": frechet_distance(features, self.reference_features), "seconds": round(seconds, 3)}
-        print(f"{label:>22} {steps:>3} steps: PSNR {result['psnr_db']:.2f} dB, adherence {result['adherence']:.3f}, "
-              f"FD {result['frechet_distance']:.2f}", flush=True)
+                  "adherence": None, "frechet_distance": None, "seconds": round(seconds, 3)}
+        scores = ""
+        if self.classifier is not None:
+            predicted, features = classifier_outputs(self.classifier, images)
+            result["adherence"] = (predicted == self.labels).double().mean().item()
+            result["frechet_distance"] = frechet_distance(features, self.reference_features)
+            scores = f", adherence {result['adherence']:.3f}, FD {result['frechet_distance']:.2f}"
+        print(f"{label:>22} {steps:>3} steps: PSNR {result['psnr_db']:.2f} dB{scores}", flush=True)
         return result
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
-    """One line per label, one column per step count; each cell PSNR / adherence / Frechet distance."""
+    """One line per label, one column per step count; each cell PSNR / adherence / Frechet distance (PSNR
+    alone where the rows have no classifier scores)."""
     labels_order = list(dict.fromkeys(r["label"] for r in rows))
     all_steps = sorted({r["steps"] for r in rows})
     cell = {(r["label"], r["steps"]): r for r in rows}
@@ -69,7 +74,12 @@ def markdown_table(rows: list[dict]) -> list[str]:
         cells = []
         for s in all_steps:
             r = cell.get((label, s))
-            cells.append("" if r is None else f"{r['psnr_db']:.2f} / {r['adherence']:.1%} / {r['frechet_distance']:.1f}")
+            if r is None:
+                cells.append("")
+            elif r["adherence"] is None:
+                cells.append(f"{r['psnr_db']:.2f}")
+            else:
+                cells.append(f"{r['psnr_db']:.2f} / {r['adherence']:.1%} / {r['frechet_distance']:.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
