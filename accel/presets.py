@@ -1,8 +1,9 @@
 """Named presets: plain data, listed by `accel presets`.
 
 Each is an `AccelConfig`; the README's preset table gives the speed and quality measured for each. Pipelines
-on a flow-matching schedule (SD3, Flux, Sana) get the same names without the sampler swap, which runs on betas
-schedules only: the runtime alone, and for "fast" the block cache on top.
+on a flow-matching schedule (SD3, Flux, Sana) get the same names without the sampler swap (the flow-matching samplers
+are not yet measured on a trained flow model, so these keep the pipeline's own scheduler and steps): the runtime
+alone, and for "fast" the block cache on top.
 
 Every preset also goes by `NAME-fp8` / `NAME-int8`: the same config with the denoiser quantized
 (`RuntimeConfig.quantize`; FP8 needs a GPU of compute capability 8.9 or newer, and is refused elsewhere). They are

@@ -41,13 +41,18 @@ class Conflict:
     message: str  # formatted with first=..., second=... (the two configs)
 
 
-def _check_betas_schedule(pipe) -> None:
-    """The samplers run on a discrete noise schedule given by betas (SD, SDXL, PixArt), not on flow matching."""
+def _check_sampler_schedule(pipe) -> None:
+    """The samplers run on a discrete noise schedule given by betas (SD, SDXL, PixArt) or on a flow-matching one
+    (SD3, Flux, Sana); which samplers run on the latter, `samplers.make_scheduler` checks when it is applied."""
+    from samplers import is_flow_config
+
     scheduler = getattr(pipe, "scheduler", None)
-    if "beta_schedule" not in (getattr(scheduler, "config", None) or {}):
+    config = getattr(scheduler, "config", None) or {}
+    if "beta_schedule" not in config and not is_flow_config(config):
         raise UnsupportedPipelineError(
             f"SamplerConfig needs a scheduler with a betas noise schedule (DDIM, PNDM, Euler, DPM-Solver: SD, SDXL, "
-            f"PixArt); {type(pipe).__name__} uses {type(scheduler).__name__}, which has none (flow matching)")
+            f"PixArt) or a flow-matching one (FlowMatch Euler / Heun, DPM-Solver or UniPC with use_flow_sigmas: SD3, "
+            f"Flux, Sana); {type(pipe).__name__} uses {type(scheduler).__name__}, which has neither")
 
 
 def _builtin_techniques() -> list[Technique]:
@@ -62,7 +67,7 @@ def _builtin_techniques() -> list[Technique]:
         Technique("lcm_lora", "model", LCMLoRAConfig, LCMLoRA, order=10),
         Technique("unet_swap", "model", UNetSwapConfig, UNetSwap, order=5),
         Technique("sampler", "sampler", SamplerConfig, SamplerSwap, order=20,
-                  denoisers=("unet", "transformer"), check=_check_betas_schedule),
+                  denoisers=("unet", "transformer"), check=_check_sampler_schedule),
         Technique(cache.deepcache.NAME, "cache", cache.DeepCacheConfig, cache.deepcache.build, order=50),
         Technique(cache.faster_diffusion.NAME, "cache", cache.EncoderPropagationConfig, cache.faster_diffusion.EncoderPropagation,
                   order=50),

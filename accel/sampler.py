@@ -2,7 +2,9 @@
 
 Fewer network evaluations per image (DPM-Solver++, Lu et al. 2022; UniPC, Zhao et al. 2023):
 the solver and its step schedule come from `samplers.make_scheduler`; `num_steps` becomes the
-default `num_inference_steps` of every call that does not pass its own.
+default `num_inference_steps` of every call that does not pass its own. On a flow-matching pipeline
+(SD3, Flux, Sana) the same names run in the flow form (`samplers.flow`); a sampler, schedule or
+option that does not apply there is refused when the config is applied, saying why.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ ours next to diffusers' schedulers at the same settings in the same run, and the
 saved by `benchmarks/tuned_embedded.py` at their step counts.
 
     python benchmarks/samplers_quality.py --device cuda --n 1000 --out benchmarks/results/samplers-quality
+
+`Judge` (the scores of one row) and `markdown_table` / `tuned_gains` (the report) serve
+`benchmarks/flow_samplers.py` too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +32,69 @@ from samplers.evaluate import DEFAULT_CANDIDATES, DEFAULT_STEPS
 from samplers.tuned import TunedSchedule
 
 CANDIDATES = (*DEFAULT_CANDIDATES, ("unipc_bh2 order 2", "unipc_bh2", "default", {"order": 2}))
+
+
+@dataclass
+class Judge:
+    """What a row is scored against: the reference images (uint8) from the same seeds and prompts, the
+    prompts' labels, the CIFAR-10 classifier and its features of the CIFAR-10 test set (None for a model
+    that does not make 32x32 CIFAR-10 images: PSNR only)."""
+
+    reference: torch.Tensor
+    labels: torch.Tensor
+    classifier: torch.nn.Module | None
+    reference_features: torch.Tensor | None
+
+    def row(self, label: str, sampler: str, schedule: str, steps: int, images: torch.Tensor, seconds: float,
+            options: dict | None = None, **extra) -> dict:
+        """PSNR (dB, mean over images) to the reference, prompt adherence and Frechet distance of `images`."""
+        values = psnr(images.float() / 255, self.reference.float() / 255)
+        finite = values[torch.isfinite(values)]
+        result = {"label": label, "sampler": sampler, "schedule": schedule, "options": options or {}, "steps": steps,
+                  **extra, "psnr_db": finite.mean().item() if finite.numel() else math.inf,
+                  "adherence": None, "frechet_distance": None, "seconds": round(seconds, 3)}
+        scores = ""
+        if self.classifier is not None:
+            predicted, features = classifier_outputs(self.classifier, images)
+            result["adherence"] = (predicted == self.labels).double().mean().item()
+            result["frechet_distance"] = frechet_distance(features, self.reference_features)
+            scores = f", adherence {result['adherence']:.3f}, FD {result['frechet_distance']:.2f}"
+        print(f"{label:>22} {steps:>3} steps: PSNR {result['psnr_db']:.2f} dB{scores}", flush=True)
+        return result
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """One line per label, one column per step count; each cell PSNR / adherence / Frechet distance (PSNR
+    alone where the rows have no classifier scores)."""
+    labels_order = list(dict.fromkeys(r["label"] for r in rows))
+    all_steps = sorted({r["steps"] for r in rows})
+    cell = {(r["label"], r["steps"]): r for r in rows}
+    lines = ["| sampler | " + " | ".join(f"{s} steps" for s in all_steps) + " |", "|---|" + "---:|" * len(all_steps)]
+    for label in labels_order:
+        cells = []
+        for s in all_steps:
+            r = cell.get((label, s))
+            if r is None:
+                cells.append("")
+            elif r["adherence"] is None:
+                cells.append(f"{r['psnr_db']:.2f}")
+            else:
+                cells.append(f"{r['psnr_db']:.2f} / {r['adherence']:.1%} / {r['frechet_distance']:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def tuned_gains(rows: list[dict]) -> list[str]:
+    """Each tuned schedule against the default schedule of the same solver (olss: its base, 2M)."""
+    gains = []
+    for r in rows:
+        solver = "dpmpp_2m" if r["sampler"] == "olss" else r["sampler"]
+        same = [d for d in rows if d["schedule"] == "default" and d["sampler"] == solver
+                and d["steps"] == r["steps"] and d["options"] == r["options"]]
+        if r["schedule"] == "tuned" and same:
+            gains.append(f"{r['label']} at {r['steps']} steps: {r['psnr_db'] - same[0]['psnr_db']:+.2f} dB "
+                         f"over {same[0]['label']}")
+    return ["", "Tuned against the default schedule: " + "; ".join(gains) + "."] if gains else []
 
 
 def main() -> int:
@@ -67,20 +134,7 @@ def main() -> int:
             pipe.scheduler = base
 
     reference, _ = run(make_scheduler("dpmpp_3m", schedule="karras", base=base), args.reference_steps)
-    ref = reference.float() / 255
-
-    def row(label: str, sampler: str, schedule: str, steps: int, images: torch.Tensor, seconds: float,
-            options: dict | None = None) -> dict:
-        predicted, features = classifier_outputs(classifier, images)
-        values = psnr(images.float() / 255, ref)
-        finite = values[torch.isfinite(values)]
-        result = {"label": label, "sampler": sampler, "schedule": schedule, "options": options or {}, "steps": steps,
-                  "psnr_db": finite.mean().item() if finite.numel() else math.inf,
-                  "adherence": (predicted == labels).double().mean().item(),
-                  "frechet_distance": frechet_distance(features, reference_features), "seconds": round(seconds, 3)}
-        print(f"{label:>22} {steps:>3} steps: PSNR {result['psnr_db']:.2f} dB, adherence {result['adherence']:.3f}, "
-              f"FD {result['frechet_distance']:.2f}", flush=True)
-        return result
+    row = Judge(reference, labels, classifier, reference_features).row
 
     rows = []
     steps_list = [int(s) for s in args.steps.split(",")]
@@ -107,31 +161,11 @@ def main() -> int:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "reference_adherence": row("reference", "dpmpp_3m", "karras", args.reference_steps, reference, 0.0)}
     (out / "samplers-quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    labels_order = list(dict.fromkeys(r["label"] for r in rows))
-    all_steps = sorted({r["steps"] for r in rows})
-    cell = {(r["label"], r["steps"]): r for r in rows}
     lines = [f"Embedded model, {args.n} CIFAR-10 prompts (seeds 0..{args.n - 1}), guidance {args.guidance}, "
              f"{meta['gpu'] or args.device}. Each cell: PSNR (dB) to a {meta['reference']} reference from the same "
              f"seeds / prompt adherence / Frechet distance. The reference itself: adherence "
              f"{meta['reference_adherence']['adherence']:.1%}, Frechet {meta['reference_adherence']['frechet_distance']:.2f}.",
-             "", "| sampler | " + " | ".join(f"{s} steps" for s in all_steps) + " |",
-             "|---|" + "---:|" * len(all_steps)]
-    for label in labels_order:
-        cells = []
-        for s in all_steps:
-            r = cell.get((label, s))
-            cells.append("" if r is None else f"{r['psnr_db']:.2f} / {r['adherence']:.1%} / {r['frechet_distance']:.1f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    gains = []
-    for r in rows:  # each tuned schedule against the default schedule of the same solver (olss: its base, 2M)
-        solver = "dpmpp_2m" if r["sampler"] == "olss" else r["sampler"]
-        same = [d for d in rows if d["schedule"] == "default" and d["sampler"] == solver
-                and d["steps"] == r["steps"] and d["options"] == r["options"]]
-        if r["schedule"] == "tuned" and same:
-            gains.append(f"{r['label']} at {r['steps']} steps: {r['psnr_db'] - same[0]['psnr_db']:+.2f} dB "
-                         f"over {same[0]['label']}")
-    if gains:
-        lines += ["", "Tuned against the default schedule: " + "; ".join(gains) + "."]
+             "", *markdown_table(rows), *tuned_gains(rows)]
     lines += ["", f"Command: `{command}`"]
     (out / "samplers-quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -16,6 +16,15 @@ distance, next to the default schedule and diffusers' schedulers) is
 `benchmarks/samplers_quality.py`'s job, which reads the saved files.
 
     python benchmarks/tuned_embedded.py --device cuda --calibration 40 --out benchmarks/results/tuned-embedded
+
+`--model <name or pipeline folder>` searches another model's schedules: the embedded DiT
+(`mini-sd3-cifar10`, flow matching; the files record their flow form; refused until its trained
+weights are in the folder), and
+`--schedules <folder>` saves them into that folder's `tuned_schedules/` (e.g. the model folder itself,
+where `make_scheduler(..., tuned=name, model_dir=<model>)` finds them by name):
+
+    python benchmarks/tuned_embedded.py --model mini-sd3-cifar10 --solvers dpmpp_2m,olss \
+        --device cuda --schedules accel/models/mini-sd3-cifar10 --out benchmarks/results/tuned-dit
 """
 
 from __future__ import annotations
@@ -39,8 +48,31 @@ SOLVERS = (("dpmpp_2m", "dpmpp_2m", {}, {}), ("unipc_bh2", "unipc_bh2", {"order"
 SOLVER_NAMES = tuple(name for name, *_ in SOLVERS)
 
 
-def main() -> int:
+def load_model(model: str | None, device: str):
+    """The embedded UNet model (None), or the pipeline named `model` (the embedded DiT, `mini-sd3-cifar10`)
+    or in folder `model`, float32. The embedded DiT, by name or folder, raises FileNotFoundError while it
+    has no trained transformer weights: schedules fitted on random weights would say nothing."""
+    if model is None:
+        return load_embedded_pipeline(device=device)
+    from diffusers import DiffusionPipeline
+
+    from accel.embedded_dit import EMBEDDED_DIT_NAME, is_embedded_dit, resolve_model
+
+    folder = Path(resolve_model(EMBEDDED_DIT_NAME if is_embedded_dit(model) else model))
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"no pipeline folder at {folder} (model_index.json missing)")
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(argv: list[str] | None = None, pipe=None) -> int:
+    """The command line; `pipe`: search on this loaded pipeline instead of loading `--model`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None,
+                        help="mini-sd3-cifar10 or a pipeline folder (default: the embedded UNet model)")
+    parser.add_argument("--schedules", default=None,
+                        help="save the files into this folder's tuned_schedules/ (default: <out>/schedules)")
     parser.add_argument("--steps", default="5,6,8")
     parser.add_argument("--solvers", default=",".join(SOLVER_NAMES), help=f"some of {SOLVER_NAMES}")
     parser.add_argument("--calibration", type=int, default=40, help="calibration prompts (seeds 10000+)")
@@ -56,7 +88,7 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default="benchmarks/results/tuned-embedded")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     solvers = [next(s for s in SOLVERS if s[0] == name) for name in args.solvers.split(",") if name in SOLVER_NAMES]
     if not solvers or len(solvers) != len(args.solvers.split(",")):
         parser.error(f"--solvers {args.solvers!r}: valid choices are {SOLVER_NAMES}")
@@ -64,16 +96,17 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_embedded_pipeline(device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    schedules = Path(args.schedules) if args.schedules else out / "schedules"
+    if pipe is None:
+        pipe = load_model(args.model, args.device)
     calibration = [f"a picture of a {CIFAR10_CLASSES[i % 10]}" for i in range(args.calibration)]
     command = "python " + " ".join(sys.argv)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     unit = "dB" if args.objective == "psnr" else "squared error"
     measure = ("mean over images of 10 log10 of each image's squared error (minus the mean PSNR)"
                if args.objective == "psnr" else "squared error pooled over all inputs")
-    lines = [f"Tuned schedules for the embedded model, searched on {len(calibration)} calibration prompts (seed "
-             f"10000), guidance {args.guidance}, {device}; loss: {measure} of the final "
+    lines = [f"Tuned schedules for {args.model or 'the embedded model'}, searched on {len(calibration)} calibration "
+             f"prompts (seed 10000), guidance {args.guidance}, {device}; loss: {measure} of the final "
              f"{'decoded image' if args.space == 'image' else 'latent'} to a {args.reference_steps}-step reference "
              f"({unit}). Searches start from {args.init.replace(',', ', ')}.", "",
              "| solver | steps | loss, default schedule | loss, tuned | from | orders | search (s) | denoiser calls "
@@ -88,7 +121,7 @@ def main() -> int:
             if solver == "olss":
                 search.update(history=None if args.history == "all" else int(args.history), ridge=args.ridge)
             if name == "olss-on-2m":
-                search["init_sigmas"] = load_tuned_schedule(f"dpmpp_2m-{n}", out / "schedules").sigmas
+                search["init_sigmas"] = load_tuned_schedule(f"dpmpp_2m-{n}", schedules).sigmas
             tuned = tune_pipeline_schedule(pipe, prompts=calibration, sampler=solver, num_steps=n,
                                            guidance_scale=args.guidance, seed=10_000,
                                            **{"passes": args.passes, **search},
@@ -98,7 +131,7 @@ def main() -> int:
                                            search_orders=not args.no_orders and solver.startswith("unipc"))
             if name == "olss-on-2m":
                 tuned.init_schedule = f"tuned dpmpp_2m-{n}"
-            path = save_tuned_schedule(tuned, out / "schedules", f"{name}-{n}")
+            path = save_tuned_schedule(tuned, schedules, f"{name}-{n}")
             rows.append({"solver": name, "steps": n, "loss_init": tuned.loss_init, "loss_tuned": tuned.loss_tuned,
                          "init_schedule": tuned.init_schedule, "orders": tuned.orders,
                          "search_seconds": round(time.perf_counter() - start, 1),

@@ -15,12 +15,13 @@ from .dpm_solver import (
 )
 from .euler import sample_ddim, sample_euler, sample_heun
 from .evaluate import format_table, psnr, sampler_table
+from .flow import FlowDenoiser, FlowSchedule, calculate_shift, is_flow_config
 from .lcm import sample_lcm
 from .olss import ReferenceTrajectory, fit_olss_coefficients
 from .olss_solver import dpmpp_2m_coefficients, sample_olss
 from .pndm import sample_ipndm, sample_pndm
-from .registry import SAMPLER_FUNCTIONS
-from .scheduler import SamplerScheduler
+from .registry import FLOW_SAMPLER_NAMES, SAMPLER_FUNCTIONS
+from .scheduler import FlowSamplerScheduler, SamplerScheduler
 from .schedules import (
     get_sigmas,
     get_sigmas_exponential,
@@ -48,6 +49,12 @@ __all__ = [
     "tune_pipeline_schedule",
     "tune_schedule",
     "tuned_schedule_path",
+    "FLOW_SAMPLER_NAMES",
+    "FlowDenoiser",
+    "FlowSamplerScheduler",
+    "FlowSchedule",
+    "calculate_shift",
+    "is_flow_config",
     "SAMPLER_FUNCTIONS",
     "SAMPLER_NAMES",
     "SAMPLERS",

@@ -9,6 +9,7 @@ adapter (`samplers.scheduler`) runs the same generator one model call per `step(
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Generator
 
 import torch
@@ -74,6 +75,22 @@ def trace(steps: Steps) -> list[tuple[float, int]]:
 
 def zero_noise(sigma, sigma_next):
     return 0.0
+
+
+def signal_scales(sigmas: list[float], flow: bool = False) -> list[float]:
+    """The signal scale alpha at each sigma: 1 in the VE form `x = x0 + sigma * noise`, and `1 - sigma`
+    in the flow-matching form `x = (1 - sigma) * x0 + sigma * noise` (`samplers.flow`)."""
+    return [1.0 - s for s in sigmas] if flow else [1.0] * len(sigmas)
+
+
+def half_log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), the time variable of the exponential integrators: -inf where the
+    signal is gone (flow sigma 1), +inf at sigma 0. With alpha = 1 it is exactly `-log(sigma)`."""
+    if alpha == 0:
+        return -math.inf
+    if sigma == 0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma)
 
 
 def as_floats(sigmas) -> list[float]:

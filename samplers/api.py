@@ -7,8 +7,9 @@ this module re-exports, so that callers (`accel.sampler.SamplerConfig`) validate
 
 from __future__ import annotations
 
+from .flow import is_flow_config
 from .registry import SAMPLER_NAMES, SAMPLERS, SCHEDULE_NAMES, check_sampler_args, resolve_schedule, run_sampler
-from .scheduler import SamplerScheduler
+from .scheduler import FlowSamplerScheduler, SamplerScheduler
 from .tuned import load_tuned_schedule
 
 __all__ = ["SAMPLER_NAMES", "SAMPLERS", "SCHEDULE_NAMES", "check_sampler_args", "make_scheduler", "sample"]
@@ -34,7 +35,13 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
             "tuned" takes `tuned=<name>` with `model_dir=<dir>` or `tuned=<json path>`
             (see `samplers.tuned`); a file with fitted coefficients runs with sampler "olss" only.
         base: the pipeline's current scheduler; its config gives betas, prediction type,
-            timestep spacing, zero-SNR rescaling. None means Stable Diffusion's schedule.
+            timestep spacing, zero-SNR rescaling. None means Stable Diffusion's schedule. A
+            flow-matching scheduler (FlowMatch Euler / Heun, DPM-Solver or UniPC with
+            `use_flow_sigmas`: SD3, Flux, Sana) gives a `FlowSamplerScheduler` on its flow schedule
+            (its shift and dynamic shifting); there the schedules are "default" (the sigmas diffusers'
+            flow scheduler of the sampler's kind gives on that shift, see `FlowSamplerScheduler`),
+            "explicit" (flow sigmas in [0, 1]) and "tuned" (files fitted on a flow model), and the
+            samplers `samplers.registry.FLOW_SAMPLER_NAMES` (the others raise, saying why).
         options: `order` (UniPC, DEIS: 1-3; iPNDM: 1-4), `eta` (DDIM, SDE samplers),
             `use_corrector` (UniPC), `lower_order_final`, `solver_type` ("midpoint"/"heun"),
             `r` (dpmpp_sde), `coefficients` (olss: one row per step, see `samplers.olss`),
@@ -50,11 +57,19 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
             valid choices.
     """
     options = dict(options)
+    flow = base is not None and is_flow_config(base)
     schedule = resolve_schedule(name, schedule)
-    check_sampler_args(name, num_steps, schedule, options)
+    check_sampler_args(name, num_steps, schedule, options, flow=flow)
     if schedule == "tuned":
         tuned_name = options.pop("tuned")
         tuned = load_tuned_schedule(tuned_name, options.pop("model_dir", None))
+        if tuned.flow != flow:
+            raise ValueError(
+                f"tuned schedule {str(tuned_name)!r} was fitted on a {'flow-matching' if tuned.flow else 'betas'} "
+                f"model (sigmas in the {tuned.form} form); the base scheduler "
+                f"{type(base).__name__ if base is not None else '(none: Stable Diffusion)'} is "
+                f"{'flow-matching' if flow else 'a betas schedule'}"
+            )
         if num_steps is not None and num_steps != tuned.num_steps:
             raise ValueError(f"num_steps={num_steps} disagrees with the tuned schedule's {tuned.num_steps} steps")
         if (tuned.coefficients is not None) != (name == "olss"):
@@ -70,7 +85,7 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
             if tuned.coefficients is not None:
                 searched["coefficients"] = tuned.coefficients
             options = dict(searched, **options)
-            check_sampler_args(name, num_steps, schedule, options)
+            check_sampler_args(name, num_steps, schedule, options, flow=flow)
     options.pop("model_dir", None)
     backend = options.pop("backend", _DEFAULT_BACKEND)
     if backend == "diffusers":
@@ -79,15 +94,17 @@ def make_scheduler(name: str, *, num_steps: int | None = None, schedule: str = "
 
         if schedule == "explicit":
             raise ValueError("schedule='explicit' is only supported by backend='samplers'")
-        return make_diffusers_scheduler(name, schedule, base, options)
-    return SamplerScheduler.from_base(base, sampler=name, schedule=schedule, num_steps=num_steps, options=options)
+        return make_diffusers_scheduler(name, schedule, base, options, flow=flow)
+    adapter = FlowSamplerScheduler if flow else SamplerScheduler
+    return adapter.from_base(base, sampler=name, schedule=schedule, num_steps=num_steps, options=options)
 
 
 def sample(name: str, denoiser, x, sigmas, *, extra_args=None, callback=None, disable=None, generator=None,
-           noise_sampler=None, **options):
+           noise_sampler=None, flow: bool = False, **options):
     """Run sampler `name` as a pure function: `denoiser(x, sigma, **extra_args) -> x0` over
-    `sigmas` (descending; VE scale, so `x` starts as `noise * sigmas[0]`). Same options as
-    `make_scheduler` (schedule options excepted)."""
-    check_sampler_args(name, None, "default", options)
+    `sigmas` (descending; VE scale, so `x` starts as `noise * sigmas[0]`; with `flow=True` flow
+    sigmas in [0, 1] and `x` in the flow form, starting as the noise at sigma 1, for a
+    `samplers.flow.FlowDenoiser`). Same options as `make_scheduler` (schedule options excepted)."""
+    check_sampler_args(name, None, "default", options, flow=flow)
     return run_sampler(name, denoiser, x, sigmas, options, extra_args=extra_args, callback=callback, disable=disable,
-                       generator=generator, noise_sampler=noise_sampler)
+                       generator=generator, noise_sampler=noise_sampler, flow=flow)

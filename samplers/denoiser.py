@@ -113,6 +113,12 @@ def _append_dims(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(t.shape + (1,) * (ndim - t.dim()))
 
 
+def sigma_per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
+    """`sigma` (a number or one per sample) as one value per sample of `x`, in `x`'s dtype."""
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+    return sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma
+
+
 class UNetDenoiser:
     """Wrap a diffusers UNet and its scheduler's noise schedule as `denoiser(x, sigma, **cond) -> x0`.
 
@@ -147,9 +153,7 @@ class UNetDenoiser:
         self.sample_max_value = sample_max_value
 
     def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
-        if sigma.dim() == 0:
-            sigma = sigma.expand(x.shape[0])
+        sigma = sigma_per_sample(sigma, x)
         alpha = _append_dims((1 + sigma**2).rsqrt(), x.dim())
         sigma_vp = _append_dims(sigma, x.dim()) * alpha
         x_vp = x * alpha

@@ -15,11 +15,15 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     DPMSolverSinglestepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+
+from .flow import FlowSchedule
 
 # diffusers' noise-prediction DPM-Solver cannot step to sigma = 0
 _NOISE = {"final_sigmas_type": "sigma_min"}
@@ -43,6 +47,18 @@ DIFFUSERS_EQUIVALENT: dict[str, tuple[type, dict[str, Any]]] = {
     "deis": (DEISMultistepScheduler, {}),
     "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
     "lcm": (LCMScheduler, {}),
+}
+
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+
+# name -> (scheduler class, fixed config entries) on a flow-matching model
+DIFFUSERS_FLOW_EQUIVALENT: dict[str, tuple[type, dict[str, Any]]] = {
+    "euler": (FlowMatchEulerDiscreteScheduler, {}),
+    "heun": (FlowMatchHeunDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2, **_FLOW}),
+    "dpmpp_3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3, **_FLOW}),
+    "unipc_bh1": (UniPCMultistepScheduler, {"solver_type": "bh1", **_FLOW}),
+    "unipc_bh2": (UniPCMultistepScheduler, {"solver_type": "bh2", **_FLOW}),
 }
 
 # schedule -> config entries; None where the scheduler class has no such switch
@@ -71,18 +87,30 @@ _OPTION_TO_CONFIG = {
 }
 
 
-def make_diffusers_scheduler(name: str, schedule: str, base, options: dict[str, Any]):
-    """The diffusers scheduler equivalent to sampler `name` on `base`'s noise schedule."""
-    if name not in DIFFUSERS_EQUIVALENT:
-        valid = ", ".join(repr(n) for n in DIFFUSERS_EQUIVALENT)
+def _flow_config(base, accepted: set[str]) -> dict[str, Any]:
+    """A flow-matching base scheduler's schedule in the config entries that a flow scheduler class accepts."""
+    schedule = FlowSchedule.from_config(base)
+    config = dict(base.config)
+    config.update(num_train_timesteps=schedule.num_train_timesteps, shift=schedule.shift, flow_shift=schedule.shift,
+                  use_dynamic_shifting=schedule.use_dynamic_shifting, time_shift_type=schedule.time_shift_type)
+    return {k: v for k, v in config.items() if k in accepted}
+
+
+def make_diffusers_scheduler(name: str, schedule: str, base, options: dict[str, Any], flow: bool = False):
+    """The diffusers scheduler equivalent to sampler `name` on `base`'s noise schedule (`flow`: its
+    flow-matching one)."""
+    table = DIFFUSERS_FLOW_EQUIVALENT if flow else DIFFUSERS_EQUIVALENT
+    if name not in table:
+        valid = ", ".join(repr(n) for n in table)
         raise ValueError(
-            f"sampler {name!r} has no diffusers equivalent; valid choices for backend='diffusers': {valid}"
+            f"sampler {name!r} has no diffusers equivalent{' on a flow-matching model' if flow else ''}; valid "
+            f"choices for backend='diffusers': {valid}"
         )
     if schedule == "lcm" and name != "lcm":
         raise ValueError("schedule='lcm' is only supported by backend='samplers' for samplers other than 'lcm'")
-    cls, fixed = DIFFUSERS_EQUIVALENT[name]
+    cls, fixed = table[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    config = dict(base.config) if base is not None else {}
+    config = _flow_config(base, accepted) if flow else dict(base.config) if base is not None else {}
     config.update(fixed)
     extra = dict(_SCHEDULE_CONFIG[schedule])
     for key, value in options.items():

@@ -5,19 +5,24 @@ noise-prediction form ("DPM-Solver") and data-prediction form ("DPM-Solver++"), 
 multistep, orders 1-3, plus the SDE variants (2M SDE; the two-stage "DPM++ SDE" of k-diffusion).
 Written in the VE sigma parameterisation, where `alpha_t` cancels from every update; the
 coefficients match diffusers' `DPMSolverMultistepScheduler` / `DPMSolverSinglestepScheduler`.
+Multistep DPM-Solver++ also runs in the flow-matching form (`flow=True`, alpha = 1 - sigma, as
+`DPMSolverMultistepScheduler(use_flow_sigmas=True)`): the data-prediction update keeps the ratio
+`sigma_t / sigma_s` and weights the outputs by `alpha_t`, so it stays finite where the flow schedule
+starts (sigma 1, alpha 0, lambda = -inf), where the first step is DDIM's from pure noise.
 """
 
 from __future__ import annotations
 
 import math
 
-from ._loop import Steps, as_floats, default_noise_sampler, drive, step_order
+from ._loop import Steps, as_floats, default_noise_sampler, drive, half_log_snr, signal_scales, step_order
 
 SOLVER_TYPES = ("midpoint", "heun")
 
 
 def _lam(sigma: float) -> float:
-    return -math.log(sigma)
+    """lambda of a VE sigma: -log(sigma) (+inf at 0)."""
+    return half_log_snr(1.0, sigma)
 
 
 def _check(order: int, orders, solver_type: str):
@@ -27,28 +32,29 @@ def _check(order: int, orders, solver_type: str):
         raise ValueError(f"solver_type={solver_type!r} is not supported; valid choices: {SOLVER_TYPES}")
 
 
-def _first_order(x, s, t, m, predict_x0):
+def _first_order(x, s, t, m, h, predict_x0, a_t=1.0):
+    """Update from (x, s) to t with output m; `h` = lambda_t - lambda_s, `a_t` the signal scale at t."""
     if predict_x0:
-        return (t / s) * x - math.expm1(_lam(s) - _lam(t)) * m if t > 0 else m
+        return (t / s) * x - a_t * math.expm1(-h) * m if t > 0 else m
     return x - (s - t) * m  # sigma_t * (e^h - 1) = sigma_s - sigma_t, exact at sigma_t = 0
 
 
-def _second_order(x, s_start, t, m_start, D1, h, predict_x0, solver_type):
+def _second_order(x, s_start, t, m_start, D1, h, predict_x0, solver_type, a_t=1.0):
     """Update from (x, s_start) with base output m_start and first difference D1."""
     if predict_x0:
-        e = math.expm1(-h)
+        e = a_t * math.expm1(-h)
         x_t = (t / s_start) * x - e * m_start
-        return x_t - 0.5 * e * D1 if solver_type == "midpoint" else x_t + (e / h + 1.0) * D1
+        return x_t - 0.5 * e * D1 if solver_type == "midpoint" else x_t + a_t * (math.expm1(-h) / h + 1.0) * D1
     tE = t * math.expm1(h)
     x_t = x - tE * m_start
     return x_t - 0.5 * tE * D1 if solver_type == "midpoint" else x_t - t * (math.expm1(h) / h - 1.0) * D1
 
 
-def _phi_terms(h, t, predict_x0):
+def _phi_terms(h, t, predict_x0, a_t=1.0):
     """Coefficients of D1 and D2 in the third-order update."""
     if predict_x0:
         e = math.expm1(-h)
-        return (e / h + 1.0), -((e + h) / h**2 - 0.5)
+        return a_t * (e / h + 1.0), -a_t * ((e + h) / h**2 - 0.5)
     E = math.expm1(h)
     return -t * (E / h - 1.0), -t * ((E - h) / h**2 - 0.5)
 
@@ -61,40 +67,48 @@ def dpm_solver_multistep_steps(
     solver_type: str = "midpoint",
     lower_order_final: bool = True,
     diffusers_3m: bool = False,
+    flow: bool = False,
 ) -> Steps:
     """Multistep DPM-Solver(++) of order 1-3.
 
     The third-order step weights the second difference `D2 = h**2 * D''/2` by `2 * phi_3`,
     the Taylor coefficient, which makes it third order. diffusers (and the reference DPM-Solver
     code) weight it by `phi_3`, which leaves the method second order; `diffusers_3m=True`
-    reproduces that step exactly.
+    reproduces that step exactly. `flow=True`: `sigmas` and `x` in the flow-matching form
+    (data prediction only). A history output at lambda = -inf (flow sigma 1) has no weight in
+    the differences (their ratio r is infinite), which is the limit of the step as alpha -> 0.
     """
     _check(order, (1, 2, 3), solver_type)
+    if flow and not predict_x0:
+        raise ValueError("the flow-matching form is data prediction (DPM-Solver++) only: noise prediction divides "
+                         "by alpha, which is 0 where a flow schedule starts")
     d2_weight = 1.0 if diffusers_3m else 2.0
     sig = as_floats(sigmas)
+    alphas = signal_scales(sig, flow)
+    lam = [half_log_snr(a, s) for a, s in zip(alphas, sig)]
     n = len(sig) - 1
     ms, lams = [], []
     for i in range(n):
-        s, t = sig[i], sig[i + 1]
+        s, t, a_t = sig[i], sig[i + 1], alphas[i + 1]
         x, denoised = yield x, s, i
         m = denoised if predict_x0 else (x - denoised) / s
-        ms, lams = (ms + [m])[-order:], (lams + [_lam(s)])[-order:]
+        ms, lams = (ms + [m])[-order:], (lams + [lam[i]])[-order:]
+        h = lam[i + 1] - lams[-1]
         k = step_order(order, len(ms), i, n, t, lower_order_final)
         if k == 1:
-            x = _first_order(x, s, t, m, predict_x0)
+            x = _first_order(x, s, t, m, h, predict_x0, a_t)
             continue
-        h = _lam(t) - lams[-1]
         r0 = (lams[-1] - lams[-2]) / h
         D1_0 = (ms[-1] - ms[-2]) / r0
         if k == 2:
-            x = _second_order(x, s, t, ms[-1], D1_0, h, predict_x0, solver_type)
+            x = _second_order(x, s, t, ms[-1], D1_0, h, predict_x0, solver_type, a_t)
             continue
         r1 = (lams[-2] - lams[-3]) / h
         D1_1 = (ms[-2] - ms[-3]) / r1
         D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)
         D2 = (D1_0 - D1_1) / (r0 + r1)
-        c1, c2 = _phi_terms(h, t, predict_x0)
-        x = _first_order(x, s, t, ms[-1], predict_x0) + c1 * D1 + d2_weight * c2 * D2
+        c1, c2 = _phi_terms(h, t, predict_x0, a_t)
+        x = _first_order(x, s, t, ms[-1], h, predict_x0, a_t) + c1 * D1 + d2_weight * c2 * D2
     return x
 
 
@@ -133,7 +147,7 @@ def dpm_solver_singlestep_steps(
         k = min(orders[i], len(ms))
         if k == 1:
             x_block = x
-            x = _first_order(x, s0, t, m, predict_x0)
+            x = _first_order(x, s0, t, m, _lam(t) - _lam(s0), predict_x0)
         elif k == 2:
             s1 = sig[i - 1]
             h = _lam(t) - _lam(s1)
@@ -146,7 +160,7 @@ def dpm_solver_singlestep_steps(
             m0, m1, m2 = ms[-1], ms[-2], ms[-3]
             D1_0, D1_1 = (m1 - m2) / r1, (m0 - m2) / r0
             c1, c2 = _phi_terms(h, t, predict_x0)
-            base = _first_order(x_block, s2, t, m2, predict_x0)
+            base = _first_order(x_block, s2, t, m2, h, predict_x0)
             if solver_type == "midpoint":
                 x = base + c1 * D1_1
             else:
@@ -253,16 +267,16 @@ def sample_dpm_solver_singlestep(denoiser, x, sigmas, *, extra_args=None, callba
 
 
 def sample_dpmpp_2m(denoiser, x, sigmas, *, extra_args=None, callback=None, disable=None, solver_type="midpoint",
-                    lower_order_final=True):
-    """DPM-Solver++(2M)."""
-    return _drive(dpm_solver_multistep_steps(x, sigmas, 2, True, solver_type, lower_order_final),
+                    lower_order_final=True, flow=False):
+    """DPM-Solver++(2M) (`flow=True`: on a flow-matching schedule, see `samplers.flow`)."""
+    return _drive(dpm_solver_multistep_steps(x, sigmas, 2, True, solver_type, lower_order_final, flow=flow),
                   denoiser, x, sigmas, extra_args, callback, disable)
 
 
 def sample_dpmpp_3m(denoiser, x, sigmas, *, extra_args=None, callback=None, disable=None, lower_order_final=True,
-                    diffusers_3m=False):
+                    diffusers_3m=False, flow=False):
     """DPM-Solver++(3M) (third order; `diffusers_3m=True` for diffusers' second-order variant)."""
-    return _drive(dpm_solver_multistep_steps(x, sigmas, 3, True, "midpoint", lower_order_final, diffusers_3m),
+    return _drive(dpm_solver_multistep_steps(x, sigmas, 3, True, "midpoint", lower_order_final, diffusers_3m, flow),
                   denoiser, x, sigmas, extra_args, callback, disable)
 
 

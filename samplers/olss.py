@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._loop import as_floats
-from .dpm_solver import _lam, _second_order
+from ._loop import as_floats, half_log_snr, signal_scales
+from .dpm_solver import _second_order
 from .olss_solver import _combine, check_coefficients, dpmpp_2m_coefficients, olss_steps, sample_olss
 from .registry import run_sampler
 
@@ -34,14 +34,17 @@ __all__ = [
 class ReferenceTrajectory:
     """A high-step solution of the probability-flow ODE that can be read at any sigma: the states
     and denoiser outputs of a fine solve, and from the grid point just above a sigma one
-    DPM-Solver++(2M) step to it (the step the fine solve itself would take there)."""
+    DPM-Solver++(2M) step to it (the step the fine solve itself would take there). `flow`: the
+    sigmas and states are in the flow-matching form (`samplers.flow`)."""
 
-    def __init__(self, sigmas, states: list[torch.Tensor], outputs: list[torch.Tensor], final: torch.Tensor):
+    def __init__(self, sigmas, states: list[torch.Tensor], outputs: list[torch.Tensor], final: torch.Tensor,
+                 flow: bool = False):
         self.sigmas = as_floats(sigmas)
-        self.states, self.outputs, self.final = states, outputs, final
+        self.states, self.outputs, self.final, self.flow = states, outputs, final, flow
 
     @classmethod
-    def solve(cls, denoiser, x, sigmas, *, sampler: str = "dpmpp_3m", extra_args=None) -> "ReferenceTrajectory":
+    def solve(cls, denoiser, x, sigmas, *, sampler: str = "dpmpp_3m", extra_args=None,
+              flow: bool = False) -> "ReferenceTrajectory":
         """Run `sampler` on `sigmas` (one denoiser call per sigma) and keep every state and output."""
         states, outputs, seen = [], [], []
 
@@ -50,11 +53,12 @@ class ReferenceTrajectory:
             outputs.append(info["denoised"])
             seen.append(float(info["sigma"]))
 
-        final = run_sampler(sampler, denoiser, x, sigmas, extra_args=extra_args, callback=keep, disable=True)
+        final = run_sampler(sampler, denoiser, x, sigmas, extra_args=extra_args, callback=keep, disable=True,
+                            flow=flow)
         grid = as_floats(sigmas)[:-1]
         if seen != grid:
             raise ValueError(f"reference sampler {sampler!r} calls the denoiser off its grid; use a multistep sampler")
-        return cls(grid + [0.0], states, outputs, final)
+        return cls(grid + [0.0], states, outputs, final, flow)
 
     def at(self, sigma: float) -> torch.Tensor:
         sigma = float(sigma)
@@ -67,12 +71,15 @@ class ReferenceTrajectory:
         s = grid[k]
         if s == sigma:
             return self.states[k]
-        h = _lam(sigma) - _lam(s)
+        points = [grid[max(k - 1, 0)], s, sigma]
+        alphas = signal_scales(points, self.flow)
+        lam_before, lam_s, lam_t = (half_log_snr(a, v) for a, v in zip(alphas, points))
+        h = lam_t - lam_s
         if k == 0:
-            return (sigma / s) * self.states[k] - math.expm1(-h) * self.outputs[k]
-        r0 = (_lam(s) - _lam(grid[k - 1])) / h
+            return (sigma / s) * self.states[k] - alphas[2] * math.expm1(-h) * self.outputs[k]
+        r0 = (lam_s - lam_before) / h
         return _second_order(self.states[k], s, sigma, self.outputs[k], (self.outputs[k] - self.outputs[k - 1]) / r0,
-                             h, True, "midpoint")
+                             h, True, "midpoint", alphas[2])
 
 
 @dataclass
@@ -119,7 +126,7 @@ def fit_olss_coefficients(denoiser, x, sigmas, reference: ReferenceTrajectory, *
         raise ValueError(f"ridge must be >= 0, got {ridge!r}")
     sig = as_floats(sigmas)
     n = len(sig) - 1
-    base = dpmpp_2m_coefficients(sig)
+    base = dpmpp_2m_coefficients(sig, flow=reference.flow)
     extra_args = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
     outputs, rows = [], []

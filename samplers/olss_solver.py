@@ -3,8 +3,8 @@ Search: Learning to Construct Fast and High-Quality Schedulers for Diffusion Mod
 
 Every step is a linear combination `x_{i+1} = a_i * x_i + sum_j b_{i,j} * D_j` of the current
 state and the last few denoiser outputs (x0 predictions) `D_j`, in the VE sigma form of the other
-samplers. DPM-Solver++(2M) is one member of this family (`dpmpp_2m_coefficients`), so it is the
-default; `samplers.olss` fits the coefficients to a model.
+samplers or (`flow=True`) the flow-matching one. DPM-Solver++(2M) is one member of this family
+(`dpmpp_2m_coefficients`), so it is the default; `samplers.olss` fits the coefficients to a model.
 
 A row of coefficients is `[a_i, b for D_{i-m+1}, ..., b for D_i]` (oldest output first); its
 length says how many outputs `m` the step combines.
@@ -17,14 +17,16 @@ from typing import Sequence
 
 import torch
 
-from ._loop import Steps, as_floats, drive, step_order
-from .dpm_solver import _lam
+from ._loop import Steps, as_floats, drive, half_log_snr, signal_scales, step_order
 
 
-def dpmpp_2m_coefficients(sigmas, lower_order_final: bool = True) -> list[list[float]]:
+def dpmpp_2m_coefficients(sigmas, lower_order_final: bool = True, flow: bool = False) -> list[list[float]]:
     """The rows of DPM-Solver++(2M) (midpoint) on `sigmas`: first order on the first step, into
-    sigma 0 and (`lower_order_final`, fewer than 15 steps) on the last step, second order between."""
+    sigma 0 and (`lower_order_final`, fewer than 15 steps) on the last step, second order between;
+    `flow=True` on a flow-matching schedule (the output weights scaled by alpha_t = 1 - t)."""
     sig = as_floats(sigmas)
+    alphas = signal_scales(sig, flow)
+    lam = [half_log_snr(a, s) for a, s in zip(alphas, sig)]
     n = len(sig) - 1
     rows = []
     for i in range(n):
@@ -32,11 +34,11 @@ def dpmpp_2m_coefficients(sigmas, lower_order_final: bool = True) -> list[list[f
         if t == 0:
             rows.append([0.0, 1.0])
             continue
-        e = math.expm1(_lam(s) - _lam(t))
+        e = alphas[i + 1] * math.expm1(lam[i] - lam[i + 1])
         if step_order(2, min(i + 1, 2), i, n, t, lower_order_final) == 1:
             rows.append([t / s, -e])
             continue
-        r0 = (_lam(sig[i - 1]) - _lam(s)) / (_lam(s) - _lam(t))
+        r0 = (lam[i - 1] - lam[i]) / (lam[i] - lam[i + 1])
         rows.append([t / s, 0.5 * e / r0, -e - 0.5 * e / r0])
     return rows
 
@@ -66,16 +68,17 @@ def _combine(row: Sequence[float], x: torch.Tensor, outputs: list[torch.Tensor])
     return out
 
 
-def olss_steps(x, sigmas, coefficients=None, begin: bool = True) -> Steps:
+def olss_steps(x, sigmas, coefficients=None, begin: bool = True, flow: bool = False) -> Steps:
     """The coefficient solver as a solver generator (see `samplers._loop`).
 
     `coefficients=None` runs DPM-Solver++(2M)'s own. A run that starts part-way (`begin=False`,
     img2img) takes the rows of the schedule's last steps; a step whose row combines outputs from
     before the start takes DPM-Solver++(2M)'s step instead (first order on the first step).
+    `flow=True`: `sigmas` and `x` in the flow-matching form (fitted rows are form-specific).
     """
     sig = as_floats(sigmas)
     n = len(sig) - 1
-    base = dpmpp_2m_coefficients(sig)
+    base = dpmpp_2m_coefficients(sig, flow=flow)
     rows = base
     if coefficients is not None:
         rows = check_coefficients(coefficients)
@@ -92,7 +95,7 @@ def olss_steps(x, sigmas, coefficients=None, begin: bool = True) -> Steps:
     return x
 
 
-def sample_olss(denoiser, x, sigmas, *, extra_args=None, callback=None, disable=None, coefficients=None):
+def sample_olss(denoiser, x, sigmas, *, extra_args=None, callback=None, disable=None, coefficients=None, flow=False):
     """OLSS: fitted per-step coefficients (None: DPM-Solver++(2M)'s) on `sigmas`."""
-    return drive(olss_steps(x, sigmas, coefficients), denoiser, x, extra_args=extra_args, callback=callback,
+    return drive(olss_steps(x, sigmas, coefficients, flow=flow), denoiser, x, extra_args=extra_args, callback=callback,
                  disable=disable, total=len(sigmas) - 1)

@@ -2,8 +2,8 @@
 
 An entry holds the pure function (`sample_x`, k-diffusion style), how to build the sampler's solver
 generator (`samplers._loop`) from a run's options, the orders and options it accepts, its denoiser
-calls per step and whether it draws fresh noise. `check_sampler_args` validates a name, schedule and
-options against it, `solver_steps` builds a solver from it and `run_sampler` drives one over a
+calls per step, whether it draws fresh noise and whether it runs on a flow-matching schedule
+(`samplers.flow`). `check_sampler_args` validates a name, schedule and options against it, `solver_steps` builds a solver from it and `run_sampler` drives one over a
 denoiser: the runner under `samplers.sample`, schedule tuning and OLSS fitting. Nothing parses a
 sampler's name. The table imports only the solvers, so the scheduler adapter, tuning, fitting and
 `samplers.api` all import it without a cycle.
@@ -41,7 +41,8 @@ from .unipc import sample_unipc, unipc_steps
 @dataclass(frozen=True)
 class SolverRun:
     """What a run hands a solver besides its options: where its noise comes from, whether it starts
-    at the schedule's first step, and the model's noise schedule (a `NoiseSchedule`, or None)."""
+    at the schedule's first step, the model's noise schedule (a `NoiseSchedule`, or None) and
+    whether the sigmas and states are in the flow-matching form."""
 
     noise_sampler: Callable | None = None
     generator: Any = None
@@ -49,6 +50,7 @@ class SolverRun:
     # calls (PNDM) warm up with lower-order steps instead, so every step costs the same
     begin: bool = True
     noise_schedule: Any = None
+    flow: bool = False
 
     @property
     def noise(self) -> dict[str, Any]:
@@ -77,6 +79,13 @@ class SamplerSpec:
     stochastic: bool = False
     # the step schedule that schedule="default" stands for
     default_schedule: str = "default"
+    # why it does not run on a flow-matching schedule (`samplers.flow`); None: it does, either because
+    # its update only uses dx/dsigma = (x - D) / sigma, the same ODE in the flow form, or because its
+    # generator takes the flow's signal scale (`flow=run.flow`)
+    flow_refusal: str | None = None
+    # how its default schedule on a flow-matching model spaces the sigmas (`samplers.flow.FLOW_SPACINGS`):
+    # as diffusers' scheduler of its kind does (FlowMatch Euler / Heun, DPM-Solver or UniPC with flow sigmas)
+    flow_spacing: str = "flow_match"
 
     def adds_noise(self, options: dict[str, Any]) -> bool:
         """Whether a run with `options` draws fresh noise, so that its result depends on the generator."""
@@ -113,6 +122,16 @@ SCHEDULE_NAMES: tuple[str, ...] = (
 )
 BACKENDS = ("samplers", "diffusers")
 
+# Schedules on a flow-matching model: its scheduler's own shifted sigmas, given sigmas, tuned files;
+# the others are defined on a betas schedule's train timesteps or VE sigma range.
+FLOW_SCHEDULE_NAMES = ("default", "explicit", "tuned")
+# Common options that shape a betas schedule or a pixel model's x0
+NOT_FLOW_OPTIONS = ("rho", "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "original_inference_steps")
+
+_NOISE_PREDICTION = ("noise prediction divides by alpha, which is 0 where a flow schedule starts (sigma 1); its "
+                     "data-prediction form (dpmpp_2m, dpmpp_3m) runs")
+_VP_NOISE = "the noise it draws follows the VE / VP SDE, which is not written for a flow-matching schedule"
+
 _LOF = {"lower_order_final": True}
 _DPM = {"lower_order_final": True, "solver_type": "midpoint"}
 _DPM_3M = {"lower_order_final": True, "diffusers_3m": False}
@@ -120,10 +139,18 @@ _UNIPC = {"lower_order_final": True, "use_corrector": True, "orders": None}
 
 
 def _dpm_solver(function, order: int, predict_x0: bool, options: dict[str, Any], singlestep=False) -> SamplerSpec:
-    """A DPM-Solver (noise prediction) or DPM-Solver++ (data prediction) entry of a fixed order."""
-    steps = dpm_solver_singlestep_steps if singlestep else dpm_solver_multistep_steps
-    return SamplerSpec(function, lambda x, s, k, o, run: steps(x, s, k, predict_x0, **o), orders=(order,),
-                       default_order=order, options=options)
+    """A DPM-Solver (noise prediction) or DPM-Solver++ (data prediction) entry of a fixed order; the
+    multistep DPM-Solver++ runs on flow-matching schedules too."""
+    if singlestep:
+        refusal = _NOISE_PREDICTION if not predict_x0 else (
+            "its singlestep blocks are written for betas schedules only; the multistep dpmpp_2m / dpmpp_3m run")
+        return SamplerSpec(function, lambda x, s, k, o, run: dpm_solver_singlestep_steps(x, s, k, predict_x0, **o),
+                           orders=(order,), default_order=order, options=options, flow_refusal=refusal)
+    return SamplerSpec(
+        function, lambda x, s, k, o, run: dpm_solver_multistep_steps(x, s, k, predict_x0, **o, flow=run.flow),
+        orders=(order,), default_order=order, options=options, flow_refusal=None if predict_x0 else _NOISE_PREDICTION,
+        flow_spacing="dpm_solver",
+    )
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
@@ -147,23 +174,26 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpmpp_sde": SamplerSpec(
         sample_dpmpp_sde, lambda x, s, k, o, run: dpmpp_sde_steps(x, s, **o, **run.noise),
         orders=(2,), default_order=2, options={"eta": 1.0, "r": 0.5}, calls_per_step=2, stochastic=True,
+        flow_refusal=_VP_NOISE,
     ),
     "dpmpp_2m_sde": SamplerSpec(
         sample_dpmpp_2m_sde, lambda x, s, k, o, run: dpmpp_2m_sde_steps(x, s, **o, **run.noise),
         orders=(2,), default_order=2, options={"lower_order_final": True, "eta": 1.0, "solver_type": "midpoint"},
-        stochastic=True,
+        stochastic=True, flow_refusal=_VP_NOISE,
     ),
     "unipc_bh1": SamplerSpec(
-        partial(sample_unipc, variant="bh1"), lambda x, s, k, o, run: unipc_steps(x, s, k, "bh1", **o),
-        orders=(1, 2, 3), default_order=2, options=_UNIPC,
+        partial(sample_unipc, variant="bh1"), lambda x, s, k, o, run: unipc_steps(x, s, k, "bh1", **o, flow=run.flow),
+        orders=(1, 2, 3), default_order=2, options=_UNIPC, flow_spacing="unipc",
     ),
     "unipc_bh2": SamplerSpec(
-        partial(sample_unipc, variant="bh2"), lambda x, s, k, o, run: unipc_steps(x, s, k, "bh2", **o),
-        orders=(1, 2, 3), default_order=2, options=_UNIPC,
+        partial(sample_unipc, variant="bh2"), lambda x, s, k, o, run: unipc_steps(x, s, k, "bh2", **o, flow=run.flow),
+        orders=(1, 2, 3), default_order=2, options=_UNIPC, flow_spacing="unipc",
     ),
     "deis": SamplerSpec(
         sample_deis, lambda x, s, k, o, run: deis_steps(x, s, k, **o),
         orders=(1, 2, 3), default_order=2, options=_LOF,
+        flow_refusal="DEIS integrates the noise prediction in rho = sigma / alpha, infinite where a flow schedule "
+                     "starts (sigma 1)",
     ),
     "pndm": SamplerSpec(
         sample_pndm, lambda x, s, k, o, run: pndm_steps(x, s, pseudo_warmup=run.begin),
@@ -177,13 +207,15 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "lcm": SamplerSpec(
         sample_lcm, lambda x, s, k, o, run: lcm_steps(x, s, **run.noise, **o, noise_schedule=run.noise_schedule),
         options={"timestep_scaling": DEFAULT_TIMESTEP_SCALING}, stochastic=True, default_schedule="lcm",
+        flow_refusal="it samples LCM-distilled models on the train timesteps of a betas schedule",
     ),
     # DPM-Solver++(2M)'s family with fitted per-step coefficients (samplers.olss)
     "olss": SamplerSpec(
-        sample_olss, lambda x, s, k, o, run: olss_steps(x, s, **o, begin=run.begin),
-        orders=(2,), default_order=2, options={"coefficients": None},
+        sample_olss, lambda x, s, k, o, run: olss_steps(x, s, **o, begin=run.begin, flow=run.flow),
+        orders=(2,), default_order=2, options={"coefficients": None}, flow_spacing="dpm_solver",
     ),
 }
+FLOW_SAMPLER_NAMES: tuple[str, ...] = tuple(name for name, spec in SAMPLERS.items() if spec.flow_refusal is None)
 
 SAMPLER_NAMES: tuple[str, ...] = tuple(SAMPLERS)
 # name -> pure function `sample_x(denoiser, x, sigmas, *, extra_args, callback, disable, ...)`
@@ -207,8 +239,29 @@ def resolve_schedule(name: str, schedule: str) -> str:
     return sampler_spec(name).default_schedule if schedule == "default" else schedule
 
 
-def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, Any]) -> SamplerSpec:
-    """Raise `ValueError` (listing the valid choices) for a bad name, step count, schedule or option."""
+def check_flow_args(name: str, schedule: str, options: dict[str, Any]) -> None:
+    """Raise `ValueError` saying why sampler `name` with `schedule` and `options` cannot run on a
+    flow-matching schedule, if it cannot."""
+    spec = sampler_spec(name)
+    if spec.flow_refusal is not None:
+        raise ValueError(f"sampler {name!r} does not run on a flow-matching schedule: {spec.flow_refusal}; "
+                         f"samplers that do: {_choices(FLOW_SAMPLER_NAMES)}")
+    if spec.adds_noise(options):
+        raise ValueError(f"sampler {name!r} with eta > 0 draws the noise of a VP (DDPM) posterior, which is not "
+                         f"written for a flow-matching schedule; eta=0 runs (DDIM is flow Euler there)")
+    schedule = resolve_schedule(name, schedule)
+    if schedule not in FLOW_SCHEDULE_NAMES:
+        raise ValueError(f"schedule {schedule!r} is defined on a betas schedule, not on a flow-matching one; valid "
+                         f"choices: {_choices(FLOW_SCHEDULE_NAMES)} ('default': the model's scheduler's shifted sigmas)")
+    refused = [key for key in NOT_FLOW_OPTIONS if key in options]
+    if refused:
+        raise ValueError(f"options {refused} shape a betas schedule or a pixel model's x0 and do not apply on a "
+                         "flow-matching schedule")
+
+
+def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, Any], flow: bool = False) -> SamplerSpec:
+    """Raise `ValueError` (listing the valid choices) for a bad name, step count, schedule or option;
+    `flow=True` also for what does not run on a flow-matching schedule (`check_flow_args`)."""
     spec = sampler_spec(name)
     if schedule not in SCHEDULE_NAMES:
         raise ValueError(f"schedule {schedule!r} is not supported; valid choices: {_choices(SCHEDULE_NAMES)}")
@@ -263,27 +316,30 @@ def check_sampler_args(name: str, num_steps, schedule: str, options: dict[str, A
         steps = len(values) - (1 if explicit[0] == "sigmas" and len(values) > 1 and float(values[-1]) == 0 else 0)
         if num_steps is not None and num_steps != steps:
             raise ValueError(f"num_steps={num_steps} disagrees with the {steps} steps of the explicit {explicit[0]}")
+    if flow:
+        check_flow_args(name, schedule, options)
     return spec
 
 
 def solver_steps(name: str, x, sigmas, options: dict, *, noise_sampler=None, generator=None, begin: bool = True,
-                 noise_schedule=None) -> Steps:
+                 noise_schedule=None, flow: bool = False) -> Steps:
     """The solver generator of sampler `name` (see `samplers._loop`) with its options; the options
     every sampler takes (`COMMON_OPTIONS`) are left to the schedule and the model wrapper.
 
     `noise_schedule` (a `NoiseSchedule`) is for samplers that need train timesteps (LCM's
-    boundary condition); `begin=False` marks a run that starts part-way (see `SolverRun`).
+    boundary condition); `begin=False` marks a run that starts part-way (see `SolverRun`);
+    `flow=True`: `x` and `sigmas` are in the flow-matching form.
     """
     spec = sampler_spec(name)
     own = {k: options.get(k, default) for k, default in spec.options.items()}
-    run = SolverRun(noise_sampler, generator, begin, noise_schedule)
+    run = SolverRun(noise_sampler, generator, begin, noise_schedule, flow)
     return spec.steps(x, sigmas, options.get("order", spec.default_order), own, run)
 
 
 def run_sampler(name: str, denoiser, x, sigmas, options: dict | None = None, *, extra_args=None, callback=None,
-                disable=None, generator=None, noise_sampler=None):
+                disable=None, generator=None, noise_sampler=None, flow: bool = False):
     """Run sampler `name` with `options`, unchecked (see `check_sampler_args`): the runner under
     `samplers.sample`, and the one that schedule tuning and OLSS fitting call many times."""
     steps = solver_steps(name, x, sigmas, options or {}, noise_sampler=noise_sampler, generator=generator,
-                         noise_schedule=getattr(denoiser, "schedule", None))
+                         noise_schedule=getattr(denoiser, "schedule", None), flow=flow)
     return drive(steps, denoiser, x, extra_args=extra_args, callback=callback, disable=disable)

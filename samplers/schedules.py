@@ -90,7 +90,11 @@ def get_sigmas(
     sigmas: Sequence[float] | None = None,
     original_inference_steps: int = 50,
 ) -> torch.Tensor:
-    """The sigmas (descending, ending in 0) of a named schedule on a model's noise schedule."""
+    """The sigmas (descending, ending in 0) of a named schedule on a model's noise schedule (a
+    `NoiseSchedule`, or a `samplers.flow.FlowSchedule`: "default" is then its scheduler's shifted sigmas,
+    "explicit" takes flow sigmas or timesteps `sigma * num_train_timesteps`)."""
+    if getattr(noise_schedule, "flow", False):
+        return _flow_sigmas(schedule, n, noise_schedule, timesteps, sigmas)
     if schedule == "explicit":
         if sigmas is not None:
             return explicit_sigmas(sigmas)
@@ -122,3 +126,17 @@ def get_sigmas(
         f"schedule {schedule!r} is not supported; valid choices: 'default', 'linspace', 'leading', 'trailing',"
         " 'karras', 'exponential', 'logsnr', 'explicit', 'lcm'"
     )
+
+
+def _flow_sigmas(schedule: str, n: int | None, flow_schedule, timesteps, sigmas) -> torch.Tensor:
+    if schedule == "default":
+        return flow_schedule.sigmas(n)
+    if schedule != "explicit":
+        raise ValueError(f"schedule {schedule!r} is not defined on a flow-matching schedule; valid choices: 'default', "
+                         "'explicit'")
+    if sigmas is None:
+        sigmas = [float(t) / flow_schedule.num_train_timesteps for t in timesteps]
+    explicit = explicit_sigmas(sigmas)
+    if float(explicit[0]) > 1:
+        raise ValueError(f"flow sigmas lie in [0, 1], got {explicit.tolist()}")
+    return explicit

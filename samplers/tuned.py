@@ -14,7 +14,11 @@ The distance is measured where the judge measures it: through
 an optional `decode` (a latent model's VAE) and as the mean over inputs of the log squared error
 (mean PSNR) rather than the pooled squared error, which the few worst inputs dominate.
 The result is a small JSON file saved next to the model and reused by name through
-`make_scheduler(..., schedule="tuned", tuned=name, model_dir=...)`.
+`make_scheduler(..., schedule="tuned", tuned=name, model_dir=...)`. On a flow-matching model
+(`samplers.flow`: a `FlowSchedule` and a `FlowDenoiser`) the search, the reference solve and the OLSS
+fit run in the flow form, starting at the scheduler's first sigma (1) from its default schedule, and
+the file records `form="flow"`, so that it is never run on a betas-schedule model, nor a "ve" file on
+a flow model.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 
 from .denoiser import NoiseSchedule, UNetDenoiser
+from .flow import FlowDenoiser, FlowSchedule, calculate_shift, is_flow_config
 from .olss import ReferenceTrajectory, fit_olss_coefficients
 from .olss_solver import check_coefficients
 from .registry import SAMPLERS, check_sampler_args, run_sampler
@@ -38,6 +43,8 @@ from .schedules import get_sigmas
 TUNED_DIRNAME = "tuned_schedules"
 OBJECTIVES = ("mse", "psnr")
 SPACES = ("latent", "image")
+# the form of a file's sigmas: VE sigmas of a betas-schedule model, or flow-matching sigmas in [0, 1]
+FORMS = ("ve", "flow")
 
 
 @dataclass
@@ -69,8 +76,18 @@ class TunedSchedule:
     # sampler "olss": one fitted row [a_i, b...] per step (`samplers.olss`) and how they were fitted
     coefficients: list[list[float]] | None = None
     coefficient_fit: dict = field(default_factory=dict)
+    # "ve" or "flow" (`FORMS`); files written before flow models load as "ve"
+    form: str = "ve"
+
+    @property
+    def flow(self) -> bool:
+        return self.form == "flow"
 
     def __post_init__(self):
+        if self.form not in FORMS:
+            raise ValueError(f"form={self.form!r} is not supported; valid choices: {FORMS}")
+        if self.flow and not all(0 <= s <= 1 for s in self.sigmas):
+            raise ValueError(f"a flow-form tuned schedule holds sigmas in [0, 1], got {self.sigmas}")
         if self.coefficients is not None:
             if self.sampler != "olss":
                 raise ValueError(f"this tuned schedule holds fitted coefficients, which only the sampler 'olss' "
@@ -149,10 +166,10 @@ def _default_orders(sampler: str, options: dict, num_steps: int) -> tuple[int, .
 
 
 def _check_search(sampler, num_steps, options, objective, space, init_schedule, init_sigmas, reference,
-                  search_orders, noise_schedule) -> tuple[list[str], list[float] | None, tuple[int, ...]]:
+                  search_orders, noise_schedule, flow) -> tuple[list[str], list[float] | None, tuple[int, ...]]:
     """Raise `ValueError` for a search `tune_schedule` cannot run; else the names of the initial
     schedules ("given" for `init_sigmas`), `init_sigmas` as floats and the per-step orders to try."""
-    check_sampler_args(sampler, num_steps, "default", options)
+    check_sampler_args(sampler, num_steps, "default", options, flow=flow)
     if num_steps < 2:
         raise ValueError(f"num_steps must be at least 2 for a schedule search, got {num_steps}")
     if objective not in OBJECTIVES:
@@ -174,6 +191,9 @@ def _check_search(sampler, num_steps, options, objective, space, init_schedule, 
     if sampler == "olss" and reference is not None and not isinstance(reference, ReferenceTrajectory):
         raise ValueError("sampler 'olss' fits its coefficients to the reference at every sigma: pass a "
                          "samplers.olss.ReferenceTrajectory as `reference`, or None to solve one")
+    if isinstance(reference, ReferenceTrajectory) and reference.flow != flow:
+        raise ValueError(f"the reference trajectory was solved in the {'flow' if reference.flow else 've'} form, the "
+                         f"noise schedule is {'flow-matching' if flow else 'a betas schedule'}")
     if "coefficients" in options:
         raise ValueError("the option 'coefficients' is what sampler 'olss' fits; leave it out of sampler_options")
     order_choices = _order_choices(sampler, options) if search_orders else ()
@@ -185,14 +205,23 @@ def _check_search(sampler, num_steps, options, objective, space, init_schedule, 
     return inits, init_sigmas, order_choices
 
 
-def _solve_reference(denoiser, x_T, noise_schedule: NoiseSchedule, sampler: str, steps: int, extra_args: dict,
-                     trajectory: bool):
-    """`sampler` on `steps` Karras steps from `x_T`: its final samples, or (`trajectory`, for OLSS's
-    fit) the `ReferenceTrajectory` readable at every sigma."""
-    sigmas = get_sigmas("karras", steps, noise_schedule)
+def _flow(noise_schedule) -> bool:
+    return getattr(noise_schedule, "flow", False)
+
+
+def reference_schedule(noise_schedule) -> str:
+    """The schedule of the reference solve: Karras on a betas schedule, the scheduler's own on a flow one."""
+    return "default" if _flow(noise_schedule) else "karras"
+
+
+def _solve_reference(denoiser, x_T, noise_schedule, sampler: str, steps: int, extra_args: dict, trajectory: bool):
+    """`sampler` on `steps` steps of `reference_schedule` from `x_T`: its final samples, or (`trajectory`,
+    for OLSS's fit) the `ReferenceTrajectory` readable at every sigma."""
+    flow = _flow(noise_schedule)
+    sigmas = get_sigmas(reference_schedule(noise_schedule), steps, noise_schedule)
     if trajectory:
-        return ReferenceTrajectory.solve(denoiser, x_T, sigmas, sampler=sampler, extra_args=extra_args)
-    return run_sampler(sampler, denoiser, x_T, sigmas, extra_args=extra_args, disable=True)
+        return ReferenceTrajectory.solve(denoiser, x_T, sigmas, sampler=sampler, extra_args=extra_args, flow=flow)
+    return run_sampler(sampler, denoiser, x_T, sigmas, extra_args=extra_args, disable=True, flow=flow)
 
 
 class _CountedDenoiser:
@@ -216,8 +245,8 @@ class _Objective:
     "olss" every schedule first gets its own coefficients, refitted to the reference trajectory."""
 
     def __init__(self, denoiser: _CountedDenoiser, x_T, s_max: float, sampler: str, options: dict, extra_args: dict,
-                 objective: str, decode: Callable, reference, history: int | None, ridge: float):
-        self.denoiser, self.x_T, self.s_max = denoiser, x_T, s_max
+                 objective: str, decode: Callable, reference, history: int | None, ridge: float, flow: bool):
+        self.denoiser, self.x_T, self.s_max, self.flow = denoiser, x_T, s_max, flow
         self.sampler, self.options, self.extra_args = sampler, options, extra_args
         self.objective, self.decode = objective, decode
         self.olss, self.history, self.ridge = sampler == "olss", history, ridge
@@ -250,7 +279,7 @@ class _Objective:
             else:
                 run = dict(self.options, orders=list(orders)) if orders is not None else self.options
                 out = run_sampler(self.sampler, self.denoiser, self.x_T, sigmas, run, extra_args=self.extra_args,
-                                  disable=True)
+                                  disable=True, flow=self.flow)
             self.memo[key] = self.distance(out)
         return self.memo[key]
 
@@ -306,12 +335,12 @@ def _search(loss: _Objective, u: list[float], orders, order_choices: tuple[int, 
 def tune_schedule(
     denoiser,
     noise: torch.Tensor,
-    noise_schedule: NoiseSchedule,
+    noise_schedule: NoiseSchedule | FlowSchedule,
     *,
     sampler: str = "dpmpp_2m",
     num_steps: int = 8,
     extra_args: dict | None = None,
-    init_schedule: str | Sequence[str] = "karras",
+    init_schedule: str | Sequence[str] | None = None,
     reference: torch.Tensor | None = None,
     reference_sampler: str = "dpmpp_2m",
     reference_steps: int = 200,
@@ -332,14 +361,17 @@ def tune_schedule(
     reference solution from the same starting noise.
 
     Args:
-        denoiser: `denoiser(x, sigma, **extra_args) -> x0` (VE form, see `UNetDenoiser`).
+        denoiser: `denoiser(x, sigma, **extra_args) -> x0` (VE form, see `UNetDenoiser`; on a flow
+            schedule the flow form, see `samplers.flow.FlowDenoiser`).
         noise: unit Gaussian noise, one calibration input per batch entry.
-        noise_schedule: the model's; gives sigma_max (the fixed first sigma) and sigma_min.
+        noise_schedule: the model's (a `NoiseSchedule`, or a `FlowSchedule`: the search then runs
+            in the flow form, on the sampler's default spacing, `FlowSamplerScheduler`); gives sigma_max
+            (the fixed first sigma) and sigma_min.
         init_schedule: a schedule name (see `get_sigmas`) or several: one search starts from
             each (the loss has local minima) and the best result wins; `loss_init` is the
-            loss of the first.
+            loss of the first. None: "karras" on a betas schedule, "default" on a flow one.
         reference: the exact final samples if known; otherwise `reference_sampler` with
-            `reference_steps` Karras steps computes them.
+            `reference_steps` steps of `reference_schedule` computes them.
         passes: most passes over all interior sigmas per round; the trial move (a fraction of
             the gap to the neighbouring sigma) halves after a pass that improves nothing, and
             the round stops once it falls below `min_step`.
@@ -359,21 +391,29 @@ def tune_schedule(
             DPM-Solver++(2M)'s loss on the initial schedule.
     """
     options = dict(sampler_options or {})
+    flow = _flow(noise_schedule)
+    if flow:  # the sampler's own default sigmas (`FlowSamplerScheduler`): its first sigma stays fixed
+        check_sampler_args(sampler, num_steps, "default", options, flow=True)
+        noise_schedule = noise_schedule.with_spacing(SAMPLERS[sampler].flow_spacing)
+    if init_schedule is None:
+        init_schedule = reference_schedule(noise_schedule)
     inits, init_sigmas, order_choices = _check_search(sampler, num_steps, options, objective, space, init_schedule,
-                                                      init_sigmas, reference, search_orders, noise_schedule)
+                                                      init_sigmas, reference, search_orders, noise_schedule, flow)
     extra_args = extra_args or {}
     start = time.perf_counter()
     s_max, s_min = noise_schedule.sigma_max, noise_schedule.sigma_min
-    x_T = noise * math.sqrt(1 + s_max**2)  # VP unit noise at sigma_max, in VE scale
+    # unit noise at sigma_max: a flow state is the noise itself at sigma 1; VP unit noise in VE scale
+    x_T = noise if flow else noise * math.sqrt(1 + s_max**2)
     counted = _CountedDenoiser(denoiser)
     olss = sampler == "olss"
-    reference_label = "given" if reference is not None else f"{reference_sampler} x {reference_steps} karras steps"
+    reference_label = ("given" if reference is not None else
+                       f"{reference_sampler} x {reference_steps} {reference_schedule(noise_schedule)} steps")
     with torch.no_grad():
         if reference is None:
             reference = _solve_reference(counted, x_T, noise_schedule, reference_sampler, reference_steps, extra_args,
                                          trajectory=olss)
         loss = _Objective(counted, x_T, s_max, sampler, options, extra_args, objective, decode or (lambda y: y),
-                          reference, history, ridge)
+                          reference, history, ridge, flow)
 
         # a search from each initial schedule (the loss has local minima); the best one wins
         def initial(name: str) -> list[float]:
@@ -385,7 +425,8 @@ def tune_schedule(
         results = [(*_search(loss, initial(name), default_orders, order_choices, rounds, bounds, passes, min_step),
                     name) for name in inits]
         if olss:  # the base solver, DPM-Solver++(2M), on the first initial schedule
-            out = run_sampler("olss", counted, x_T, loss.sigmas(initial(inits[0])), extra_args=extra_args, disable=True)
+            out = run_sampler("olss", counted, x_T, loss.sigmas(initial(inits[0])), extra_args=extra_args, disable=True,
+                              flow=flow)
             loss_init = loss.distance(out)
         else:
             loss_init = loss(initial(inits[0]), default_orders)
@@ -411,6 +452,7 @@ def tune_schedule(
         space=space,
         coefficients=loss.coefficients(u, orders),
         coefficient_fit={"history": history, "ridge": ridge} if olss else {},
+        form="flow" if flow else "ve",
     )
 
 
@@ -445,39 +487,81 @@ def tune_pipeline_schedule(
     space: str = "latent",
     **search,
 ) -> TunedSchedule:
-    """`tune_schedule` for a Stable Diffusion (1.x / 2.x) pipeline on calibration prompts (or
-    their embeddings), with classifier-free guidance as the pipeline would apply it.
+    """`tune_schedule` for a Stable Diffusion (1.x / 2.x) or Stable Diffusion 3 (flow matching) pipeline on
+    calibration prompts (or, for SD, their embeddings), with classifier-free guidance as the pipeline
+    would apply it.
 
     `space="image"` measures the distance on the decoded images in [0, 1], as a judge comparing
     the pipeline's images does; "latent" on the final latents."""
     if space not in SPACES:
         raise ValueError(f"space={space!r} is not supported; valid choices: {SPACES}")
+    flow = is_flow_config(pipe.scheduler)
+    if flow and not hasattr(pipe, "transformer") or not flow and not hasattr(pipe, "unet"):
+        raise ValueError(f"tune_pipeline_schedule takes Stable Diffusion (UNet) and Stable Diffusion 3 pipelines, "
+                         f"not {type(pipe).__name__}")
+    setup = _sd3_problem if flow else _sd_problem
+    denoiser, schedule, extra, shape, decode_latents = setup(pipe, prompts, prompt_embeds, negative_prompt_embeds,
+                                                             guidance_scale, height, width)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = extra["cond"]["encoder_hidden_states"].dtype
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(pipe._execution_device, dtype)
+    vae = pipe.vae
+
+    def decode_images(latents):  # the final sigma is 0, where the VE and VP scales agree
+        images = vae.decode(decode_latents(latents.to(vae.dtype))).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    decode = decode_images if space == "image" else None
+    return tune_schedule(CFGDenoiser(denoiser, guidance_scale), noise, schedule, sampler=sampler, num_steps=num_steps,
+                         extra_args=extra, model=str(getattr(pipe, "name_or_path", "") or ""), decode=decode,
+                         space=space, **search)
+
+
+def _sd_problem(pipe, prompts, prompt_embeds, negative_prompt_embeds, guidance_scale, height, width):
+    """A Stable Diffusion pipeline's denoiser, noise schedule, conditioning, latent shape and latent decoding."""
     unet = pipe.unet
-    device = unet.device
     if prompt_embeds is None:
         if not prompts:
             raise ValueError("give calibration `prompts` or `prompt_embeds`")
         prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-            prompts, device, 1, guidance_scale > 1.0, negative_prompt=[""] * len(prompts)
+            prompts, unet.device, 1, guidance_scale > 1.0, negative_prompt=[""] * len(prompts)
         )
     if negative_prompt_embeds is None:
         negative_prompt_embeds = torch.zeros_like(prompt_embeds)
     scale = getattr(pipe, "vae_scale_factor", 8)
     height = height or unet.config.sample_size * scale
     width = width or unet.config.sample_size * scale
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     shape = (prompt_embeds.shape[0], unet.config.in_channels, height // scale, width // scale)
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, prompt_embeds.dtype)
-    base = UNetDenoiser(unet, pipe.scheduler)
-    denoiser = CFGDenoiser(base, guidance_scale)
+    denoiser = UNetDenoiser(unet, pipe.scheduler)
     extra = {"cond": {"encoder_hidden_states": prompt_embeds},
              "uncond": {"encoder_hidden_states": negative_prompt_embeds.to(prompt_embeds.dtype)}}
+    return denoiser, denoiser.schedule, extra, shape, lambda latents: latents / pipe.vae.config.scaling_factor
+
+
+def _sd3_problem(pipe, prompts, prompt_embeds, negative_prompt_embeds, guidance_scale, height, width):
+    """A Stable Diffusion 3 pipeline's flow denoiser and schedule (with the pipeline's dynamic shift for the
+    image size, where its scheduler shifts dynamically), conditioning, latent shape and latent decoding."""
+    if prompt_embeds is not None or not prompts:
+        raise ValueError("give calibration `prompts` (a flow pipeline's embeddings come with pooled ones)")
+    transformer = pipe.transformer
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompts, None, None, device=pipe._execution_device, do_classifier_free_guidance=True,
+        negative_prompt=[""] * len(prompts))
+    scale = pipe.vae_scale_factor
+    height = height or pipe.default_sample_size * scale
+    width = width or pipe.default_sample_size * scale
+    shape = (len(prompts), transformer.config.in_channels, height // scale, width // scale)
+    config = pipe.scheduler.config
+    mu = None
+    if config.get("use_dynamic_shifting"):
+        patch = transformer.config.patch_size
+        mu = calculate_shift((shape[2] // patch) * (shape[3] // patch), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.16))
+    schedule = FlowSchedule.from_config(config, mu=mu)
+    denoiser = FlowDenoiser(transformer, timestep_scale=schedule.num_train_timesteps, schedule=schedule)
+    extra = {"cond": {"encoder_hidden_states": embeds, "pooled_projections": pooled},
+             "uncond": {"encoder_hidden_states": negative.to(embeds.dtype),
+                        "pooled_projections": negative_pooled.to(pooled.dtype)}}
     vae = pipe.vae
-
-    def decode_images(latents):  # the final sigma is 0, where the VE and VP scales agree
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    decode = decode_images if space == "image" else None
-    return tune_schedule(denoiser, noise, base.schedule, sampler=sampler, num_steps=num_steps, extra_args=extra,
-                         model=str(getattr(pipe, "name_or_path", "") or ""), decode=decode, space=space, **search)
+    return denoiser, schedule, extra, shape, lambda latents: latents / vae.config.scaling_factor + vae.config.shift_factor

@@ -214,3 +214,25 @@ class GaussianData:
     def denoiser(self, x, sigma):
         s = sigma.reshape(-1, 1)
         return self.mu + self.sd**2 / (self.sd**2 + s**2) * (x - self.mu)
+
+
+class FlowGaussianData(GaussianData):
+    """`GaussianData` seen by a flow-matching model, `x = (1 - s) * x0 + s * noise`: its exact denoiser
+    D(x, s) = mu + (1 - s) sd^2 / v(s) * (x - (1 - s) mu), v(s) = (1 - s)^2 sd^2 + s^2, and the flow ODE's
+    solution x(s) = (1 - s) mu + (x(s0) - (1 - s0) mu) * sqrt(v(s) / v(s0)) are known in closed form."""
+
+    def variance(self, s):
+        return (1 - s) ** 2 * self.sd**2 + s**2
+
+    def start(self, batch: int, seed: int, sigma_max: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit noise and the sampler's starting point at `sigma_max` (at sigma 1, the noise itself)."""
+        noise = torch.randn(batch, self.dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return noise, (1 - sigma_max) * self.mu + noise * self.variance(sigma_max).sqrt()
+
+    def exact(self, x_start: torch.Tensor, sigma, sigma_max: float = 1.0) -> torch.Tensor:
+        ratio = (self.variance(sigma) / self.variance(sigma_max)).sqrt()
+        return (1 - sigma) * self.mu + (x_start - (1 - sigma_max) * self.mu) * ratio
+
+    def denoiser(self, x, sigma):
+        s = sigma.reshape(-1, 1)
+        return self.mu + (1 - s) * self.sd**2 / self.variance(s) * (x - (1 - s) * self.mu)
