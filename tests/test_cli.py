@@ -114,3 +114,19 @@ def test_sdxl_prune_laptop_distill_and_distill_lcm_commands(sdxl_pipe, tmp_path)
     assert main(["distill-lcm", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "lcm"),
                  "--lora-rank", "2", "--steps", "1", "--batch-size", "2", "--gradient-checkpointing", "--device", "cpu"]) == 0
     assert (tmp_path / "lcm" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_eval_writes_its_report(saved_pipe, tmp_path, capsys):
+    """`accel eval` end to end: at 16x16 (a UNet config of 8x8 latents) no CIFAR-10 classifier applies, so it
+    measures latency and fidelity to the baseline only."""
+    import json
+
+    config = saved_pipe / "unet" / "config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), sample_size=8)))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(saved_pipe), "--preset", "quality", "--n", "2", "--steps", "1",
+                 "--batch-size", "2", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert (result["n"], result["image_size"], result["preset"]) == (2, [16, 16], "quality")
+    assert result["accelerated"]["ssim"] > 0 and "| quality |" in (out / "eval.md").read_text()
+    assert str(out / "eval.json") in capsys.readouterr().out
