@@ -9,7 +9,8 @@ import argparse
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="diffusers folder or Hub id, or mini-sd3-cifar10 for the embedded DiT "
                    "(default: the embedded CIFAR-10 model)")
-    p.add_argument("--preset", default=None, help="acceleration preset (see `accel presets`); default: none")
+    p.add_argument("--preset", default=None, help="acceleration preset (see `accel presets`; on a CPU without its "
+                   "torch.compile and CUDA graphs); default: none")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="load weights in this dtype")
 

@@ -497,12 +497,12 @@ def run(args) -> int:
     if pending:
         from tqdm.auto import tqdm
 
-        from apps.loading import load_pipeline
+        from apps.loading import load_pipeline, preset_config
 
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
         pipe.set_progress_bar_config(disable=True)
         if args.preset:
-            accel.accelerate(pipe, preset=args.preset)
+            accel.accelerate(pipe, preset_config(args.preset, pipe, say=main))
         # The bar counts every rank's items by reading the shards they append to.
         bar = tqdm(total=len(pending), desc="batch", unit="img", disable=not main or args.no_progress)
         tail = ShardTail(out_dir, sizes)

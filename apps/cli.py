@@ -14,14 +14,14 @@ def cmd_generate(args) -> int:
     import torch
 
     from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
-    from apps.loading import load_pipeline
+    from apps.loading import load_pipeline, preset_config
 
     rank, parallel = _parallel_config(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.preset or parallel is not None:
         import accel
 
-        config = accel.resolve_config(preset=args.preset)
+        config = preset_config(args.preset, pipe)
         accel.accelerate(pipe, config if parallel is None else config.replace(parallel=parallel))
     embedded = args.model is None
     if args.steps is None and embedded and not args.preset:
@@ -92,7 +92,7 @@ def _dit_guidance(model) -> float:
 def cmd_eval(args) -> int:
     from accel.embedded import EMBEDDED_GUIDANCE
     from accel.quality.evaluate import evaluate, write_report
-    from apps.loading import load_pipeline
+    from apps.loading import load_pipeline, preset_config
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.guidance is None:
@@ -104,7 +104,7 @@ def cmd_eval(args) -> int:
         classifier = load_classifier(args.classifier, device=pipe.device)
     result = evaluate(
         pipe,
-        preset=args.preset,
+        config=preset_config(args.preset, pipe) if args.preset else None,
         n=args.n,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -112,6 +112,7 @@ def cmd_eval(args) -> int:
         batch_size=args.batch_size,
         classifier=classifier,
     )
+    result["preset"] = args.preset  # the report's name for the config above
     paths = write_report(result, args.out)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0

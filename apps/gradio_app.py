@@ -34,6 +34,7 @@ import torch
 import accel
 from accel.quality import psnr, ssim
 from apps.arguments import add_app_arguments
+from apps.loading import without_gpu_only_runtime
 
 # Gradio must not phone home (usage statistics, version checks); set before gradio is imported.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -49,7 +50,6 @@ CACHE_CHOICES = ("none", "deepcache", "encoder_propagation", "block_cache")
 COMPILE_CHOICES = ("off", "regional", "full")
 # Any other model: the diffusers Stable Diffusion pipelines' own defaults.
 OTHER_STEPS, OTHER_GUIDANCE = 50, 7.5
-GPU_ONLY_NOTE = "torch.compile and CUDA graphs need a CUDA GPU; this app runs on {device}, so they were left out"
 
 
 class InputError(ValueError):
@@ -273,11 +273,9 @@ class ComparisonApp:
             config = accel.AccelConfig(sampler=sampler, cache=self._cache(c), runtime=self._runtime(c))
         if model is not None and config.model is None:
             config = config.replace(model=model)
-        runtime = config.runtime
-        if runtime is not None and not self.on_gpu and (runtime.compile or runtime.cuda_graph):
-            notes.append(GPU_ONLY_NOTE.format(device=self.device.type))
-            runtime = replace(runtime, compile=None, cuda_graph=False)
-            config = config.replace(runtime=None if runtime == accel.RuntimeConfig() else runtime)
+        config, note = without_gpu_only_runtime(config, self.device)
+        if note is not None:
+            notes.append(note)
         if not config.items():
             notes.append("nothing is accelerated: both images come from the same pipeline and settings")
         return config, notes

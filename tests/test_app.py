@@ -11,7 +11,6 @@ import torch
 import accel
 from apps import pareto
 from apps.gradio_app import (
-    GPU_ONLY_NOTE,
     KEEP_SAMPLER,
     ComparisonApp,
     Controls,
@@ -20,6 +19,7 @@ from apps.gradio_app import (
     numbers_markdown,
     prompted_class,
 )
+from apps.loading import GPU_ONLY_NOTE
 from tiny import tiny_sd_pipeline, tiny_unet
 
 

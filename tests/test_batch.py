@@ -156,6 +156,14 @@ def test_bad_input_is_a_clear_error(saved_pipe, tmp_path):
         batch(good, "--model", saved_pipe, "--out", tmp_path / "a-file" / "out", *TINY)
 
 
+def test_compiling_preset_leaves_compile_out_on_cpu(saved_pipe, tmp_path, capsys, no_compile):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert batch(prompts, "--model", saved_pipe, "--out", tmp_path / "out", "--preset", "balanced", *TINY) == 0
+    assert manifest(tmp_path / "out")[0]["status"] == "ok"
+    assert "so they were left out (preset 'balanced')" in capsys.readouterr().err
+
+
 def test_failing_item_is_recorded_and_the_rest_complete(saved_pipe, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(

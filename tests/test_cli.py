@@ -25,6 +25,15 @@ def test_generate_writes_image_and_reports_time(saved_pipe, tmp_path, capsys):
     assert "generated 1 image(s) in" in printed and "quality" in printed
 
 
+def test_compiling_preset_leaves_compile_out_on_cpu_with_one_note(saved_pipe, tmp_path, capsys, no_compile):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", str(saved_pipe), "--prompt", "a cat", "--preset", "fast", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (32, 32)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile and CUDA graphs need a CUDA GPU; this runs on cpu, so they were left out (preset 'fast')") == 1
+
+
 def test_generate_several_images(saved_pipe, tmp_path):
     out = tmp_path / "img.png"
     main(["generate", "--model", str(saved_pipe), "--prompt", "x", "--steps", "1", "--num-images", "2", "--out", str(out)])
@@ -116,17 +125,19 @@ def test_sdxl_prune_laptop_distill_and_distill_lcm_commands(sdxl_pipe, tmp_path)
     assert (tmp_path / "lcm" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_eval_writes_its_report(saved_pipe, tmp_path, capsys):
+def test_eval_writes_its_report(saved_pipe, tmp_path, capsys, no_compile):
     """`accel eval` end to end: at 16x16 (a UNet config of 8x8 latents) no CIFAR-10 classifier applies, so it
-    measures latency and fidelity to the baseline only."""
+    measures latency and fidelity to the baseline only; on a CPU the preset runs without torch.compile."""
     import json
 
     config = saved_pipe / "unet" / "config.json"
     config.write_text(json.dumps(dict(json.loads(config.read_text()), sample_size=8)))
     out = tmp_path / "eval"
-    assert main(["eval", "--model", str(saved_pipe), "--preset", "quality", "--n", "2", "--steps", "1",
+    assert main(["eval", "--model", str(saved_pipe), "--preset", "balanced", "--n", "2", "--steps", "1",
                  "--batch-size", "2", "--device", "cpu", "--out", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
-    assert (result["n"], result["image_size"], result["preset"]) == (2, [16, 16], "quality")
-    assert result["accelerated"]["ssim"] > 0 and "| quality |" in (out / "eval.md").read_text()
-    assert str(out / "eval.json") in capsys.readouterr().out
+    assert (result["n"], result["image_size"], result["preset"]) == (2, [16, 16], "balanced")
+    assert "compile=None" in result["config"] and "cuda_graph=False" in result["config"]
+    assert result["accelerated"]["ssim"] > 0 and "| balanced |" in (out / "eval.md").read_text()
+    printed = capsys.readouterr()
+    assert str(out / "eval.json") in printed.out and "so they were left out (preset 'balanced')" in printed.err
