@@ -31,6 +31,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from apps.checks import (
+    SettingError,
+    check_args,
+    check_at_least,
+    check_preset,
+    check_setting,
+    check_size_multiple,
+    check_writable_folder,
+)
+
 MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "manifest.rank*.jsonl"
 FORMATS = ("txt", "jsonl", "csv")
@@ -39,7 +49,7 @@ ITEM_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "height
 _ALIASES = {"negative": "negative_prompt"}
 
 
-class PromptFileError(ValueError):
+class PromptFileError(SettingError):
     """A prompt file that cannot be read; the message names the file and the line."""
 
 
@@ -89,26 +99,22 @@ def detect_format(path: Path) -> str:
 def _convert(name: str, value, where: str):
     """Check and convert one field's value; `where` names the file and line for the error."""
     if name in ("prompt", "negative_prompt"):
-        if value is None and name == "negative_prompt":
-            return None
-        if not isinstance(value, str):
+        if value is not None and not isinstance(value, str):
             raise PromptFileError(f"{where}: {name} must be a string, got {value!r}")
-        if name == "prompt" and not value.strip():
-            raise PromptFileError(f"{where}: empty prompt")
-        return value
-    if value is None:
-        return None
-    kind, expected = (float, "a number") if name == "guidance" else (int, "an integer")
-    if isinstance(value, str):  # CSV cells
-        try:
-            value = kind(value.strip())
-        except ValueError:
-            raise PromptFileError(f"{where}: {name} must be {expected}, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise PromptFileError(f"{where}: {name} must be {expected}, got {value!r}")
-    if name in ("steps", "height", "width") and value <= 0:
-        raise PromptFileError(f"{where}: {name} must be positive, got {value}")
-    return kind(value)
+    elif value is not None:
+        kind, expected = (float, "a number") if name == "guidance" else (int, "an integer")
+        if isinstance(value, str):  # CSV cells
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                raise PromptFileError(f"{where}: {name} must be {expected}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise PromptFileError(f"{where}: {name} must be {expected}, got {value!r}")
+        value = kind(value)
+    try:  # the ranges `accel batch`'s flags and `accel generate` are held to
+        return check_setting(name, value, f"{where}: {name}")
+    except SettingError as err:
+        raise PromptFileError(str(err)) from None
 
 
 def _fields(record: dict, where: str) -> dict:
@@ -188,6 +194,11 @@ def read_prompts(
         for line, fields in _rows(path, fmt):
             index = len(items)
             values = {**defaults, "seed": seed + index, **fields}
+            if "seed" not in fields:
+                try:
+                    check_setting("seed", values["seed"], f"{path}: line {line}: seed {seed} + item index {index} =")
+                except SettingError as err:
+                    raise PromptFileError(str(err)) from None
             items.append(Item(index=index, line=line, **values))
     except UnicodeDecodeError as err:
         raise PromptFileError(f"{path}: not UTF-8 text ({err.reason})") from None
@@ -402,6 +413,11 @@ def generate(pipe, batch_list: list[list[Item]], out_dir: Path, writer: ShardWri
             if not np.isfinite(image).all():
                 record(item, "error", latency, len(batch), "non-finite (NaN or inf) pixels in the output")
                 continue
+            made = image.shape[:2]
+            if (item.height or made[0], item.width or made[1]) != made:  # a pipeline that resizes what it is asked
+                record(item, "error", latency, len(batch),
+                       f"the pipeline made {made[0]}x{made[1]} pixels (height x width), not {item.height}x{item.width}")
+                continue
             _save_png(image, out_dir / item.file)
             record(item, "ok", latency, len(batch))
 
@@ -416,16 +432,6 @@ def generate(pipe, batch_list: list[list[Item]], out_dir: Path, writer: ShardWri
 
 # ---------------------------------------------------------------------------------------------
 # The command
-
-
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise SystemExit(f"output folder {out_dir} is not writable: {err.strerror or err}") from None
 
 
 def _gather(stats: dict, world_size: int) -> list[dict]:
@@ -448,20 +454,16 @@ def run(args) -> int:
         args.guidance = EMBEDDED_GUIDANCE if embedded else 7.5
     if args.steps is None and embedded and not args.preset:
         args.steps = EMBEDDED_STEPS
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.preset is not None:
-        try:
-            accel.get_preset(args.preset)
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
-    try:
+    out_dir = Path(args.out)
+    try:  # the flags first, by the same checks as the prompt file's fields; all before any model loads
+        check_at_least("--batch-size", args.batch_size)
+        check_preset(args.preset)
+        check_args(args, ("seed", "steps", "guidance", "height", "width"))
         items = read_prompts(args.prompts, format=args.format, seed=args.seed, negative_prompt=args.negative_prompt,
                              steps=args.steps, guidance=args.guidance, height=args.height, width=args.width)
-    except PromptFileError as err:
+        check_writable_folder(out_dir, "--out")
+    except SettingError as err:
         raise SystemExit(f"error: {err}") from None
-    out_dir = Path(args.out)
-    _check_writable(out_dir)
 
     from accelerate import PartialState
 
@@ -501,6 +503,13 @@ def run(args) -> int:
 
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
         pipe.set_progress_bar_config(disable=True)
+        try:  # a DiT's size multiple is known once it is loaded; every rank checks every item
+            check_size_multiple(pipe, {"--height": args.height, "--width": args.width})
+            for item in items:
+                check_size_multiple(pipe, {f"{args.prompts}: line {item.line}: {name}": getattr(item, name)
+                                           for name in ("height", "width") if getattr(item, name) != getattr(args, name)})
+        except SettingError as err:
+            raise SystemExit(f"error: {err}") from None
         if args.preset:
             accel.accelerate(pipe, preset_config(args.preset, pipe, say=main))
         # The bar counts every rank's items by reading the shards they append to.

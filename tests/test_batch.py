@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from apps import batch_generate
 from apps.batch_generate import ShardWriter, batches, generate, read_prompts, shard_path
 from apps.cli import main
 from tiny import tiny_sd_pipeline
@@ -130,6 +131,12 @@ def test_killed_run_resumes_without_duplicates_or_gaps(saved_pipe, tmp_path):
         ("p.csv", "text,seed\na cat,1\n", r"line 1: the CSV header has no 'prompt' column"),
         ("p.csv", "prompt,seed\na cat,1\na dog,two\n", r"line 3: seed must be an integer"),
         ("p.csv", "prompt,seed\na cat,1,9\n", r"line 2: more cells than the header"),
+        # the ranges of `accel generate` and of the flags below
+        ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": " "}\n', r"line 2: prompt is empty; accepted: any text"),
+        ("p.jsonl", '{"prompt": "a cat", "steps": 0}\n', r"line 1: steps 0 is not a step count; accepted: a whole number"),
+        ("p.jsonl", '{"prompt": "a cat", "guidance": -5}\n', r"line 1: guidance -5.0 is not a guidance scale; accepted"),
+        ("p.csv", "prompt,height\na cat,33\n", r"line 2: height 33 is not an image size; accepted: a positive multiple of 8"),
+        ("p.jsonl", '{"prompt": "a cat", "seed": -1}\n', r"line 1: seed -1 is out of range; accepted: 0 to 2\*\*64 - 1"),
     ],
 )
 def test_malformed_line_stops_the_run_before_any_work(tmp_path, name, text, message):
@@ -139,6 +146,42 @@ def test_malformed_line_stops_the_run_before_any_work(tmp_path, name, text, mess
     with pytest.raises(SystemExit, match=message):
         batch(prompts, "--model", tmp_path / "never-loaded", "--out", out, *TINY)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "--steps 0 is not a step count; accepted: a whole number of denoising steps >= 1"),
+        (["--guidance", "-5"], "--guidance -5.0 is not a guidance scale; accepted: a number >= 0"),
+        (["--height", "33"], "--height 33 is not an image size; accepted: a positive multiple of 8"),
+        (["--width", "0"], "--width 0 is not an image size"),
+        (["--seed", "-1"], "--seed -1 is out of range; accepted: 0 to 2**64 - 1"),
+        (["--seed", str(2**64 - 1)], "p.txt: line 2: seed 18446744073709551615 + item index 1 = 18446744073709551616 "
+                                     "is out of range"),
+        (["--batch-size", "0"], "--batch-size 0 is too small; accepted: a whole number >= 1"),
+    ],
+)
+def test_flags_are_checked_as_the_prompt_file_fields_are(tmp_path, flags, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        batch(prompts, "--model", tmp_path / "never-loaded", "--out", out, *TINY, *flags)
+    assert str(exit.value.code).startswith("error: ") and message in str(exit.value.code)
+    assert not out.exists()
+
+
+def test_size_the_loaded_pipeline_cannot_take_stops_the_run_before_generation(saved_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr("apps.checks.size_multiple", lambda pipe: 16)  # as SD3: VAE factor 8, patch 2
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "width": 40}\n')
+    with pytest.raises(SystemExit, match=r"p.jsonl: line 2: width 40 is not a size StableDiffusionPipeline takes; "
+                                         r"accepted: a positive multiple of 16"):
+        batch(prompts, "--model", saved_pipe, "--out", tmp_path / "out", "--steps", "1", "--device", "cpu")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(SystemExit, match=r"--height 24 is not a size StableDiffusionPipeline takes"):
+        batch(tmp_path / "p.txt", "--model", saved_pipe, "--out", tmp_path / "out", *TINY, "--height", "24")
+    assert not list((tmp_path / "out").glob("*.png")) and not list((tmp_path / "out").glob("manifest*"))
 
 
 def test_bad_input_is_a_clear_error(saved_pipe, tmp_path):
@@ -164,18 +207,26 @@ def test_compiling_preset_leaves_compile_out_on_cpu(saved_pipe, tmp_path, capsys
     assert "so they were left out (preset 'balanced')" in capsys.readouterr().err
 
 
-def test_failing_item_is_recorded_and_the_rest_complete(saved_pipe, tmp_path):
+def test_failing_item_is_recorded_and_the_rest_complete(saved_pipe, tmp_path, monkeypatch):
+    real = batch_generate._call
+
+    def call(pipe, items):  # the real pipeline, failing on "boom" as it would on memory
+        if any("boom" in item.prompt for item in items):
+            raise RuntimeError("out of memory (simulated)")
+        return real(pipe, items)
+
+    monkeypatch.setattr(batch_generate, "_call", call)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         '{"prompt": "a cat"}\n'
-        '{"prompt": "a dog", "height": 30}\n'  # not a multiple of 8: the pipeline raises
+        '{"prompt": "a boom"}\n'
         '{"prompt": "a bird", "seed": 7, "negative_prompt": "blurry"}\n'
     )
     out = tmp_path / "out"
     assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 3, *TINY) == 0
     merged = manifest(out)
     assert [r["status"] for r in merged] == ["ok", "error", "ok"]
-    assert "divisible by 8" in merged[1]["error"] and merged[1]["line"] == 2
+    assert "out of memory" in merged[1]["error"] and merged[1]["line"] == 2
     assert not (out / merged[1]["file"]).exists()
     assert [r["seed"] for r in merged] == [0, 1, 7] and merged[2]["negative_prompt"] == "blurry"
     assert all((out / r["file"]).is_file() for r in merged if r["status"] == "ok")
@@ -209,6 +260,18 @@ def test_a_failing_batch_is_retried_item_by_item(tmp_path):
     assert "out of memory" in records[1]["error"] and "NaN" in records[2]["error"]
     assert stats["ok"] == 2 and stats["error"] == 2
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000000.png", "000003.png"]
+
+
+def test_an_image_of_another_size_than_asked_is_an_error_not_a_record(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "height": 8, "width": 8}\n{"prompt": "b", "height": 16, "width": 8}\n')
+    writer = ShardWriter(shard_path(tmp_path, 0))
+    generate(FlakyPipe(), batches(read_prompts(prompts, steps=1), 1), tmp_path, writer)  # FlakyPipe makes 8x8
+    writer.close()
+    records = shard_records(tmp_path)
+    assert [r["status"] for r in records] == ["ok", "error"]
+    assert "made 8x8 pixels (height x width), not 16x8" in records[1]["error"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000000.png"]
 
 
 def test_seeds_follow_the_item_not_the_batch(tmp_path):

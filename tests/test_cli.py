@@ -46,9 +46,74 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         main(["generate", "--model", str(tmp_path / "empty"), "--prompt", "x"])
 
 
-def test_unknown_preset_is_a_clear_error(saved_pipe, tmp_path):
-    with pytest.raises(ValueError, match="valid presets"):
-        main(["generate", "--model", str(saved_pipe), "--prompt", "x", "--preset", "warp", "--out", str(tmp_path / "a.png")])
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0 is not a step count; accepted: a whole number of denoising steps >= 1"),
+    (["--steps", "-3"], "--steps -3 is not a step count"),
+    (["--prompt", " \t"], "--prompt is empty; accepted: any text"),
+    (["--guidance", "-5"], "--guidance -5.0 is not a guidance scale; accepted: a number >= 0"),
+    (["--guidance", "nan"], "--guidance nan is not a guidance scale"),
+    (["--height", "0"], "--height 0 is not an image size; accepted: a positive multiple of 8"),
+    (["--width", "33"], "--width 33 is not an image size"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is out of range; accepted: 0 to 2**64 - 1"),
+    (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--num-images", "0"], "--num-images 0 is too small; accepted: a whole number >= 1"),
+    (["--preset", "nosuch"], "unknown preset 'nosuch'; valid presets: quality, balanced, fast"),
+    (["--out", "{tmp}"], "is a folder; accepted: a file name ending in an image extension"),
+    (["--out", "{tmp}/image"], "has no image extension Pillow writes; accepted: a file name ending in"),
+    (["--out", "{tmp}/a-file/image.png"], "its folder {tmp}/a-file is not writable"),
+])
+def test_bad_generate_input_is_one_line_before_the_model_loads(tmp_path, flags, message):
+    """The model folder does not exist: a check made after loading would end on that instead."""
+    (tmp_path / "a-file").write_text("")
+    argv = ["generate", "--model", str(tmp_path / "never-loaded"), "--prompt", "a cat", "--out", str(tmp_path / "a.png")]
+    with pytest.raises(SystemExit) as exit:
+        main(argv + [flag.format(tmp=tmp_path) for flag in flags])
+    text = str(exit.value.code)
+    assert text.startswith("error: ") and message.format(tmp=tmp_path) in text and "\n" not in text
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "a-file"]  # nothing written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n", "0"], "--n 0 is too small; accepted: a whole number >= 1"),
+    (["--steps", "-1"], "--steps -1 is not a step count"),
+    (["--guidance", "-1"], "--guidance -1.0 is not a guidance scale"),
+    (["--seed", str(2**64 - 1), "--n", "2"], "--seed 18446744073709551615 + --n 2 - 1 (the last image's seed) "
+                                              "18446744073709551616 is out of range"),
+    (["--preset", "nosuch"], "unknown preset 'nosuch'"),
+    (["--out", "{tmp}/a-file"], "--out {tmp}/a-file is not writable"),
+])
+def test_bad_eval_input_is_one_line_before_the_model_loads(tmp_path, flags, message):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", "--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "eval")]
+             + [flag.format(tmp=tmp_path) for flag in flags])
+    assert message.format(tmp=tmp_path) in str(exit.value.code)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "a-file"]
+
+
+def test_size_the_loaded_pipeline_cannot_take_ends_before_generation(saved_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr("apps.checks.size_multiple", lambda pipe: 16)  # as SD3: VAE factor 8, patch 2
+    monkeypatch.setattr("diffusers.StableDiffusionPipeline.__call__", None)  # generating would raise a TypeError
+    with pytest.raises(SystemExit, match="--height 40 is not a size StableDiffusionPipeline takes; accepted: a positive "
+                                         "multiple of 16"):
+        main(["generate", "--model", str(saved_pipe), "--prompt", "a cat", "--height", "40", "--out", str(tmp_path / "a.png")])
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_size_multiple_follows_the_denoiser(sd_pipe):
+    from types import SimpleNamespace
+
+    from apps.checks import size_multiple
+
+    assert size_multiple(sd_pipe) == 8  # diffusers' SD pipelines check for 8 whatever the VAE (here 2)
+    sd3 = SimpleNamespace(vae_scale_factor=8, transformer=SimpleNamespace(config=SimpleNamespace(patch_size=2)))
+    assert size_multiple(sd3) == 16
+
+    class Packing(SimpleNamespace):  # Flux: 2x2 latent packing whatever the transformer's patch_size
+        def _pack_latents(self):
+            pass
+
+    assert size_multiple(Packing(vae_scale_factor=8, transformer=SimpleNamespace(config=SimpleNamespace(patch_size=1)))) == 16
 
 
 def test_presets_lists_every_preset(capsys):
