@@ -23,6 +23,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     """`accel batch`."""
+    p.epilog = ("exit status: 1 if any item of the run failed (the others still complete; manifest.jsonl says which "
+                "and why, and a re-run retries those only), else 0")
     p.add_argument("prompts", help="prompt file: text (one per line), .jsonl or .csv (see apps/batch_generate.py)")
     add_model_arguments(p)
     p.add_argument("--out", required=True, help="folder for the images and manifest.jsonl")

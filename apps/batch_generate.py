@@ -11,6 +11,7 @@ a temporary file and renamed into place, then one full line is appended (flushed
 to this rank's `manifest.rank{R}.jsonl`. An item counts as done when a shard records it with
 status "ok" and its image exists; items are matched by their prompt, seed and settings, not by
 the model or preset, so use one output folder per job. Rank 0 merges the shards into `manifest.jsonl` at the end.
+The exit status is 1 when any item of the run failed (after all the others are done), else 0.
 Across several nodes, `--out` must be a folder that every node sees (a shared filesystem).
 
     accel batch prompts.txt --model path/to/pipeline --out images/ --batch-size 4 --preset fast
@@ -27,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -548,12 +550,15 @@ def run(args) -> int:
         for r in errors[:10]:
             print(f"  item {r['index']} (line {r['line']}): {r['error']}")
     state.wait_for_everyone()
-    return 0
+    # Every rank knows every rank's count, so all exit alike; a re-run retries only the failed items.
+    failed = sum(s["error"] for s in everyone)
+    if failed and main:
+        print(f"batch: {failed} item(s) failed; exit status 1", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
     import argparse
-    import sys
 
     from apps.arguments import add_batch_arguments
 

@@ -207,7 +207,8 @@ def test_compiling_preset_leaves_compile_out_on_cpu(saved_pipe, tmp_path, capsys
     assert "so they were left out (preset 'balanced')" in capsys.readouterr().err
 
 
-def test_failing_item_is_recorded_and_the_rest_complete(saved_pipe, tmp_path, monkeypatch):
+def test_failing_items_are_recorded_the_rest_complete_and_the_exit_status_says_so(saved_pipe, tmp_path, monkeypatch,
+                                                                                    capsys):
     real = batch_generate._call
 
     def call(pipe, items):  # the real pipeline, failing on "boom" as it would on memory
@@ -223,13 +224,20 @@ def test_failing_item_is_recorded_and_the_rest_complete(saved_pipe, tmp_path, mo
         '{"prompt": "a bird", "seed": 7, "negative_prompt": "blurry"}\n'
     )
     out = tmp_path / "out"
-    assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 3, *TINY) == 0
+    assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 3, *TINY) == 1
     merged = manifest(out)
     assert [r["status"] for r in merged] == ["ok", "error", "ok"]
     assert "out of memory" in merged[1]["error"] and merged[1]["line"] == 2
     assert not (out / merged[1]["file"]).exists()
     assert [r["seed"] for r in merged] == [0, 1, 7] and merged[2]["negative_prompt"] == "blurry"
     assert all((out / r["file"]).is_file() for r in merged if r["status"] == "ok")
+    assert "batch: 1 item(s) failed; exit status 1" in capsys.readouterr().err
+    assert batch(prompts, "--model", saved_pipe, "--out", out, *TINY) == 1  # a re-run retries the failed item only
+
+    every = tmp_path / "every.txt"
+    every.write_text("boom one\nboom two\n")
+    assert batch(every, "--model", saved_pipe, "--out", tmp_path / "none", *TINY) == 1
+    assert [r["status"] for r in manifest(tmp_path / "none")] == ["error", "error"]
 
 
 class FlakyPipe:
