@@ -1,10 +1,16 @@
 """Batch generation from a prompt file: data-parallel over processes, resumable, with a JSONL manifest.
 
 Every process launched by `accelerate launch` or `torchrun` (one or several nodes; a plain
-`python` run is a world of one) reads the whole prompt file, drops the items already done,
-and takes every `world_size`-th of the rest. Item `i` is seeded with `seed + i` unless it
-names its own seed, through its own CPU generator, so an item's image does not depend on
-the world size or on which items share its batch.
+`python` run is a world of one) reads the whole prompt file, groups the items into batches of
+equal settings (the same batches whatever the world size), drops the batches already done and
+takes every `world_size`-th of the rest; a partly done batch is made again in full and only its
+missing items are written. Item `i` is seeded with `seed + i` unless it names its own seed,
+through its own CPU generator, and is always made in the same batch, so 1 or N processes give
+bit-identical images where every process does the same arithmetic: on a CPU, the same number
+of threads (`torchrun` sets OMP_NUM_THREADS=1 for each process it starts, a plain run uses one
+per core, and 1 against 2 threads changed one pixel value by 1 in 6 of 40 images); on GPUs,
+the same GPU model and software (not measured). Another `--batch-size` changes the batches,
+and with them an image's last bits.
 
 Writes are ordered so that a kill loses at most the items in flight: an image is written to
 a temporary file and renamed into place, then one full line is appended (flushed, fsynced)
@@ -377,11 +383,12 @@ def _free_memory() -> None:
 
 
 def generate(pipe, batch_list: list[list[Item]], out_dir: Path, writer: ShardWriter, *, rank: int = 0,
-             on_batch=None, settings: dict | None = None) -> dict:
+             on_batch=None, settings: dict | None = None, done: set[int] = frozenset()) -> dict:
     """Run this rank's batches, writing each image and its manifest line as soon as it is made.
 
     A batch that raises is retried item by item, so one bad item (an out-of-memory size, a size
     the pipeline rejects) costs only itself; an exception or NaN pixels record status "error".
+    Items whose index is in `done` are made with their batch but neither written nor recorded.
     Returns this rank's counts and the seconds spent.
     """
     import numpy as np
@@ -406,12 +413,15 @@ def generate(pipe, batch_list: list[list[Item]], out_dir: Path, writer: ShardWri
             _free_memory()
             if len(batch) > 1:
                 for item in batch:
-                    run([item])
+                    if item.index not in done:
+                        run([item])
                 return
             record(batch[0], "error", time.perf_counter() - start, 1, f"{type(err).__name__}: {err}")
             return
         latency = (time.perf_counter() - start) / len(batch)
         for item, image in zip(batch, images):
+            if item.index in done:
+                continue
             if not np.isfinite(image).all():
                 record(item, "error", latency, len(batch), "non-finite (NaN or inf) pixels in the output")
                 continue
@@ -448,6 +458,8 @@ def _gather(stats: dict, world_size: int) -> list[dict]:
 
 def run(args) -> int:
     """`accel batch`: see the module docstring."""
+    import torch
+
     import accel
     from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
 
@@ -495,7 +507,10 @@ def run(args) -> int:
     pending = [item for item in items if item.index not in done]
     state.wait_for_everyone()
 
-    mine = batches(pending[rank::world_size], args.batch_size)  # strided: equal shares of mixed settings
+    # Batches are formed from every item, whatever the world size and whatever is done, and dealt out whole
+    # (strided: equal shares of mixed settings): an item is always made in the same batch, with the same shapes
+    # and so the same arithmetic. A batch's items already done are made again, not written.
+    mine = [b for b in batches(items, args.batch_size) if any(item.index not in done for item in b)][rank::world_size]
     stats = {"rank": rank, "ok": 0, "error": 0, "seconds": 0.0}
     start = time.perf_counter()
     if pending:
@@ -525,13 +540,14 @@ def run(args) -> int:
         writer = ShardWriter(shard_path(out_dir, rank))
         try:
             stats = generate(pipe, mine, out_dir, writer, rank=rank, on_batch=on_batch if main else None,
-                             settings={"model": args.model, "preset": args.preset})
+                             settings={"model": args.model, "preset": args.preset}, done=done)
         finally:
             writer.close()
         state.wait_for_everyone()
         on_batch()
         bar.close()
     wall = time.perf_counter() - start
+    stats["threads"] = torch.get_num_threads()  # on a CPU, part of what makes an image's last bits
     everyone = _gather(stats, world_size)
     if main:
         merged = merge_manifest(out_dir, items)
@@ -543,7 +559,8 @@ def run(args) -> int:
                   f"{made} images in {wall:.2f} s, {made / wall if wall > 0 else 0.0:.2f} images/s overall")
             for s in everyone:
                 rate = s["ok"] / s["seconds"] if s["seconds"] > 0 else 0.0
-                print(f"  rank {s['rank']}: {s['ok']} images, {s['error']} errors, {rate:.2f} images/s")
+                threads = f", {s['threads']} CPU thread(s)" if device == "cpu" else ""
+                print(f"  rank {s['rank']}: {s['ok']} images, {s['error']} errors, {rate:.2f} images/s{threads}")
         else:
             print(f"batch: all {len(items)} items already done")
         print(f"manifest: {out_dir / MANIFEST} ({ok} ok, {len(errors)} error)")

@@ -63,21 +63,24 @@ def free_port() -> int:
 
 
 def test_two_gloo_processes_make_the_same_images_as_one(saved_pipe, tmp_path):
+    """Bit-identical where both runs use the same number of CPU threads (here 1: conftest, OMP_NUM_THREADS), as the
+    README states; each item is made in the same batch of 2 whatever the world size."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cat\na blue dog\n\na green bird\na horse\na ship\n")
+    prompts.write_text("a red cat\na blue dog\n\na green bird\na horse\na ship\na tree\n")
     one, two = tmp_path / "one", tmp_path / "two"
     assert batch(prompts, "--model", saved_pipe, "--out", one, "--batch-size", 2, *TINY) == 0
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "apps.cli", "batch",
-           str(prompts), "--model", str(saved_pipe), "--out", str(two), "--batch-size", "2", *TINY]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "apps.cli", "batch", str(prompts), "--model", str(saved_pipe), "--out", str(two), "--batch-size", "2", *TINY]
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "on 2 process(es)" in done.stdout
+    assert "on 2 process(es)" in done.stdout and "1 CPU thread(s)" in done.stdout
 
     first, second = manifest(one), manifest(two)
-    assert [r["index"] for r in first] == [r["index"] for r in second] == [0, 1, 2, 3, 4]
+    assert [r["index"] for r in first] == [r["index"] for r in second] == [0, 1, 2, 3, 4, 5]
     assert all(r["status"] == "ok" for r in first + second)
     assert {r["rank"] for r in second} == {0, 1}  # the work really was split
-    assert [r["seed"] for r in second] == [0, 1, 2, 3, 4]
+    assert [r["seed"] for r in second] == [0, 1, 2, 3, 4, 5]
+    assert [r["batch_size"] for r in first] == [r["batch_size"] for r in second] == [2] * 6
     for r in first:
         np.testing.assert_array_equal(pixels(one / r["file"]), pixels(two / r["file"]))
     # Different seeds give different images, so equality above is not vacuous.
@@ -268,6 +271,17 @@ def test_a_failing_batch_is_retried_item_by_item(tmp_path):
     assert "out of memory" in records[1]["error"] and "NaN" in records[2]["error"]
     assert stats["ok"] == 2 and stats["error"] == 2
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000000.png", "000003.png"]
+
+
+def test_items_already_done_are_made_with_their_batch_but_not_written(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\nthree\n")
+    pipe, writer = FlakyPipe(), ShardWriter(shard_path(tmp_path, 0))
+    generate(pipe, batches(read_prompts(prompts, steps=1), 2), tmp_path, writer, done={0})
+    writer.close()
+    assert pipe.calls == [["one", "two"], ["three"]]
+    assert [r["index"] for r in shard_records(tmp_path)] == [1, 2]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000001.png", "000002.png"]
 
 
 def test_an_image_of_another_size_than_asked_is_an_error_not_a_record(tmp_path):
