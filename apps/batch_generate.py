@@ -458,6 +458,13 @@ def _gather(stats: dict, world_size: int) -> list[dict]:
 
 def run(args) -> int:
     """`accel batch`: see the module docstring."""
+    try:  # the flags first, by the same checks as the prompt file's fields, before the heavy imports
+        check_at_least("--batch-size", args.batch_size)
+        check_args(args, ("seed", "steps", "guidance", "height", "width"))
+        check_preset(args.preset)
+    except SettingError as err:
+        raise SystemExit(f"error: {err}") from None
+
     import torch
 
     import accel
@@ -469,10 +476,7 @@ def run(args) -> int:
     if args.steps is None and embedded and not args.preset:
         args.steps = EMBEDDED_STEPS
     out_dir = Path(args.out)
-    try:  # the flags first, by the same checks as the prompt file's fields; all before any model loads
-        check_at_least("--batch-size", args.batch_size)
-        check_preset(args.preset)
-        check_args(args, ("seed", "steps", "guidance", "height", "width"))
+    try:  # the whole prompt file, before any model loads
         items = read_prompts(args.prompts, format=args.format, seed=args.seed, negative_prompt=args.negative_prompt,
                              steps=args.steps, guidance=args.guidance, height=args.height, width=args.width)
         check_writable_folder(out_dir, "--out")

@@ -28,15 +28,16 @@ from apps.checks import (
 
 
 def cmd_generate(args) -> int:
+    check_args(args, ("prompt", "seed", "steps", "guidance", "height", "width"))
+    check_at_least("--num-images", args.num_images)
+    out = check_image_path(args.out)
+    check_preset(args.preset)
+
     import torch
 
     from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
     from apps.loading import load_pipeline, preset_config
 
-    check_preset(args.preset)
-    check_args(args, ("prompt", "seed", "steps", "guidance", "height", "width"))
-    check_at_least("--num-images", args.num_images)
-    out = check_image_path(args.out)
     rank, parallel = _parallel_config(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     check_size_multiple(pipe, {"--height": args.height, "--width": args.width})
@@ -110,16 +111,17 @@ def _dit_guidance(model) -> float:
 
 
 def cmd_eval(args) -> int:
-    from accel.embedded import EMBEDDED_GUIDANCE
-    from accel.quality.evaluate import evaluate, write_report
-    from apps.loading import load_pipeline, preset_config
-
-    check_preset(args.preset)
     check_args(args, ("seed", "steps", "guidance"))
     check_at_least("--n", args.n)
     check_at_least("--batch-size", args.batch_size)
     check_setting("seed", args.seed + args.n - 1, f"--seed {args.seed} + --n {args.n} - 1 (the last image's seed)")
+    check_preset(args.preset)
     check_writable_folder(Path(args.out), "--out")
+
+    from accel.embedded import EMBEDDED_GUIDANCE
+    from accel.quality.evaluate import evaluate, write_report
+    from apps.loading import load_pipeline, preset_config
+
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.guidance is None:
         args.guidance = EMBEDDED_GUIDANCE if args.model is None else _dit_guidance(args.model)
