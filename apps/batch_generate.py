@@ -7,10 +7,10 @@ takes every `world_size`-th of the rest; a partly done batch is made again in fu
 missing items are written. Item `i` is seeded with `seed + i` unless it names its own seed,
 through its own CPU generator, and is always made in the same batch, so 1 or N processes give
 bit-identical images where every process does the same arithmetic: on a CPU, the same number
-of threads (`torchrun` sets OMP_NUM_THREADS=1 for each process it starts, a plain run uses one
-per core, and 1 against 2 threads changed one pixel value by 1 in 6 of 40 images); on GPUs,
-the same GPU model and software (not measured). Another `--batch-size` changes the batches,
-and with them an image's last bits.
+of threads (`torchrun` starting several processes sets OMP_NUM_THREADS=1 unless it is set, a
+plain run uses one per core, and 1 against 2 threads changed one pixel value by 1 in 6 of 40
+images); on GPUs, the same GPU model and software (not measured). Another `--batch-size`
+changes the batches, and with them an image's last bits.
 
 Writes are ordered so that a kill loses at most the items in flight: an image is written to
 a temporary file and renamed into place, then one full line is appended (flushed, fsynced)
