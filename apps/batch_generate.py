@@ -1,16 +1,23 @@
 """Batch generation from a prompt file: data-parallel over processes, resumable, with a JSONL manifest.
 
 Every process launched by `accelerate launch` or `torchrun` (one or several nodes; a plain
-`python` run is a world of one) reads the whole prompt file, drops the items already done,
-and takes every `world_size`-th of the rest. Item `i` is seeded with `seed + i` unless it
-names its own seed, through its own CPU generator, so an item's image does not depend on
-the world size or on which items share its batch.
+`python` run is a world of one) reads the whole prompt file, groups the items into batches of
+equal settings (the same batches whatever the world size), drops the batches already done and
+takes every `world_size`-th of the rest; a partly done batch is made again in full and only its
+missing items are written. Item `i` is seeded with `seed + i` unless it names its own seed,
+through its own CPU generator, and is always made in the same batch, so 1 or N processes give
+bit-identical images where every process does the same arithmetic: on a CPU, the same number
+of threads (`torchrun` starting several processes sets OMP_NUM_THREADS=1 unless it is set, a
+plain run uses one per core, and 1 against 2 threads changed one pixel value by 1 in 6 of 40
+images); on GPUs, the same GPU model and software (not measured). Another `--batch-size`
+changes the batches, and with them an image's last bits.
 
 Writes are ordered so that a kill loses at most the items in flight: an image is written to
 a temporary file and renamed into place, then one full line is appended (flushed, fsynced)
 to this rank's `manifest.rank{R}.jsonl`. An item counts as done when a shard records it with
 status "ok" and its image exists; items are matched by their prompt, seed and settings, not by
 the model or preset, so use one output folder per job. Rank 0 merges the shards into `manifest.jsonl` at the end.
+The exit status is 1 when any item of the run failed (after all the others are done), else 0.
 Across several nodes, `--out` must be a folder that every node sees (a shared filesystem).
 
     accel batch prompts.txt --model path/to/pipeline --out images/ --batch-size 4 --preset fast
@@ -27,9 +34,20 @@ import csv
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from apps.checks import (
+    SettingError,
+    check_args,
+    check_at_least,
+    check_preset,
+    check_setting,
+    check_size_multiple,
+    check_writable_folder,
+)
 
 MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "manifest.rank*.jsonl"
@@ -39,7 +57,7 @@ ITEM_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "height
 _ALIASES = {"negative": "negative_prompt"}
 
 
-class PromptFileError(ValueError):
+class PromptFileError(SettingError):
     """A prompt file that cannot be read; the message names the file and the line."""
 
 
@@ -89,26 +107,22 @@ def detect_format(path: Path) -> str:
 def _convert(name: str, value, where: str):
     """Check and convert one field's value; `where` names the file and line for the error."""
     if name in ("prompt", "negative_prompt"):
-        if value is None and name == "negative_prompt":
-            return None
-        if not isinstance(value, str):
+        if value is not None and not isinstance(value, str):
             raise PromptFileError(f"{where}: {name} must be a string, got {value!r}")
-        if name == "prompt" and not value.strip():
-            raise PromptFileError(f"{where}: empty prompt")
-        return value
-    if value is None:
-        return None
-    kind, expected = (float, "a number") if name == "guidance" else (int, "an integer")
-    if isinstance(value, str):  # CSV cells
-        try:
-            value = kind(value.strip())
-        except ValueError:
-            raise PromptFileError(f"{where}: {name} must be {expected}, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise PromptFileError(f"{where}: {name} must be {expected}, got {value!r}")
-    if name in ("steps", "height", "width") and value <= 0:
-        raise PromptFileError(f"{where}: {name} must be positive, got {value}")
-    return kind(value)
+    elif value is not None:
+        kind, expected = (float, "a number") if name == "guidance" else (int, "an integer")
+        if isinstance(value, str):  # CSV cells
+            try:
+                value = kind(value.strip())
+            except ValueError:
+                raise PromptFileError(f"{where}: {name} must be {expected}, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+            raise PromptFileError(f"{where}: {name} must be {expected}, got {value!r}")
+        value = kind(value)
+    try:  # the ranges `accel batch`'s flags and `accel generate` are held to
+        return check_setting(name, value, f"{where}: {name}")
+    except SettingError as err:
+        raise PromptFileError(str(err)) from None
 
 
 def _fields(record: dict, where: str) -> dict:
@@ -188,6 +202,11 @@ def read_prompts(
         for line, fields in _rows(path, fmt):
             index = len(items)
             values = {**defaults, "seed": seed + index, **fields}
+            if "seed" not in fields:
+                try:
+                    check_setting("seed", values["seed"], f"{path}: line {line}: seed {seed} + item index {index} =")
+                except SettingError as err:
+                    raise PromptFileError(str(err)) from None
             items.append(Item(index=index, line=line, **values))
     except UnicodeDecodeError as err:
         raise PromptFileError(f"{path}: not UTF-8 text ({err.reason})") from None
@@ -364,11 +383,12 @@ def _free_memory() -> None:
 
 
 def generate(pipe, batch_list: list[list[Item]], out_dir: Path, writer: ShardWriter, *, rank: int = 0,
-             on_batch=None, settings: dict | None = None) -> dict:
+             on_batch=None, settings: dict | None = None, done: set[int] = frozenset()) -> dict:
     """Run this rank's batches, writing each image and its manifest line as soon as it is made.
 
     A batch that raises is retried item by item, so one bad item (an out-of-memory size, a size
     the pipeline rejects) costs only itself; an exception or NaN pixels record status "error".
+    Items whose index is in `done` are made with their batch but neither written nor recorded.
     Returns this rank's counts and the seconds spent.
     """
     import numpy as np
@@ -393,14 +413,22 @@ def generate(pipe, batch_list: list[list[Item]], out_dir: Path, writer: ShardWri
             _free_memory()
             if len(batch) > 1:
                 for item in batch:
-                    run([item])
+                    if item.index not in done:
+                        run([item])
                 return
             record(batch[0], "error", time.perf_counter() - start, 1, f"{type(err).__name__}: {err}")
             return
         latency = (time.perf_counter() - start) / len(batch)
         for item, image in zip(batch, images):
+            if item.index in done:
+                continue
             if not np.isfinite(image).all():
                 record(item, "error", latency, len(batch), "non-finite (NaN or inf) pixels in the output")
+                continue
+            made = image.shape[:2]
+            if (item.height or made[0], item.width or made[1]) != made:  # a pipeline that resizes what it is asked
+                record(item, "error", latency, len(batch),
+                       f"the pipeline made {made[0]}x{made[1]} pixels (height x width), not {item.height}x{item.width}")
                 continue
             _save_png(image, out_dir / item.file)
             record(item, "ok", latency, len(batch))
@@ -418,16 +446,6 @@ def generate(pipe, batch_list: list[list[Item]], out_dir: Path, writer: ShardWri
 # The command
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise SystemExit(f"output folder {out_dir} is not writable: {err.strerror or err}") from None
-
-
 def _gather(stats: dict, world_size: int) -> list[dict]:
     import torch.distributed as dist
 
@@ -440,6 +458,15 @@ def _gather(stats: dict, world_size: int) -> list[dict]:
 
 def run(args) -> int:
     """`accel batch`: see the module docstring."""
+    try:  # the flags first, by the same checks as the prompt file's fields, before the heavy imports
+        check_at_least("--batch-size", args.batch_size)
+        check_args(args, ("seed", "steps", "guidance", "height", "width"))
+        check_preset(args.preset)
+    except SettingError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    import torch
+
     import accel
     from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
 
@@ -448,20 +475,13 @@ def run(args) -> int:
         args.guidance = EMBEDDED_GUIDANCE if embedded else 7.5
     if args.steps is None and embedded and not args.preset:
         args.steps = EMBEDDED_STEPS
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.preset is not None:
-        try:
-            accel.get_preset(args.preset)
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
-    try:
+    out_dir = Path(args.out)
+    try:  # the whole prompt file, before any model loads
         items = read_prompts(args.prompts, format=args.format, seed=args.seed, negative_prompt=args.negative_prompt,
                              steps=args.steps, guidance=args.guidance, height=args.height, width=args.width)
-    except PromptFileError as err:
+        check_writable_folder(out_dir, "--out")
+    except SettingError as err:
         raise SystemExit(f"error: {err}") from None
-    out_dir = Path(args.out)
-    _check_writable(out_dir)
 
     from accelerate import PartialState
 
@@ -491,18 +511,28 @@ def run(args) -> int:
     pending = [item for item in items if item.index not in done]
     state.wait_for_everyone()
 
-    mine = batches(pending[rank::world_size], args.batch_size)  # strided: equal shares of mixed settings
+    # Batches are formed from every item, whatever the world size and whatever is done, and dealt out whole
+    # (strided: equal shares of mixed settings): an item is always made in the same batch, with the same shapes
+    # and so the same arithmetic. A batch's items already done are made again, not written.
+    mine = [b for b in batches(items, args.batch_size) if any(item.index not in done for item in b)][rank::world_size]
     stats = {"rank": rank, "ok": 0, "error": 0, "seconds": 0.0}
     start = time.perf_counter()
     if pending:
         from tqdm.auto import tqdm
 
-        from apps.loading import load_pipeline
+        from apps.loading import load_pipeline, preset_config
 
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
         pipe.set_progress_bar_config(disable=True)
+        try:  # a DiT's size multiple is known once it is loaded; every rank checks every item
+            check_size_multiple(pipe, {"--height": args.height, "--width": args.width})
+            for item in items:
+                check_size_multiple(pipe, {f"{args.prompts}: line {item.line}: {name}": getattr(item, name)
+                                           for name in ("height", "width") if getattr(item, name) != getattr(args, name)})
+        except SettingError as err:
+            raise SystemExit(f"error: {err}") from None
         if args.preset:
-            accel.accelerate(pipe, preset=args.preset)
+            accel.accelerate(pipe, preset_config(args.preset, pipe, say=main))
         # The bar counts every rank's items by reading the shards they append to.
         bar = tqdm(total=len(pending), desc="batch", unit="img", disable=not main or args.no_progress)
         tail = ShardTail(out_dir, sizes)
@@ -514,13 +544,14 @@ def run(args) -> int:
         writer = ShardWriter(shard_path(out_dir, rank))
         try:
             stats = generate(pipe, mine, out_dir, writer, rank=rank, on_batch=on_batch if main else None,
-                             settings={"model": args.model, "preset": args.preset})
+                             settings={"model": args.model, "preset": args.preset}, done=done)
         finally:
             writer.close()
         state.wait_for_everyone()
         on_batch()
         bar.close()
     wall = time.perf_counter() - start
+    stats["threads"] = torch.get_num_threads()  # on a CPU, part of what makes an image's last bits
     everyone = _gather(stats, world_size)
     if main:
         merged = merge_manifest(out_dir, items)
@@ -532,19 +563,23 @@ def run(args) -> int:
                   f"{made} images in {wall:.2f} s, {made / wall if wall > 0 else 0.0:.2f} images/s overall")
             for s in everyone:
                 rate = s["ok"] / s["seconds"] if s["seconds"] > 0 else 0.0
-                print(f"  rank {s['rank']}: {s['ok']} images, {s['error']} errors, {rate:.2f} images/s")
+                threads = f", {s['threads']} CPU thread(s)" if device == "cpu" else ""
+                print(f"  rank {s['rank']}: {s['ok']} images, {s['error']} errors, {rate:.2f} images/s{threads}")
         else:
             print(f"batch: all {len(items)} items already done")
         print(f"manifest: {out_dir / MANIFEST} ({ok} ok, {len(errors)} error)")
         for r in errors[:10]:
             print(f"  item {r['index']} (line {r['line']}): {r['error']}")
     state.wait_for_everyone()
-    return 0
+    # Every rank knows every rank's count, so all exit alike; a re-run retries only the failed items.
+    failed = sum(s["error"] for s in everyone)
+    if failed and main:
+        print(f"batch: {failed} item(s) failed; exit status 1", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
     import argparse
-    import sys
 
     from apps.arguments import add_batch_arguments
 

@@ -7,21 +7,44 @@ import sys
 import time
 from pathlib import Path
 
-from apps.arguments import add_app_arguments, add_batch_arguments, add_model_arguments
+from apps.arguments import (
+    GUIDANCE_HELP,
+    SEED_HELP,
+    SIZE_HELP,
+    add_app_arguments,
+    add_batch_arguments,
+    add_model_arguments,
+)
+from apps.checks import (
+    SettingError,
+    check_args,
+    check_at_least,
+    check_image_path,
+    check_preset,
+    check_setting,
+    check_size_multiple,
+    check_writable_folder,
+)
 
 
 def cmd_generate(args) -> int:
+    check_args(args, ("prompt", "seed", "steps", "guidance", "height", "width"))
+    check_at_least("--num-images", args.num_images)
+    out = check_image_path(args.out)
+    check_preset(args.preset)
+
     import torch
 
     from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
-    from apps.loading import load_pipeline
+    from apps.loading import load_pipeline, preset_config
 
     rank, parallel = _parallel_config(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    check_size_multiple(pipe, {"--height": args.height, "--width": args.width})
     if args.preset or parallel is not None:
         import accel
 
-        config = accel.resolve_config(preset=args.preset)
+        config = preset_config(args.preset, pipe)
         accel.accelerate(pipe, config if parallel is None else config.replace(parallel=parallel))
     embedded = args.model is None
     if args.steps is None and embedded and not args.preset:
@@ -43,8 +66,6 @@ def cmd_generate(args) -> int:
     seconds = time.perf_counter() - start
     if rank != 0:  # every rank holds the same images; rank 0 saves them
         return 0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
     for image, path in zip(images, paths):
         image.save(path)
@@ -90,9 +111,16 @@ def _dit_guidance(model) -> float:
 
 
 def cmd_eval(args) -> int:
+    check_args(args, ("seed", "steps", "guidance"))
+    check_at_least("--n", args.n)
+    check_at_least("--batch-size", args.batch_size)
+    check_setting("seed", args.seed + args.n - 1, f"--seed {args.seed} + --n {args.n} - 1 (the last image's seed)")
+    check_preset(args.preset)
+    check_writable_folder(Path(args.out), "--out")
+
     from accel.embedded import EMBEDDED_GUIDANCE
     from accel.quality.evaluate import evaluate, write_report
-    from apps.loading import load_pipeline
+    from apps.loading import load_pipeline, preset_config
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.guidance is None:
@@ -104,7 +132,7 @@ def cmd_eval(args) -> int:
         classifier = load_classifier(args.classifier, device=pipe.device)
     result = evaluate(
         pipe,
-        preset=args.preset,
+        config=preset_config(args.preset, pipe) if args.preset else None,
         n=args.n,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -112,6 +140,7 @@ def cmd_eval(args) -> int:
         batch_size=args.batch_size,
         classifier=classifier,
     )
+    result["preset"] = args.preset  # the report's name for the config above
     paths = write_report(result, args.out)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
@@ -123,16 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
     add_model_arguments(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="any text that is not blank")
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's, else the pipeline's)")
-    gen.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance scale (default: 4 on the embedded model, else 7.5)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--out", default="out.png")
+    gen.add_argument("--steps", type=int, default=None,
+                     help="denoising steps, >= 1 (default: the preset's, else the pipeline's)")
+    gen.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
+    gen.add_argument("--seed", type=int, default=0, help=SEED_HELP)
+    gen.add_argument("--height", type=int, default=None, help=SIZE_HELP)
+    gen.add_argument("--width", type=int, default=None, help=SIZE_HELP)
+    gen.add_argument("--num-images", type=int, default=1, help=">= 1; N > 1 writes OUT-0.png ... OUT-{N-1}.png")
+    gen.add_argument("--out", default="out.png", help="image file: .png, .jpg, .webp or another extension Pillow "
+                     "writes; checked before the model loads (default: out.png)")
     gen.add_argument("--parallel", default=None, choices=["patch", "cfg", "patch+cfg"],
                      help="one image on every process of a launcher (torchrun --nproc-per-node N / accelerate launch): "
                           "rows split over the processes (patch), the CFG batch over 2 (cfg), or both (4+ processes); "
@@ -148,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="measure the quality cost of a preset against the unaccelerated pipeline")
     add_model_arguments(ev)
-    ev.add_argument("--n", type=int, default=1000, help="number of images")
-    ev.add_argument("--steps", type=int, default=20)
-    ev.add_argument("--guidance", type=float, default=None, help="default: 4 on the embedded model, else 7.5")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--n", type=int, default=1000, help="number of images, >= 1")
+    ev.add_argument("--steps", type=int, default=20, help="denoising steps, >= 1")
+    ev.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP)
+    ev.add_argument("--seed", type=int, default=0, help="image i gets seed + i; " + SEED_HELP)
+    ev.add_argument("--batch-size", type=int, default=100, help=">= 1")
     ev.add_argument("--classifier", default=None,
                     help="adherence classifier folder (default: the shipped accel/models/cifar10-classifier)")
     ev.add_argument("--out", default="eval-results", help="folder for the JSON and markdown report")
@@ -377,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except FileNotFoundError as err:  # a model, file or folder that is not there: its message, no traceback
+    except (FileNotFoundError, SettingError) as err:  # a missing model or file, a bad setting: its message, no traceback
         raise SystemExit(f"error: {err}") from None
 
 

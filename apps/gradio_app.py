@@ -34,6 +34,7 @@ import torch
 import accel
 from accel.quality import psnr, ssim
 from apps.arguments import add_app_arguments
+from apps.loading import without_gpu_only_runtime
 
 # Gradio must not phone home (usage statistics, version checks); set before gradio is imported.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -49,7 +50,6 @@ CACHE_CHOICES = ("none", "deepcache", "encoder_propagation", "block_cache")
 COMPILE_CHOICES = ("off", "regional", "full")
 # Any other model: the diffusers Stable Diffusion pipelines' own defaults.
 OTHER_STEPS, OTHER_GUIDANCE = 50, 7.5
-GPU_ONLY_NOTE = "torch.compile and CUDA graphs need a CUDA GPU; this app runs on {device}, so they were left out"
 
 
 class InputError(ValueError):
@@ -273,11 +273,9 @@ class ComparisonApp:
             config = accel.AccelConfig(sampler=sampler, cache=self._cache(c), runtime=self._runtime(c))
         if model is not None and config.model is None:
             config = config.replace(model=model)
-        runtime = config.runtime
-        if runtime is not None and not self.on_gpu and (runtime.compile or runtime.cuda_graph):
-            notes.append(GPU_ONLY_NOTE.format(device=self.device.type))
-            runtime = replace(runtime, compile=None, cuda_graph=False)
-            config = config.replace(runtime=None if runtime == accel.RuntimeConfig() else runtime)
+        config, note = without_gpu_only_runtime(config, self.device)
+        if note is not None:
+            notes.append(note)
         if not config.items():
             notes.append("nothing is accelerated: both images come from the same pipeline and settings")
         return config, notes
@@ -550,7 +548,7 @@ def build_app(app: ComparisonApp, results_dir: str | Path | None = None):
                 with gr.Row():
                     seed = gr.Number(label="seed", value=0, precision=0)
                     guidance = gr.Number(label="guidance", value=app.default_guidance)
-                    steps = gr.Number(label="baseline steps", value=app.default_steps, precision=0)
+                    steps = gr.Number(label="baseline steps", value=app.default_steps, precision=0, elem_id="steps")
                 with gr.Row():
                     height = gr.Number(label="height", value=app.native_size, precision=0, elem_id="height")
                     width = gr.Number(label="width", value=app.native_size, precision=0, elem_id="width")
@@ -585,6 +583,7 @@ def build_app(app: ComparisonApp, results_dir: str | Path | None = None):
                     lcm_lora = gr.Textbox(label="LCM-LoRA weights", placeholder="a .safetensors file or its folder")
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
+                status = gr.Markdown("", elem_id="status")
                 with gr.Row():
                     baseline_image = gr.Image(label="baseline", type="pil", interactive=False, format="png",
                                               elem_id="baseline-image", height=320)
@@ -614,18 +613,24 @@ def build_app(app: ComparisonApp, results_dir: str | Path | None = None):
         assert len(inputs) == len(Controls.names())
 
         def on_generate(*values, progress=gr.Progress()):
+            # An error leaves the previous run's outputs in place (a raised gr.Error would turn each into an
+            # "Error" box) and says in the status line what was wrong and that those outputs are older.
             *controls, live = values
             try:
-                return generate_outputs(app, Controls(*controls), measured, live, lambda f, d: progress(f, desc=d))
+                outputs = generate_outputs(app, Controls(*controls), measured, live, lambda f, d: progress(f, desc=d))
+                return (*outputs, "")
             except InputError as err:
-                raise gr.Error(str(err), title="Cannot generate", print_exception=False) from None
+                message = f"**Cannot generate:** {err}"
             except Exception as err:  # the page gets the message; the log gets the traceback
                 logger.exception("generation failed")
-                raise gr.Error(f"generation failed: {type(err).__name__}: {err}", title="Generation failed") from None
+                message = f"**Generation failed:** {type(err).__name__}: {err}"
+            if live:
+                message += "  \nThe images, numbers and plot below are from the previous run."
+            return (*[gr.skip()] * 6, message)
 
         generate.click(
             on_generate, inputs=[*inputs, history],
-            outputs=[baseline_image, accelerated_image, numbers, plot, front, history],
+            outputs=[baseline_image, accelerated_image, numbers, plot, front, history, status],
             concurrency_limit=1, concurrency_id="generate", api_name="generate",
         )
     return demo

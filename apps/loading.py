@@ -1,11 +1,15 @@
-"""Load a pipeline for the programs: the embedded model by default, any local folder or Hub id."""
+"""Load a pipeline for the programs (the embedded model by default, any local folder or Hub id), and the preset
+configs they apply to it."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
+
+GPU_ONLY_NOTE = "torch.compile and CUDA graphs need a CUDA GPU; this runs on {device}, so they were left out"
 
 
 def default_model() -> Path:
@@ -42,3 +46,28 @@ def load_pipeline(model: str | os.PathLike | None, *, device: str = "auto", dtyp
         raise SystemExit(f"could not load {model}: {err}") from None
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(pick_device(device))
+
+
+def without_gpu_only_runtime(config, device):
+    """`config` without torch.compile and CUDA graphs unless `device` is a CUDA GPU, and a note saying so (None
+    when nothing was left out): on a CPU, compiling costs a minute where an image takes a second."""
+    from dataclasses import replace
+
+    from accel import RuntimeConfig
+
+    runtime, device = config.runtime, torch.device(device)
+    if runtime is None or device.type == "cuda" or not (runtime.compile or runtime.cuda_graph):
+        return config, None
+    runtime = replace(runtime, compile=None, cuda_graph=False)
+    return config.replace(runtime=None if runtime == RuntimeConfig() else runtime), GPU_ONLY_NOTE.format(device=device.type)
+
+
+def preset_config(preset: str | None, pipe, *, say: bool = True):
+    """The preset's config for `pipe`'s family (None: nothing), without torch.compile and CUDA graphs off a CUDA GPU,
+    which it says on stderr."""
+    import accel
+
+    config, note = without_gpu_only_runtime(accel.resolve_config(preset=preset, pipe=pipe), pipe.device)
+    if note is not None and say:
+        print(f"note: {note} (preset {preset!r})", file=sys.stderr)
+    return config

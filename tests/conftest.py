@@ -15,3 +15,13 @@ def sd_pipe(tmp_path):
 @pytest.fixture
 def sdxl_pipe(tmp_path):
     return tiny_sdxl_pipeline(tmp_path)
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """torch.compile raises: a CPU run must not reach it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile was called on a CPU")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(torch.nn.Module, "compile", refuse)

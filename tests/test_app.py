@@ -11,7 +11,6 @@ import torch
 import accel
 from apps import pareto
 from apps.gradio_app import (
-    GPU_ONLY_NOTE,
     KEEP_SAMPLER,
     ComparisonApp,
     Controls,
@@ -20,6 +19,7 @@ from apps.gradio_app import (
     numbers_markdown,
     prompted_class,
 )
+from apps.loading import GPU_ONLY_NOTE
 from tiny import tiny_sd_pipeline, tiny_unet
 
 
@@ -277,9 +277,13 @@ def test_page_builds_and_answers_bad_input_with_a_message(app, tmp_path, monkeyp
     assert launched["server_name"] == "127.0.0.1" and launched["show_error"] is False
     (generate,) = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
     assert generate.concurrency_limit == 1 and generate.queue
-    with pytest.raises(gr.Error) as err:
-        generate.fn(*Controls("").__dict__.values(), [])
-    assert "the prompt is empty" in err.value.message
+    *kept, status = generate.fn(*Controls("").__dict__.values(), [])
+    assert kept == [gr.skip()] * 6  # the previous outputs stay
+    assert "Cannot generate:** the prompt is empty" in status and "previous run" not in status
+    outputs = generate.fn(*controls(steps=1).__dict__.values(), [])
+    assert outputs[-1] == "" and outputs[2].startswith("| | baseline | accelerated |")
+    *kept, status = generate.fn(*Controls("a cat", height=36).__dict__.values(), outputs[-2])
+    assert kept == [gr.skip()] * 6 and "height=36" in status and "from the previous run" in status
 
 
 def test_cli_app_defaults_to_localhost():

@@ -1,8 +1,9 @@
 """The app in a real browser: `accel app` on a free local port, driven by headless Chromium.
 
 Debian's `chromium` through Playwright (`executable_path`; Playwright's own browser download is not
-used). The test types prompts, clicks Generate on two pages at once, waits for both images and the
-numbers, checks that the page loads nothing from outside this machine, and takes a screenshot (the
+used). The tests check that bad input gets a message, that a run after it succeeds and that a later
+error keeps that run's outputs; they type prompts, click Generate on two pages at once, wait for both images and the
+numbers, check that the page loads nothing from outside this machine, and take a screenshot (the
 README's `docs/app.png` when ACCEL_UPDATE_SCREENSHOT=1). Skipped only where Chromium or Playwright is not installed; `.ci/run`
 installs both and sets ACCEL_REQUIRE_BROWSER=1, which turns that skip into a failure.
 """
@@ -127,6 +128,22 @@ def test_bad_input_gets_a_message_in_the_page(browser, app_url):
     page.locator("#height input").fill("36")
     page.locator("#generate").click()
     page.get_by_text("height=36 is a size this model cannot take").wait_for(timeout=30_000)
+
+    # fixed, it runs; a later error keeps that run's images and numbers, and the status says they are older
+    page.locator("#height input").fill("32")
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#numbers').innerText.includes('speed-up')",
+                           timeout=GENERATE_TIMEOUT_MS)
+    assert page.locator("#status").inner_text().strip() == ""
+    numbers = page.locator("#numbers").inner_text()
+    page.locator("#steps input").fill("0")
+    page.locator("#generate").click()
+    page.get_by_text("steps=0 is out of range").wait_for(timeout=30_000)
+    assert "from the previous run" in page.locator("#status").inner_text()
+    assert page.locator("#numbers").inner_text() == numbers
+    for image in ("#baseline-image", "#accelerated-image"):
+        assert page.locator(f"{image} img").evaluate("img => img.complete && img.naturalWidth") == 32
+        assert "Error" not in page.locator(image).inner_text()
     assert outside == []
     page.close()
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from apps import batch_generate
 from apps.batch_generate import ShardWriter, batches, generate, read_prompts, shard_path
 from apps.cli import main
 from tiny import tiny_sd_pipeline
@@ -62,21 +63,24 @@ def free_port() -> int:
 
 
 def test_two_gloo_processes_make_the_same_images_as_one(saved_pipe, tmp_path):
+    """Bit-identical where both runs use the same number of CPU threads (here 1: conftest, OMP_NUM_THREADS), as the
+    README states; each item is made in the same batch of 2 whatever the world size."""
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cat\na blue dog\n\na green bird\na horse\na ship\n")
+    prompts.write_text("a red cat\na blue dog\n\na green bird\na horse\na ship\na tree\n")
     one, two = tmp_path / "one", tmp_path / "two"
     assert batch(prompts, "--model", saved_pipe, "--out", one, "--batch-size", 2, *TINY) == 0
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "apps.cli", "batch",
-           str(prompts), "--model", str(saved_pipe), "--out", str(two), "--batch-size", "2", *TINY]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "apps.cli", "batch", str(prompts), "--model", str(saved_pipe), "--out", str(two), "--batch-size", "2", *TINY]
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "on 2 process(es)" in done.stdout
+    assert "on 2 process(es)" in done.stdout and "1 CPU thread(s)" in done.stdout
 
     first, second = manifest(one), manifest(two)
-    assert [r["index"] for r in first] == [r["index"] for r in second] == [0, 1, 2, 3, 4]
+    assert [r["index"] for r in first] == [r["index"] for r in second] == [0, 1, 2, 3, 4, 5]
     assert all(r["status"] == "ok" for r in first + second)
     assert {r["rank"] for r in second} == {0, 1}  # the work really was split
-    assert [r["seed"] for r in second] == [0, 1, 2, 3, 4]
+    assert [r["seed"] for r in second] == [0, 1, 2, 3, 4, 5]
+    assert [r["batch_size"] for r in first] == [r["batch_size"] for r in second] == [2] * 6
     for r in first:
         np.testing.assert_array_equal(pixels(one / r["file"]), pixels(two / r["file"]))
     # Different seeds give different images, so equality above is not vacuous.
@@ -130,6 +134,12 @@ def test_killed_run_resumes_without_duplicates_or_gaps(saved_pipe, tmp_path):
         ("p.csv", "text,seed\na cat,1\n", r"line 1: the CSV header has no 'prompt' column"),
         ("p.csv", "prompt,seed\na cat,1\na dog,two\n", r"line 3: seed must be an integer"),
         ("p.csv", "prompt,seed\na cat,1,9\n", r"line 2: more cells than the header"),
+        # the ranges of `accel generate` and of the flags below
+        ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": " "}\n', r"line 2: prompt is empty; accepted: any text"),
+        ("p.jsonl", '{"prompt": "a cat", "steps": 0}\n', r"line 1: steps 0 is not a step count; accepted: a whole number"),
+        ("p.jsonl", '{"prompt": "a cat", "guidance": -5}\n', r"line 1: guidance -5.0 is not a guidance scale; accepted"),
+        ("p.csv", "prompt,height\na cat,33\n", r"line 2: height 33 is not an image size; accepted: a positive multiple of 8"),
+        ("p.jsonl", '{"prompt": "a cat", "seed": -1}\n', r"line 1: seed -1 is out of range; accepted: 0 to 2\*\*64 - 1"),
     ],
 )
 def test_malformed_line_stops_the_run_before_any_work(tmp_path, name, text, message):
@@ -139,6 +149,42 @@ def test_malformed_line_stops_the_run_before_any_work(tmp_path, name, text, mess
     with pytest.raises(SystemExit, match=message):
         batch(prompts, "--model", tmp_path / "never-loaded", "--out", out, *TINY)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "0"], "--steps 0 is not a step count; accepted: a whole number of denoising steps >= 1"),
+        (["--guidance", "-5"], "--guidance -5.0 is not a guidance scale; accepted: a number >= 0"),
+        (["--height", "33"], "--height 33 is not an image size; accepted: a positive multiple of 8"),
+        (["--width", "0"], "--width 0 is not an image size"),
+        (["--seed", "-1"], "--seed -1 is out of range; accepted: 0 to 2**64 - 1"),
+        (["--seed", str(2**64 - 1)], "p.txt: line 2: seed 18446744073709551615 + item index 1 = 18446744073709551616 "
+                                     "is out of range"),
+        (["--batch-size", "0"], "--batch-size 0 is too small; accepted: a whole number >= 1"),
+    ],
+)
+def test_flags_are_checked_as_the_prompt_file_fields_are(tmp_path, flags, message):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        batch(prompts, "--model", tmp_path / "never-loaded", "--out", out, *TINY, *flags)
+    assert str(exit.value.code).startswith("error: ") and message in str(exit.value.code)
+    assert not out.exists()
+
+
+def test_size_the_loaded_pipeline_cannot_take_stops_the_run_before_generation(saved_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr("apps.checks.size_multiple", lambda pipe: 16)  # as SD3: VAE factor 8, patch 2
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "width": 40}\n')
+    with pytest.raises(SystemExit, match=r"p.jsonl: line 2: width 40 is not a size StableDiffusionPipeline takes; "
+                                         r"accepted: a positive multiple of 16"):
+        batch(prompts, "--model", saved_pipe, "--out", tmp_path / "out", "--steps", "1", "--device", "cpu")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(SystemExit, match=r"--height 24 is not a size StableDiffusionPipeline takes"):
+        batch(tmp_path / "p.txt", "--model", saved_pipe, "--out", tmp_path / "out", *TINY, "--height", "24")
+    assert not list((tmp_path / "out").glob("*.png")) and not list((tmp_path / "out").glob("manifest*"))
 
 
 def test_bad_input_is_a_clear_error(saved_pipe, tmp_path):
@@ -156,21 +202,45 @@ def test_bad_input_is_a_clear_error(saved_pipe, tmp_path):
         batch(good, "--model", saved_pipe, "--out", tmp_path / "a-file" / "out", *TINY)
 
 
-def test_failing_item_is_recorded_and_the_rest_complete(saved_pipe, tmp_path):
+def test_compiling_preset_leaves_compile_out_on_cpu(saved_pipe, tmp_path, capsys, no_compile):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    assert batch(prompts, "--model", saved_pipe, "--out", tmp_path / "out", "--preset", "balanced", *TINY) == 0
+    assert manifest(tmp_path / "out")[0]["status"] == "ok"
+    assert "so they were left out (preset 'balanced')" in capsys.readouterr().err
+
+
+def test_failing_items_are_recorded_the_rest_complete_and_the_exit_status_says_so(saved_pipe, tmp_path, monkeypatch,
+                                                                                    capsys):
+    real = batch_generate._call
+
+    def call(pipe, items):  # the real pipeline, failing on "boom" as it would on memory
+        if any("boom" in item.prompt for item in items):
+            raise RuntimeError("out of memory (simulated)")
+        return real(pipe, items)
+
+    monkeypatch.setattr(batch_generate, "_call", call)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         '{"prompt": "a cat"}\n'
-        '{"prompt": "a dog", "height": 30}\n'  # not a multiple of 8: the pipeline raises
+        '{"prompt": "a boom"}\n'
         '{"prompt": "a bird", "seed": 7, "negative_prompt": "blurry"}\n'
     )
     out = tmp_path / "out"
-    assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 3, *TINY) == 0
+    assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 3, *TINY) == 1
     merged = manifest(out)
     assert [r["status"] for r in merged] == ["ok", "error", "ok"]
-    assert "divisible by 8" in merged[1]["error"] and merged[1]["line"] == 2
+    assert "out of memory" in merged[1]["error"] and merged[1]["line"] == 2
     assert not (out / merged[1]["file"]).exists()
     assert [r["seed"] for r in merged] == [0, 1, 7] and merged[2]["negative_prompt"] == "blurry"
     assert all((out / r["file"]).is_file() for r in merged if r["status"] == "ok")
+    assert "batch: 1 item(s) failed; exit status 1" in capsys.readouterr().err
+    assert batch(prompts, "--model", saved_pipe, "--out", out, *TINY) == 1  # a re-run retries the failed item only
+
+    every = tmp_path / "every.txt"
+    every.write_text("boom one\nboom two\n")
+    assert batch(every, "--model", saved_pipe, "--out", tmp_path / "none", *TINY) == 1
+    assert [r["status"] for r in manifest(tmp_path / "none")] == ["error", "error"]
 
 
 class FlakyPipe:
@@ -201,6 +271,29 @@ def test_a_failing_batch_is_retried_item_by_item(tmp_path):
     assert "out of memory" in records[1]["error"] and "NaN" in records[2]["error"]
     assert stats["ok"] == 2 and stats["error"] == 2
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000000.png", "000003.png"]
+
+
+def test_items_already_done_are_made_with_their_batch_but_not_written(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\nthree\n")
+    pipe, writer = FlakyPipe(), ShardWriter(shard_path(tmp_path, 0))
+    generate(pipe, batches(read_prompts(prompts, steps=1), 2), tmp_path, writer, done={0})
+    writer.close()
+    assert pipe.calls == [["one", "two"], ["three"]]
+    assert [r["index"] for r in shard_records(tmp_path)] == [1, 2]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000001.png", "000002.png"]
+
+
+def test_an_image_of_another_size_than_asked_is_an_error_not_a_record(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "height": 8, "width": 8}\n{"prompt": "b", "height": 16, "width": 8}\n')
+    writer = ShardWriter(shard_path(tmp_path, 0))
+    generate(FlakyPipe(), batches(read_prompts(prompts, steps=1), 1), tmp_path, writer)  # FlakyPipe makes 8x8
+    writer.close()
+    records = shard_records(tmp_path)
+    assert [r["status"] for r in records] == ["ok", "error"]
+    assert "made 8x8 pixels (height x width), not 16x8" in records[1]["error"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000000.png"]
 
 
 def test_seeds_follow_the_item_not_the_batch(tmp_path):

@@ -25,6 +25,15 @@ def test_generate_writes_image_and_reports_time(saved_pipe, tmp_path, capsys):
     assert "generated 1 image(s) in" in printed and "quality" in printed
 
 
+def test_compiling_preset_leaves_compile_out_on_cpu_with_one_note(saved_pipe, tmp_path, capsys, no_compile):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", str(saved_pipe), "--prompt", "a cat", "--preset", "fast", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).size == (32, 32)
+    err = capsys.readouterr().err
+    assert err.count("torch.compile and CUDA graphs need a CUDA GPU; this runs on cpu, so they were left out (preset 'fast')") == 1
+
+
 def test_generate_several_images(saved_pipe, tmp_path):
     out = tmp_path / "img.png"
     main(["generate", "--model", str(saved_pipe), "--prompt", "x", "--steps", "1", "--num-images", "2", "--out", str(out)])
@@ -37,9 +46,74 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         main(["generate", "--model", str(tmp_path / "empty"), "--prompt", "x"])
 
 
-def test_unknown_preset_is_a_clear_error(saved_pipe, tmp_path):
-    with pytest.raises(ValueError, match="valid presets"):
-        main(["generate", "--model", str(saved_pipe), "--prompt", "x", "--preset", "warp", "--out", str(tmp_path / "a.png")])
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "0"], "--steps 0 is not a step count; accepted: a whole number of denoising steps >= 1"),
+    (["--steps", "-3"], "--steps -3 is not a step count"),
+    (["--prompt", " \t"], "--prompt is empty; accepted: any text"),
+    (["--guidance", "-5"], "--guidance -5.0 is not a guidance scale; accepted: a number >= 0"),
+    (["--guidance", "nan"], "--guidance nan is not a guidance scale"),
+    (["--height", "0"], "--height 0 is not an image size; accepted: a positive multiple of 8"),
+    (["--width", "33"], "--width 33 is not an image size"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is out of range; accepted: 0 to 2**64 - 1"),
+    (["--seed", "-1"], "--seed -1 is out of range"),
+    (["--num-images", "0"], "--num-images 0 is too small; accepted: a whole number >= 1"),
+    (["--preset", "nosuch"], "unknown preset 'nosuch'; valid presets: quality, balanced, fast"),
+    (["--out", "{tmp}"], "is a folder; accepted: a file name ending in an image extension"),
+    (["--out", "{tmp}/image"], "has no image extension Pillow writes; accepted: a file name ending in"),
+    (["--out", "{tmp}/a-file/image.png"], "its folder {tmp}/a-file is not writable"),
+])
+def test_bad_generate_input_is_one_line_before_the_model_loads(tmp_path, flags, message):
+    """The model folder does not exist: a check made after loading would end on that instead."""
+    (tmp_path / "a-file").write_text("")
+    argv = ["generate", "--model", str(tmp_path / "never-loaded"), "--prompt", "a cat", "--out", str(tmp_path / "a.png")]
+    with pytest.raises(SystemExit) as exit:
+        main(argv + [flag.format(tmp=tmp_path) for flag in flags])
+    text = str(exit.value.code)
+    assert text.startswith("error: ") and message.format(tmp=tmp_path) in text and "\n" not in text
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "a-file"]  # nothing written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n", "0"], "--n 0 is too small; accepted: a whole number >= 1"),
+    (["--steps", "-1"], "--steps -1 is not a step count"),
+    (["--guidance", "-1"], "--guidance -1.0 is not a guidance scale"),
+    (["--seed", str(2**64 - 1), "--n", "2"], "--seed 18446744073709551615 + --n 2 - 1 (the last image's seed) "
+                                              "18446744073709551616 is out of range"),
+    (["--preset", "nosuch"], "unknown preset 'nosuch'"),
+    (["--out", "{tmp}/a-file"], "--out {tmp}/a-file is not writable"),
+])
+def test_bad_eval_input_is_one_line_before_the_model_loads(tmp_path, flags, message):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        main(["eval", "--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "eval")]
+             + [flag.format(tmp=tmp_path) for flag in flags])
+    assert message.format(tmp=tmp_path) in str(exit.value.code)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "a-file"]
+
+
+def test_size_the_loaded_pipeline_cannot_take_ends_before_generation(saved_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr("apps.checks.size_multiple", lambda pipe: 16)  # as SD3: VAE factor 8, patch 2
+    monkeypatch.setattr("diffusers.StableDiffusionPipeline.__call__", None)  # generating would raise a TypeError
+    with pytest.raises(SystemExit, match="--height 40 is not a size StableDiffusionPipeline takes; accepted: a positive "
+                                         "multiple of 16"):
+        main(["generate", "--model", str(saved_pipe), "--prompt", "a cat", "--height", "40", "--out", str(tmp_path / "a.png")])
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_size_multiple_follows_the_denoiser(sd_pipe):
+    from types import SimpleNamespace
+
+    from apps.checks import size_multiple
+
+    assert size_multiple(sd_pipe) == 8  # diffusers' SD pipelines check for 8 whatever the VAE (here 2)
+    sd3 = SimpleNamespace(vae_scale_factor=8, transformer=SimpleNamespace(config=SimpleNamespace(patch_size=2)))
+    assert size_multiple(sd3) == 16
+
+    class Packing(SimpleNamespace):  # Flux: 2x2 latent packing whatever the transformer's patch_size
+        def _pack_latents(self):
+            pass
+
+    assert size_multiple(Packing(vae_scale_factor=8, transformer=SimpleNamespace(config=SimpleNamespace(patch_size=1)))) == 16
 
 
 def test_presets_lists_every_preset(capsys):
@@ -114,3 +188,21 @@ def test_sdxl_prune_laptop_distill_and_distill_lcm_commands(sdxl_pipe, tmp_path)
     assert main(["distill-lcm", "--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "lcm"),
                  "--lora-rank", "2", "--steps", "1", "--batch-size", "2", "--gradient-checkpointing", "--device", "cpu"]) == 0
     assert (tmp_path / "lcm" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_eval_writes_its_report(saved_pipe, tmp_path, capsys, no_compile):
+    """`accel eval` end to end: at 16x16 (a UNet config of 8x8 latents) no CIFAR-10 classifier applies, so it
+    measures latency and fidelity to the baseline only; on a CPU the preset runs without torch.compile."""
+    import json
+
+    config = saved_pipe / "unet" / "config.json"
+    config.write_text(json.dumps(dict(json.loads(config.read_text()), sample_size=8)))
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(saved_pipe), "--preset", "balanced", "--n", "2", "--steps", "1",
+                 "--batch-size", "2", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert (result["n"], result["image_size"], result["preset"]) == (2, [16, 16], "balanced")
+    assert "compile=None" in result["config"] and "cuda_graph=False" in result["config"]
+    assert result["accelerated"]["ssim"] > 0 and "| balanced |" in (out / "eval.md").read_text()
+    printed = capsys.readouterr()
+    assert str(out / "eval.json") in printed.out and "so they were left out (preset 'balanced')" in printed.err
