@@ -142,13 +142,26 @@ def _check_steps(name: str, steps: int | None) -> int | None:
     return steps
 
 
+def _unusable_path(field: str, accepted: str) -> InputError:
+    # One answer whether the path is missing, unreadable or holds the wrong files: the page must not tell
+    # whoever opens it which paths exist on the server.
+    return InputError(f"{field}: no usable file or folder at that path; accepted: {accepted}")
+
+
+PRUNED_UNET_ACCEPTED = (
+    "a folder saved with save_pretrained, holding config.json and *.safetensors weights (only safetensors weights are loaded)")
+LCM_LORA_ACCEPTED = "a .safetensors LoRA file, or a folder holding pytorch_lora_weights.safetensors or one .safetensors file"
+
+
 def _safetensors_folder(name: str, path: str) -> Path:
     """A `save_pretrained` folder whose weights are safetensors."""
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"{name} {path!r} is not a folder; accepted: a folder saved with save_pretrained (safetensors weights)")
-    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise InputError(f"{name} {path!r} holds no config.json with *.safetensors weights; only safetensors weights are loaded")
+    try:
+        usable = folder.is_dir() and (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    except OSError:  # unreadable, or a name the file system refuses
+        usable = False
+    if not usable:
+        raise _unusable_path(name, PRUNED_UNET_ACCEPTED)
     return folder
 
 
@@ -296,8 +309,8 @@ class ComparisonApp:
         if lora:
             try:  # the config checks the path: a .safetensors file or a folder holding one
                 return accel.LCMLoRAConfig(path=str(Path(lora).expanduser()))
-            except (ValueError, FileNotFoundError) as err:
-                raise InputError(f"LCM-LoRA: {err}") from None
+            except (ValueError, OSError):
+                raise _unusable_path("LCM-LoRA", LCM_LORA_ACCEPTED) from None
         return None
 
     def _sampler(self, c: Controls, baseline_steps: int, notes: list[str]):
@@ -321,8 +334,10 @@ class ComparisonApp:
                                  + (f" or one of {', '.join(available)}" if available else ""))
             try:
                 tuned = samplers.load_tuned_schedule(name, self.model_dir)
-            except ValueError as err:
-                raise InputError(str(err)) from None
+            except (ValueError, OSError, KeyError, TypeError):  # TypeError, KeyError: a JSON file of another shape
+                accepted = "a tuned-schedule JSON file saved by samplers.tune_schedule" + (
+                    f", or one of {', '.join(available)}" if available else "")
+                raise _unusable_path("tuned schedule", accepted) from None
             if tuned.num_steps != steps:
                 notes.append(f"steps set to the tuned schedule's {tuned.num_steps}")
             if tuned.sampler != c.sampler:
@@ -598,7 +613,9 @@ def build_app(app: ComparisonApp, results_dir: str | Path | None = None):
             y_title=f"PSNR to baseline (dB; identical drawn at {pareto.PSNR_CAP_DB:.0f})",
             title="speed vs quality: each colour one measurement set (speed-ups compare within a set)",
             caption="Red: this run on this machine; black: earlier runs of this session.", height=420, elem_id="pareto-plot",
+            colors_in_legend=[],  # gradio's legend is one row that runs off the right edge: the one below wraps
         )
+        gr.HTML(pareto.legend_html(measured, app.device.type), elem_id="pareto-legend")
         front = gr.Dataframe(
             pareto.front_table(measured), headers=["measurement set", "config", "speed-up", "PSNR (dB)"],
             label="Pareto front: configs no other of their set beats on both speed-up and PSNR",

@@ -9,9 +9,11 @@ strictly better in one of the two.
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 from dataclasses import asdict, dataclass
+from html import escape
 from pathlib import Path
 
 # Identical outputs have infinite PSNR (stored as null by `accel bench`); they are drawn at this cap,
@@ -124,17 +126,46 @@ def live_point(config: str, speedup: float, psnr_db: float, ssim: float | None, 
     return Point(series, config, float(speedup), PSNR_CAP_DB if identical else min(float(psnr_db), PSNR_CAP_DB), identical, ssim)
 
 
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+# Tableau 20 without its reds and greys (those mark this app's runs): 16 colours told apart at a glance.
+_PALETTE = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#9467bd", "#c5b0d5",
+            "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#bcbd22", "#dbdb8d", "#17becf", "#9edae5")
 LIVE_COLOR, EARLIER_COLOR = "#d62728", "#222222"
 
 
+def _set_color(i: int) -> str:
+    """The colour of the i-th measured set: the palette, then hues spread by the golden angle, so no two sets share one."""
+    if i < len(_PALETTE):
+        return _PALETTE[i]
+    k = i - len(_PALETTE)
+    hue = (0.08 + k * 0.381966) % 1.0
+    lightness = (0.35, 0.55, 0.45)[k % 3]
+    r, g, b = colorsys.hls_to_rgb(hue, lightness, 0.9 - 0.1 * ((k // 3) % 5))
+    return "#{:02x}{:02x}{:02x}".format(round(r * 255), round(g * 255), round(b * 255))
+
+
 def color_map(points: list[Point], device: str) -> dict[str, str]:
-    """One colour per measured set, and red / black for this app's latest / earlier runs on `device`."""
+    """One colour per measured set, none repeated, and red / black for this app's latest / earlier runs on `device`."""
     latest, earlier = live_series(device)
     measured = sorted({p.series for p in points} - {latest, earlier})
-    colors = {series: _PALETTE[i % len(_PALETTE)] for i, series in enumerate(measured)}
+    colors = {series: _set_color(i) for i, series in enumerate(measured)}
     colors[latest], colors[earlier] = LIVE_COLOR, EARLIER_COLOR
     return colors
+
+
+def legend_html(points: list[Point], device: str) -> str:
+    """The plot's legend as HTML that wraps under the plot: this app's runs first, then each measured set.
+
+    Gradio's plot lays its legend out in one row, which runs past the right edge once there are more than a
+    few sets; the plot is drawn without it and this legend sits below.
+    """
+    colors = color_map(points, device)
+    order = [*live_series(device), *sorted(set(colors) - set(live_series(device)))]
+    items = "".join(
+        f'<span class="legend-item" style="display:inline-block;margin:0 14px 4px 0;white-space:nowrap">'
+        f'<span style="display:inline-block;width:11px;height:11px;border-radius:50%;margin-right:5px;'
+        f'vertical-align:middle;background:{colors[name]}"></span>{escape(name)}</span>'
+        for name in order)
+    return f'<div class="pareto-legend" style="line-height:1.6">{items}</div>'
 
 
 def live_series(device: str) -> tuple[str, str]:

@@ -130,18 +130,38 @@ def test_cache_controls(checks_app, cache, expected):
     (dict(guidance=99), "guidance=99.0 is out of range"),
     (dict(sampler="warp"), "sampler 'warp' is unknown; accepted: ddim, euler"),
     (dict(sampler="euler", schedule="tuned"), "schedule 'tuned' needs a tuned schedule"),
-    (dict(sampler="euler", schedule="tuned", tuned_schedule="absent"), "tuned schedule 'absent' not found"),
+    (dict(sampler="euler", schedule="tuned", tuned_schedule="absent"), "tuned schedule: no usable file or folder at that path"),
     (dict(cache="magic"), "cache 'magic' is unknown; accepted: none, deepcache"),
     (dict(cache="deepcache", cache_interval=0), "cache interval=0 is out of range"),
     (dict(compile="max"), "compile 'max' is unknown; accepted: off, regional, full"),
     (dict(preset="ludicrous"), "preset 'ludicrous' is unknown; accepted: quality, balanced, fast"),
     (dict(pruned_unet="/nonexistent/unet", lcm_lora="/nonexistent/lora.safetensors"), "one model change at a time"),
-    (dict(pruned_unet="/nonexistent/unet"), "is not a folder"),
+    (dict(pruned_unet="/nonexistent/unet"), "pruned UNet: no usable file or folder at that path; accepted: a folder"),
 ])
 def test_bad_input_is_answered_with_a_message(checks_app, change, message):
     with pytest.raises(InputError) as err:
         checks_app.compare(controls(**change))
     assert message in str(err.value)
+
+
+def _server_paths(tmp_path):
+    """Paths a visitor might probe: missing, an existing file, an empty folder, an unreadable name."""
+    (tmp_path / "notes.txt").write_text("not weights")
+    (tmp_path / "empty").mkdir()
+    return ["/nonexistent/x", str(tmp_path / "notes.txt"), str(tmp_path / "empty"), "/etc/passwd", "/root", "\0bad"]
+
+
+@pytest.mark.parametrize("field", ["pruned_unet", "lcm_lora", "tuned_schedule"])
+def test_path_fields_do_not_reveal_which_server_paths_exist(checks_app, tmp_path, field):
+    extra = dict(sampler="euler", schedule="tuned") if field == "tuned_schedule" else {}
+    messages = set()
+    for path in _server_paths(tmp_path):
+        with pytest.raises(InputError) as err:
+            checks_app.build_config(controls(**extra, **{field: path}), baseline_steps=3)
+        messages.add(str(err.value))
+    assert len(messages) == 1, messages  # the same answer for a missing path, a file, a folder, a system path
+    (message,) = messages
+    assert "no usable file or folder at that path; accepted:" in message and str(tmp_path) not in message
 
 
 def test_config_that_cannot_apply_is_an_input_error(app, monkeypatch):
@@ -267,6 +287,40 @@ def test_generate_outputs_add_the_run_as_a_live_point(app):
     assert "speed-up" in table
 
 
+def test_every_measurement_set_gets_its_own_colour():
+    points = [pareto.Point(f"set {i:02d} (H100)", "c", 1.0 + i, 30.0) for i in range(40)]
+    colors = pareto.color_map(points, "cpu")
+    measured = [colors[p.series] for p in points]
+    assert len(set(measured)) == len(points)  # none repeats, past the palette's length too
+    assert pareto.LIVE_COLOR not in measured and pareto.EARLIER_COLOR not in measured
+    assert colors["this run (cpu)"] == pareto.LIVE_COLOR
+
+
+def test_legend_lists_the_live_run_first_and_every_set():
+    points = [pareto.Point(f"a long measurement set name {i} (H100)", "c", 2.0, 30.0) for i in range(12)]
+    points.append(pareto.Point("<b>odd</b>", "c", 2.0, 30.0))
+    html = pareto.legend_html(points, "cpu")
+    colors = pareto.color_map(points, "cpu")
+    names = ["this run (cpu)", "earlier runs (this session) (cpu)", *sorted({p.series for p in points})]
+    positions = [html.index(f"background:{colors[name]}") for name in names]
+    assert positions == sorted(positions)  # the live run first, then earlier runs, then the sets in order
+    assert "&lt;b&gt;odd&lt;/b&gt;" in html and "<b>odd</b>" not in html
+
+
+def test_plot_legend_sits_below_the_plot(app, tmp_path):
+    gr = pytest.importorskip("gradio")
+    from apps import gradio_app
+
+    _write(tmp_path / "sd15" / "r.json", {"meta": {"device": "H100"}, "results": [
+        {"config": "stock", "speedup": 1.0, "psnr_db": None}, {"config": "graph", "speedup": 2.0, "psnr_db": 40.0}]})
+    demo = gradio_app.build_app(app, results_dir=tmp_path)
+    (plot,) = [b for b in demo.blocks.values() if isinstance(b, gr.ScatterPlot)]
+    # gradio draws its legend in one row that runs off the plot's right edge; it is off, and the page's own wraps
+    assert plot.colors_in_legend == []
+    (legend,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "pareto-legend"]
+    assert "this run (cpu)" in legend.value and "sd15 (H100)" in legend.value
+
+
 def test_page_builds_and_answers_bad_input_with_a_message(app, tmp_path, monkeypatch):
     gr = pytest.importorskip("gradio")
     from apps import gradio_app
@@ -296,7 +350,7 @@ def test_cli_app_defaults_to_localhost():
 
 def test_lcm_lora_wiring(app, tmp_path):
     (tmp_path / "lora.bin").write_bytes(b"")
-    with pytest.raises(InputError, match="LCM-LoRA: .*safetensors"):
+    with pytest.raises(InputError, match="LCM-LoRA: no usable .*safetensors"):
         app.build_config(controls(lcm_lora=str(tmp_path / "lora.bin")), baseline_steps=3)
     weights = _tiny_lcm_lora(app.pipe, tmp_path / "lora")
     config, notes = app.build_config(controls(lcm_lora=str(weights), sampler="dpmpp_2m", sampler_steps=9), baseline_steps=3)
