@@ -8,7 +8,7 @@ the FP8 tensor cores of compute capability 8.9+ GPUs (Ada, Hopper). INT8 is symm
 `torch._int_mm`, for GPUs without FP8: per-token activation and per-output-channel weight scales, the vector-wise
 scheme of LLM.int8() (Dettmers et al. 2022) and SmoothQuant's W8A8 dynamic baseline (Xiao et al. 2023), without
 their outlier handling. The modules are plain tensors and ops (no tensor subclass, no host sync, shapes fixed per
-call), so torch.compile traces them and CUDA graphs capture them; the README says why this is not torchao.
+call), so torch.compile traces them and CUDA graphs capture them; docs/techniques.md says why this is not torchao.
 
 Left in 16 bit by default (`DEFAULT_SKIP`, fnmatch patterns on the layer's name in the denoiser;
 `RuntimeConfig.quantize_skip` replaces them):
