@@ -612,8 +612,10 @@ def build_app(app: ComparisonApp, results_dir: str | Path | None = None):
             x_title="speed-up over the baseline of the same measurement set",
             y_title=f"PSNR to baseline (dB; identical drawn at {pareto.PSNR_CAP_DB:.0f})",
             title="speed vs quality: each colour one measurement set (speed-ups compare within a set)",
-            caption="Red: this run on this machine; black: earlier runs of this session.", height=420, elem_id="pareto-plot",
-            colors_in_legend=[],  # gradio's legend is one row that runs off the right edge: the one below wraps
+            height=420, elem_id="pareto-plot",
+            # gradio's legend is one row that runs off the right edge, and a caption is clipped under the x-axis title:
+            # the legend below wraps, and names this app's runs (red, black) first
+            colors_in_legend=[],
         )
         gr.HTML(pareto.legend_html(measured, app.device.type), elem_id="pareto-legend")
         front = gr.Dataframe(
