@@ -231,3 +231,22 @@ def test_eval_writes_its_report(saved_pipe, tmp_path, capsys, no_compile):
     assert result["accelerated"]["ssim"] > 0 and "| balanced |" in (out / "eval.md").read_text()
     printed = capsys.readouterr()
     assert str(out / "eval.json") in printed.out and "so they were left out (preset 'balanced')" in printed.err
+
+
+def test_transformers_torchvision_fallback_note_is_dropped():
+    import logging
+
+    import apps  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+                       "`CLIPImageProcessorPil` for backward compatibility.")
+        logger.warning("another note")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another note"]
