@@ -342,8 +342,9 @@ class AcceleratedCall:
     def components(self):
         """The pipeline's components with its own scheduler, not accel's: `Pipeline.from_pipe(pipe)` and
         `Pipeline(**pipe.components)` make pipelines that `restore(pipe)` cannot reach, so they must not keep a
-        swapped scheduler. Modules stay the current ones (offloading and `.to` move what runs); their hooks and
-        casts are undone in place by `restore`."""
+        swapped scheduler. Modules stay the current ones (offloading and `.to` move what runs): their hooks and
+        casts are undone in place by `restore`, but a swapped-in denoiser (`UNetSwapConfig`) stays in such a copy, so
+        make copies before `accelerate` or after `restore` when swapping."""
         originals = self.__dict__["_accel_session"].original_components
         return {name: originals[name] if name in originals and not isinstance(component, torch.nn.Module) else component
                 for name, component in super().components.items()}
