@@ -74,6 +74,7 @@ def accelerate(pipe, config: AccelConfig | None = None, *, preset: str | None = 
     _check_plan(pipe, plan)
 
     session = AccelSession(config, type(pipe), pipe)
+    session.original_components = dict(pipe.components)
     pipe.__dict__["_accel_session"] = session
     try:
         for technique, sub_config in plan:
@@ -121,9 +122,20 @@ def changes(pipe) -> list[dict]:
     return [] if session is None else session.changes()
 
 
-def from_pretrained(model: str, *, preset: str | None = None, config: AccelConfig | None = None, **kwargs):
-    """`DiffusionPipeline.from_pretrained(model, **kwargs)`, then `accelerate` with `preset` or `config`."""
+def from_pretrained(model: str | None = None, *, preset: str | None = None, config: AccelConfig | None = None,
+                    **kwargs):
+    """`DiffusionPipeline.from_pretrained(model, **kwargs)`, then `accelerate` with `preset` or `config`.
+
+    `model` None loads the embedded default model, as the CLI does. Without `preset` or `config` the pipeline is
+    returned as loaded, not accelerated, so a later `accelerate(pipe, ...)` applies what it is given.
+    """
     from diffusers import DiffusionPipeline
 
+    if model is None:
+        from .embedded import EMBEDDED_MODEL_DIR
+
+        model = str(EMBEDDED_MODEL_DIR)
     pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    if preset is None and config is None:
+        return pipe
     return accelerate(pipe, config, preset=preset)

@@ -162,6 +162,7 @@ class AccelSession:
         self._call_listeners: list[Callable[["AccelSession"], None]] = []
         self._step_listeners: list[Callable[[int, dict], None]] = []
         self._planners: dict[int, CallPlanner] = {}
+        self.original_components: dict[str, Any] = {}  # the pipeline's components before anything was applied
 
     def add_call_listener(self, fn: Callable[["AccelSession"], None]) -> None:
         """`fn(session)` runs at the start of every pipeline call."""
@@ -336,6 +337,17 @@ class AcceleratedCall:
             return super().__call__(*args, **kwargs)
         finally:
             session.end_call()
+
+    @property
+    def components(self):
+        """The pipeline's components with its own scheduler, not accel's: `Pipeline.from_pipe(pipe)` and
+        `Pipeline(**pipe.components)` make pipelines that `restore(pipe)` cannot reach, so they must not keep a
+        swapped scheduler. Modules stay the current ones (offloading and `.to` move what runs): their hooks and
+        casts are undone in place by `restore`, but a swapped-in denoiser (`UNetSwapConfig`) stays in such a copy, so
+        make copies before `accelerate` or after `restore` when swapping."""
+        originals = self.__dict__["_accel_session"].original_components
+        return {name: originals[name] if name in originals and not isinstance(component, torch.nn.Module) else component
+                for name, component in super().components.items()}
 
     def prepare_latents(self, *args, **kwargs):
         """The pipeline's own; the session keeps the initial latent (z_T) it returns for this call."""

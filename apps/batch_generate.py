@@ -15,7 +15,7 @@ changes the batches, and with them an image's last bits.
 Writes are ordered so that a kill loses at most the items in flight: an image is written to
 a temporary file and renamed into place, then one full line is appended (flushed, fsynced)
 to this rank's `manifest.rank{R}.jsonl`. An item counts as done when a shard records it with
-status "ok" and its image exists; items are matched by their prompt, seed and settings, not by
+status "ok" and its image reads to its end (a cut-short file is made again); items are matched by their prompt, seed and settings, not by
 the model or preset, so use one output folder per job. Rank 0 merges the shards into `manifest.jsonl` at the end.
 The exit status is 1 when any item of the run failed (after all the others are done), else 0.
 Across several nodes, `--out` must be a folder that every node sees (a shared filesystem).
@@ -266,24 +266,38 @@ def read_shards(out_dir: Path) -> tuple[list[dict], dict[Path, int]]:
     return records, sizes
 
 
+def image_intact(path: Path) -> bool:
+    """`path` is an image Pillow reads to its end: a kill or a full disk can leave a file cut short."""
+    from PIL import Image
+
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()  # every chunk and its checksum, without decoding the pixels
+    except Exception:  # Pillow raises OSError, SyntaxError or struct.error, depending on where the file ends
+        return False
+    return True
+
+
 def done_indices(records: list[dict], items: list[Item], out_dir: Path) -> set[int]:
     keys = {item.index: item.key for item in items}
     return {
         r["index"] for r in records
         if r.get("status") == "ok" and keys.get(r["index"]) == r.get("key")
-        and (out_dir / r.get("file", "")).is_file()
+        and image_intact(out_dir / r.get("file", ""))
     }
 
 
 def merge_manifest(out_dir: Path, items: list[Item]) -> list[dict]:
-    """One record per item, in item order: its latest "ok" record whose image exists, else its latest record."""
+    """One record per item, in item order: its latest "ok" record whose image is intact, else its latest record."""
     records, _ = read_shards(out_dir)
     keys = {item.index: item.key for item in items}
     best: dict[int, dict] = {}
     for r in sorted(records, key=lambda r: r.get("time", 0)):
         if keys.get(r["index"]) != r.get("key"):
             continue
-        ok = r.get("status") == "ok" and (out_dir / r.get("file", "")).is_file()
+        ok = r.get("status") == "ok" and image_intact(out_dir / r.get("file", ""))
         if ok or best.get(r["index"], {}).get("status") != "ok":
             best[r["index"]] = r
     merged = [best[i] for i in sorted(best)]

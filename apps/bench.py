@@ -336,6 +336,9 @@ def write_report(report: dict, out: str | Path) -> list[Path]:
 
 def main(args) -> int:
     """`accel bench`: the parser lives in apps.cli so that other commands start without torch."""
+    if not torch.cuda.is_available():  # its pipelines are fp16 on CUDA and its timings CUDA events
+        raise SystemExit("error: accel bench measures on a CUDA GPU and none is available here; on a CPU, time "
+                         "`accel generate` with and without --preset instead")
     if args.runs < 5:
         print("[bench] note: fewer than 5 timed runs", file=sys.stderr)
     report = run_benchmark(args.arch, args.configs.split(","), steps=args.steps, scheduler=args.scheduler,

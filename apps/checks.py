@@ -13,6 +13,9 @@ SEED_MAX = 2**64 - 1
 # diffusers' Stable Diffusion pipelines refuse sizes that are not multiples of 8; a DiT can need a larger
 # multiple, known once it is loaded (`size_multiple`).
 SIZE_MULTIPLE = 8
+# Sides beyond this many times the model's own take minutes a step on a CPU (512 px on the 32 px embedded model sat
+# at step 0 for 170 s) and are far from what it was trained on; --allow-large lets them through.
+LARGE_SIZE_FACTOR = 4
 
 
 class SettingError(ValueError):
@@ -82,6 +85,27 @@ def check_size_multiple(pipe, sizes: dict) -> None:
         if value is not None and value % multiple:
             raise SettingError(f"{label} {value} is not a size {type(pipe).__name__} takes; "
                                f"accepted: a positive multiple of {multiple}")
+
+
+def native_size(pipe) -> int | None:
+    """The image side `pipe`'s denoiser was configured for (its `sample_size` in pixels), None if it has none."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample_size = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if not isinstance(sample_size, int):
+        return None
+    return sample_size * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def check_size_limit(pipe, sizes: dict, allow_large: bool = False) -> None:
+    """Every (label: size) of `sizes` at most LARGE_SIZE_FACTOR times `pipe`'s native side, unless `allow_large`."""
+    native = native_size(pipe)
+    if allow_large or native is None:
+        return
+    limit = LARGE_SIZE_FACTOR * native
+    for label, value in sizes.items():
+        if value is not None and value > limit:
+            raise SettingError(f"{label} {value} is over {LARGE_SIZE_FACTOR}x the {native} px this model makes; "
+                               f"accepted: up to {limit}, or pass --allow-large")
 
 
 def check_writable_folder(folder: Path, label: str) -> None:

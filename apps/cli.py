@@ -22,6 +22,7 @@ from apps.checks import (
     check_image_path,
     check_preset,
     check_setting,
+    check_size_limit,
     check_size_multiple,
     check_writable_folder,
 )
@@ -40,7 +41,9 @@ def cmd_generate(args) -> int:
 
     rank, parallel = _parallel_config(args)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    check_size_multiple(pipe, {"--height": args.height, "--width": args.width})
+    sizes = {"--height": args.height, "--width": args.width}
+    check_size_multiple(pipe, sizes)
+    check_size_limit(pipe, sizes, args.allow_large)
     if args.preset or parallel is not None:
         import accel
 
@@ -62,7 +65,16 @@ def cmd_generate(args) -> int:
         call["width"] = args.width
     call["generator"] = torch.Generator("cpu").manual_seed(args.seed)
     start = time.perf_counter()
-    images = pipe(**call).images
+    try:
+        images = pipe(**call).images
+    except (RuntimeError, MemoryError) as err:
+        # CUDA raises torch.OutOfMemoryError, the CPU allocator a RuntimeError saying so: either way its traceback
+        # says nothing a user can act on
+        if not (isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(err)):
+            raise
+        raise SystemExit(f"error: out of memory on {pipe.device} generating {args.num_images} image(s) of "
+                         f"{args.height or 'default'} x {args.width or 'default'} px; use a smaller size or fewer "
+                         "--num-images") from None
     seconds = time.perf_counter() - start
     if rank != 0:  # every rank holds the same images; rank 0 saves them
         return 0
@@ -160,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     gen.add_argument("--height", type=int, default=None, help=SIZE_HELP)
     gen.add_argument("--width", type=int, default=None, help=SIZE_HELP)
+    gen.add_argument("--allow-large", action="store_true", help="allow a height or width over 4x the model's own "
+                     "(128 px on the embedded model): minutes per step on a CPU, and off what the model learned")
     gen.add_argument("--num-images", type=int, default=1, help=">= 1; N > 1 writes OUT-0.png ... OUT-{N-1}.png")
     gen.add_argument("--out", default="out.png", help="image file: .png, .jpg, .webp or another extension Pillow "
                      "writes; checked before the model loads (default: out.png)")

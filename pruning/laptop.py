@@ -159,9 +159,13 @@ def _output(unet, inputs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def laptop_scores(unet, calibration: list[dict], candidates: list[Candidate] | None = None) -> list[tuple[Candidate, float]]:
+def laptop_scores(unet, calibration: list[dict], candidates: list[Candidate] | None = None, *,
+                  disable: bool | None = None) -> list[tuple[Candidate, float]]:
     """Each candidate's output loss: mean squared change of the UNet output when it alone is removed, relative to
-    the output's mean square, averaged over the calibration inputs. Sorted from most to least harmful."""
+    the output's mean square, averaged over the calibration inputs. Sorted from most to least harmful.
+    A progress bar counts the candidates (`disable`: tqdm's; None shows it on a terminal only)."""
+    from tqdm.auto import tqdm
+
     if not calibration:
         raise ValueError("laptop_scores needs at least one calibration input")
     if unet.config.addition_embed_type is not None and any("added_cond_kwargs" not in x for x in calibration):
@@ -171,7 +175,7 @@ def laptop_scores(unet, calibration: list[dict], candidates: list[Candidate] | N
     candidates = removable_candidates(unet) if candidates is None else candidates
     references = [_output(unet, inputs) for inputs in calibration]
     scores = []
-    for candidate in candidates:
+    for candidate in tqdm(candidates, desc="LAPTOP: scoring blocks", unit="block", disable=disable, leave=False):
         with blocks_removed(unet, candidate.modules):
             loss = [(_output(unet, x) - ref).square().mean() / ref.square().mean() for x, ref in zip(calibration, references)]
         scores.append((candidate, torch.stack(loss).mean().item()))
@@ -272,7 +276,8 @@ def select_blocks(scores: list[tuple[Candidate, float]], costs: dict[str, float]
     return chosen[::-1]
 
 
-def laptop_unet(teacher, calibration: list[dict], ratio: float, *, target: str = "params", cost_inputs: dict | None = None):
+def laptop_unet(teacher, calibration: list[dict], ratio: float, *, target: str = "params", cost_inputs: dict | None = None,
+                disable: bool | None = None):
     """Prune ``ratio`` of ``teacher``'s parameters / MACs / latency by the LAPTOP-Diff criterion.
 
     Returns ``(student, info)``: a ``PrunedUNet2DConditionModel`` holding the teacher's remaining weights (same
@@ -285,7 +290,7 @@ def laptop_unet(teacher, calibration: list[dict], ratio: float, *, target: str =
         raise TypeError(f"LAPTOP pruning needs a UNet2DConditionModel, got {type(teacher).__name__}")
     was_training = teacher.training
     teacher.eval()
-    scores = laptop_scores(teacher, calibration)
+    scores = laptop_scores(teacher, calibration, disable=disable)
     total, costs = candidate_costs(teacher, [c for c, _ in scores], target, cost_inputs)
     chosen = select_blocks(scores, costs, ratio * total)
     teacher.train(was_training)

@@ -65,19 +65,27 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def measure_latency(unet, inputs: dict, *, warmup: int = 3, repeats: int = 20) -> float:
     """Median seconds of one UNet forward pass, synchronised on CUDA."""
+    return measure_latencies([unet], inputs, warmup=warmup, repeats=repeats)[0]
+
+
+@torch.no_grad()
+def measure_latencies(unets, inputs: dict, *, warmup: int = 3, repeats: int = 20) -> list[float]:
+    """Median seconds of one forward pass of each of `unets`, timed in turn (one pass each per round), so that a host
+    whose speed drifts (another process, CPU frequency) slows every UNet alike instead of whichever ran then."""
     for _ in range(warmup):
-        unet(**inputs)
-    times = []
+        for unet in unets:
+            unet(**inputs)
+    times = [[] for _ in unets]
     for _ in range(repeats):
-        _synchronize(unet.device)
-        start = time.perf_counter()
-        unet(**inputs)
-        _synchronize(unet.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for unet, samples in zip(unets, times):
+            _synchronize(unet.device)
+            start = time.perf_counter()
+            unet(**inputs)
+            _synchronize(unet.device)
+            samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def pruning_report(teacher, student, *, method: str, removed_blocks=(), inputs: dict | None = None,
@@ -98,8 +106,8 @@ def pruning_report(teacher, student, *, method: str, removed_blocks=(), inputs: 
     report["params_ratio"] = report["student_params"] / report["teacher_params"]
     report["macs_ratio"] = report["student_macs"] / report["teacher_macs"]
     if latency:
-        report["teacher_latency_s"] = measure_latency(teacher, inputs, warmup=warmup, repeats=repeats)
-        report["student_latency_s"] = measure_latency(student, inputs, warmup=warmup, repeats=repeats)
+        report["teacher_latency_s"], report["student_latency_s"] = measure_latencies(
+            [teacher, student], inputs, warmup=warmup, repeats=repeats)
         report["latency_ratio"] = report["student_latency_s"] / report["teacher_latency_s"]
     report.update(extra or {})
     return report

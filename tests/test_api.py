@@ -176,6 +176,34 @@ def test_from_pretrained_loads_and_accelerates(sd_pipe, tmp_path):
     assert [c["technique"] for c in accel.changes(pipe)] == ["sampler", "runtime"]
 
 
+def test_from_pretrained_without_config_is_not_accelerated(sd_pipe, tmp_path):
+    sd_pipe.save_pretrained(tmp_path / "pipe")
+    pipe = accel.from_pretrained(str(tmp_path / "pipe"))
+    assert not accel.is_accelerated(pipe)
+    accel.accelerate(pipe, preset="quality")  # raised AlreadyAcceleratedError when loading marked it accelerated
+    assert accel.changes(pipe)
+
+
+def test_from_pretrained_defaults_to_the_embedded_model():
+    from accel.embedded import EMBEDDED_MODEL_DIR
+
+    pipe = accel.from_pretrained()
+    assert pipe.config._name_or_path == str(EMBEDDED_MODEL_DIR)
+    assert not accel.is_accelerated(pipe)
+
+
+def test_from_pipe_of_an_accelerated_pipeline_keeps_its_own_scheduler(sd_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    scheduler, before = sd_pipe.scheduler, run(sd_pipe, steps=3)
+    accel.accelerate(sd_pipe, _cfg())
+    sibling = StableDiffusionPipeline.from_pipe(sd_pipe)
+    assert sd_pipe.scheduler is not scheduler  # accel's sampler runs the accelerated pipeline
+    assert sibling.scheduler is scheduler  # not the sampler, which restore(sd_pipe) cannot take back from it
+    accel.restore(sd_pipe)
+    assert np.array_equal(run(sibling, steps=3), before)
+
+
 @pytest.mark.parametrize("kind", ["img2img", "inpaint"])
 def test_img2img_and_inpaint_round_trip(kind, tmp_path):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline

@@ -124,6 +124,18 @@ def test_killed_run_resumes_without_duplicates_or_gaps(saved_pipe, tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(n)]
 
 
+def test_resume_makes_again_an_image_cut_short(saved_pipe, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = tmp_path / "out"
+    assert batch(prompts, "--model", saved_pipe, "--out", out, *TINY) == 0
+    whole = (out / "000001.png").read_bytes()
+    (out / "000001.png").write_bytes(whole[: len(whole) // 2])  # marked ok in the manifest, but truncated
+    assert batch(prompts, "--model", saved_pipe, "--out", out, *TINY) == 0
+    assert (out / "000001.png").read_bytes() == whole
+    assert sorted(r["index"] for r in shard_records(out) if r["status"] == "ok") == [0, 1, 1]
+
+
 @pytest.mark.parametrize(
     "name, text, message",
     [

@@ -26,3 +26,13 @@ def test_bench_runs_configs_and_writes_reports(tmp_path, monkeypatch):
 def test_bench_rejects_unknown_config():
     with pytest.raises(SystemExit, match="valid: stock"):
         bench.run_benchmark("sd15", ["stock", "warp"], steps=2, scheduler="ddim")
+
+
+def test_bench_without_a_gpu_says_so(monkeypatch):
+    import torch
+
+    from apps.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="measures on a CUDA GPU"):
+        main(["bench", "--arch", "embedded", "--configs", "stock", "--runs", "1"])

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from apps.cli import main
@@ -98,6 +99,30 @@ def test_size_the_loaded_pipeline_cannot_take_ends_before_generation(saved_pipe,
                                          "multiple of 16"):
         main(["generate", "--model", str(saved_pipe), "--prompt", "a cat", "--height", "40", "--out", str(tmp_path / "a.png")])
     assert not (tmp_path / "a.png").exists()
+
+
+def test_size_far_beyond_the_model_needs_allow_large(saved_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr("diffusers.StableDiffusionPipeline.__call__", None)  # generating would raise a TypeError
+    out = tmp_path / "a.png"
+    with pytest.raises(SystemExit, match="--width 256 is over 4x the 32 px this model makes; accepted: up to 128, "
+                                         "or pass --allow-large"):
+        main(["generate", "--model", str(saved_pipe), "--prompt", "a cat", "--width", "256", "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")])
+def test_out_of_memory_is_one_line(saved_pipe, tmp_path, monkeypatch, error):
+    def call(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("diffusers.StableDiffusionPipeline.__call__", call)
+    out = tmp_path / "a.png"
+    with pytest.raises(SystemExit, match="^error: out of memory on cpu generating 1 image\\(s\\) of 8192 x default px; "
+                                         "use a smaller size or fewer --num-images$"):
+        main(["generate", "--model", str(saved_pipe), "--prompt", "a cat", "--height", "8192", "--allow-large",
+              "--device", "cpu", "--out", str(out)])
+    assert not out.exists()
 
 
 def test_size_multiple_follows_the_denoiser(sd_pipe):
@@ -206,3 +231,22 @@ def test_eval_writes_its_report(saved_pipe, tmp_path, capsys, no_compile):
     assert result["accelerated"]["ssim"] > 0 and "| balanced |" in (out / "eval.md").read_text()
     printed = capsys.readouterr()
     assert str(out / "eval.json") in printed.out and "so they were left out (preset 'balanced')" in printed.err
+
+
+def test_transformers_torchvision_fallback_note_is_dropped():
+    import logging
+
+    import apps  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+                       "`CLIPImageProcessorPil` for backward compatibility.")
+        logger.warning("another note")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another note"]

@@ -183,3 +183,29 @@ def test_unet_swap_reads_a_laptop_student_with_prunings_loader(sd_pipe, tmp_path
     assert sd_pipe.unet is original and (run(sd_pipe) == baseline).all()
     with pytest.raises(ValueError, match="given with path"):
         accel.UNetSwapConfig(unet=student, loader=pruning.load_unet)
+
+
+def test_laptop_scoring_shows_its_progress(capsys):
+    teacher = tiny_unet()
+    n = len(pruning.removable_candidates(teacher))
+    pruning.laptop_scores(teacher, [example_inputs(teacher, 1, seed=0)], disable=False)
+    assert f"LAPTOP: scoring blocks:   0%|          | 0/{n} [" in capsys.readouterr().err
+
+
+def test_teacher_and_student_latencies_are_timed_in_turn():
+    """One pass each per round: a slow spell of the host cannot fall on the teacher's runs alone."""
+    from pruning.report import measure_latencies
+
+    calls = []
+
+    class Fake:
+        device = torch.device("cpu")
+
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, **inputs):
+            calls.append(self.name)
+
+    assert len(measure_latencies([Fake("teacher"), Fake("student")], {}, warmup=1, repeats=3)) == 2
+    assert calls == ["teacher", "student"] * 4
