@@ -18,6 +18,12 @@ import accel
 from accel.runtime import artifacts
 from accel.runtime.artifacts import call_shapes, key_digest, key_fields, key_for, load_artifacts, save_artifacts
 
+@pytest.fixture
+def saved_pipe(sd_pipe, tmp_path):
+    sd_pipe.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
 MODEL = {"denoiser": "UNet2DConditionModel", "model_config": "abc", "dtype": "float16", "device": "NVIDIA H200"}
 SHAPES = {"height": 512, "width": 512, "batch": 1, "guidance": True}
 CONFIG = accel.RuntimeConfig(compile="full", cuda_graph=True)
@@ -43,6 +49,9 @@ def test_key_follows_the_pipeline(sd_pipe):
     assert fields["dtype"] == "float32" and fields["device"] == "cpu" and fields["torch"] == torch.__version__
     assert call_shapes({**arguments, "prompt": ["a", "b"], "num_images_per_prompt": 2})["batch"] == 4
     assert not call_shapes({**arguments, "guidance_scale": 1.0})["guidance"]
+    default = sd_pipe.unet.config.sample_size * sd_pipe.vae_scale_factor
+    assert key_for(sd_pipe, CONFIG, {**arguments, "height": None, "width": None}) == \
+        key_for(sd_pipe, CONFIG, {**arguments, "height": default, "width": default})
     sd_pipe.unet.to(torch.float16)
     assert key_for(sd_pipe, CONFIG, arguments)["dtype"] == "float16"
     sd_pipe.unet.register_to_config(cross_attention_dim=64)  # another model architecture
@@ -165,3 +174,40 @@ def test_artifacts_fill_an_empty_inductor_cache(tmp_path):
     second = _fresh_process(tmp_path, "second")
     assert second["close"] and "loaded compile artifacts from" in second["log"], second["log"][-2000:]
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
+
+
+def test_precompile_writes_one_artifact_set_per_size(saved_pipe, tmp_path, capsys, monkeypatch):
+    """`accel precompile` on a CPU, its compiled code stubbed (calls run eagerly): one key per size."""
+    from apps.cli import main
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    out = tmp_path / "artifacts"
+    with torch.compiler.set_stance("force_eager"):
+        assert main(["precompile", "--model", str(saved_pipe), "--preset", "balanced", "--device", "cpu",
+                     "--sizes", "32x32,40x32", "--steps", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    keys = sorted(json.loads(p.read_text())["height"] for p in out.glob("*.json"))
+    assert keys == [32, 40] and len(list(out.glob("*.bin"))) == 2 and printed.count("wrote ") == 2
+    assert all(json.loads(p.read_text())["runtime"].startswith("RuntimeConfig(") for p in out.glob("*.json"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sizes", "32"], "--sizes item '32' is not a size"),
+    (["--sizes", "32x30"], "--sizes 32x30: width 30 is not an image size"),
+    (["--sizes", "32x32", "--preset", "nope"], "nope"),
+])
+def test_bad_precompile_input_is_one_line_before_the_model_loads(tmp_path, flags, message):
+    from apps.cli import main
+
+    argv = ["precompile", "--model", str(tmp_path / "never-loaded"), "--preset", "balanced", "--out", str(tmp_path / "a")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + flags)
+    assert message in str(exit_info.value) and "error:" in str(exit_info.value)
+
+
+def test_precompile_refuses_a_preset_that_compiles_nothing(saved_pipe, tmp_path):
+    from apps.cli import main
+
+    with pytest.raises(SystemExit, match="compiles nothing"):
+        main(["precompile", "--model", str(saved_pipe), "--preset", "quality", "--device", "cpu", "--sizes", "32x32",
+              "--out", str(tmp_path / "a")])

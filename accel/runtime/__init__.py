@@ -44,6 +44,7 @@ __all__ = [
     "first_call_seconds",
     "precompile_report",
     "quantize_report",
+    "compile_cache_report",
 ]
 
 
@@ -215,6 +216,15 @@ def quantize_report(pipe) -> dict[str, list[str]] | None:
     session = get_session(pipe)
     runtime = None if session is None else session.state.get("runtime")
     return next((state.report for step, state in getattr(runtime, "applied", ()) if step.name == "quantize"), None)
+
+
+def compile_cache_report(pipe) -> dict[str, list[str]] | None:
+    """The artifact files `RuntimeConfig(compile_cache=...)` loaded and saved on the accelerated `pipe` so far
+    ({"loaded": [...], "saved": [...]}); None where no compile cache is set."""
+    session = get_session(pipe)
+    runtime = None if session is None else session.state.get("runtime")
+    cache = next((state for step, state in getattr(runtime, "applied", ()) if step.name == "compile_cache"), None)
+    return None if cache is None else {"loaded": list(cache.loaded), "saved": [str(p) for p in cache.saved]}
 
 
 def _compile(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:

@@ -57,9 +57,18 @@ def key_fields(model: dict, config, shapes: dict, torch_version: str | None = No
             "torch": torch.__version__ if torch_version is None else torch_version}
 
 
+def default_size(pipe) -> int | None:
+    """The height and width a call without them generates: the denoiser's sample size in pixels."""
+    sample = getattr(denoiser(pipe).config, "sample_size", None)
+    return sample * int(getattr(pipe, "vae_scale_factor", 8)) if isinstance(sample, int) else None
+
+
 def key_for(pipe, config, arguments: dict) -> dict:
     """The key fields of `pipe` under runtime `config` for a call with these arguments (height, width, prompt...)."""
-    return key_fields(model_fields(pipe), config, call_shapes(arguments))
+    shapes = call_shapes(arguments)
+    for side in ("height", "width"):  # the default size and the same size given are one key
+        shapes[side] = shapes[side] if shapes[side] is not None else default_size(pipe)
+    return key_fields(model_fields(pipe), config, shapes)
 
 
 def key_digest(fields: dict) -> str:
@@ -133,7 +142,7 @@ class ArtifactCache:
         self.seen: set[str] = set()
         self.pending: dict | None = None  # the key of this call's shapes, to save at its end
         self.saved: list[Path] = []
-        self.loaded: list[str] = []
+        self.loaded: list[str] = []  # the files loaded
         session.add_call_listener(self.begin)
         session.add_call_end_listener(self.end)
 
@@ -145,7 +154,7 @@ class ArtifactCache:
             return
         self.seen.add(digest)
         if load_artifacts(fields, self.directory):
-            self.loaded.append(digest)
+            self.loaded.append(str(_paths(self.directory, fields)[0]))
         else:
             self.pending = fields
 
