@@ -52,6 +52,8 @@ def test_key_follows_the_pipeline(sd_pipe):
     default = sd_pipe.unet.config.sample_size * sd_pipe.vae_scale_factor
     assert key_for(sd_pipe, CONFIG, {**arguments, "height": None, "width": None}) == \
         key_for(sd_pipe, CONFIG, {**arguments, "height": default, "width": default})
+    sd_pipe.unet.register_to_config(_name_or_path="/another/folder")  # the same model, loaded from elsewhere
+    assert key_for(sd_pipe, CONFIG, arguments) == fields
     sd_pipe.unet.to(torch.float16)
     assert key_for(sd_pipe, CONFIG, arguments)["dtype"] == "float16"
     sd_pipe.unet.register_to_config(cross_attention_dim=64)  # another model architecture

@@ -28,7 +28,8 @@ KEY_VERSION = 1  # bump when the fields below change meaning
 def model_fields(pipe) -> dict:
     """The denoiser's identity: its class, a hash of its config, its weights' dtype and the device's name."""
     net = denoiser(pipe)
-    config = json.dumps(dict(net.config), sort_keys=True, default=str)
+    # Private entries (`_name_or_path`, `_diffusers_version`) say where the model came from, not what it is.
+    config = json.dumps({k: v for k, v in net.config.items() if not k.startswith("_")}, sort_keys=True, default=str)
     param = next(net.parameters())
     device = param.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
