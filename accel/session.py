@@ -161,6 +161,7 @@ class AccelSession:
         self._pipe = weakref.ref(pipe) if pipe is not None else (lambda: None)
         self._call_listeners: list[Callable[["AccelSession"], None]] = []
         self._step_listeners: list[Callable[[int, dict], None]] = []
+        self._call_end_listeners: list[Callable[["AccelSession", bool], None]] = []
         self._planners: dict[int, CallPlanner] = {}
         self.original_components: dict[str, Any] = {}  # the pipeline's components before anything was applied
 
@@ -171,6 +172,14 @@ class AccelSession:
     def remove_call_listener(self, fn) -> None:
         if fn in self._call_listeners:
             self._call_listeners.remove(fn)
+
+    def add_call_end_listener(self, fn: Callable[["AccelSession", bool], None]) -> None:
+        """`fn(session, completed)` runs at the end of every pipeline call; `completed` is False when it raised."""
+        self._call_end_listeners.append(fn)
+
+    def remove_call_end_listener(self, fn) -> None:
+        if fn in self._call_end_listeners:
+            self._call_end_listeners.remove(fn)
 
     def add_step_listener(self, fn: Callable[[int, dict], None]) -> None:
         """`fn(step_index, callback_kwargs)` runs at the end of every step, before the user's callback; it may
@@ -206,7 +215,9 @@ class AccelSession:
         for fn in list(self._call_listeners):
             fn(self)
 
-    def end_call(self) -> None:
+    def end_call(self, completed: bool = True) -> None:
+        for fn in list(self._call_end_listeners):
+            fn(self, completed)
         self.step_index = None
         self.num_inference_steps = None
         self.call_arguments = {}
@@ -333,10 +344,13 @@ class AcceleratedCall:
             steps = signature.parameters["num_inference_steps"].default
         defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
         session.begin_call(steps, {**defaults, **bound})
+        completed = False
         try:
-            return super().__call__(*args, **kwargs)
+            result = super().__call__(*args, **kwargs)
+            completed = True
+            return result
         finally:
-            session.end_call()
+            session.end_call(completed)
 
     @property
     def components(self):

@@ -1,4 +1,4 @@
-"""The `accel` command: generate, presets, eval, bench, batch."""
+"""The `accel` command: generate, presets, eval, precompile, bench, batch."""
 
 from __future__ import annotations
 
@@ -158,6 +158,66 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """`--sizes 512x512,768x512` as [(height, width), ...], each checked as `--height` / `--width` are."""
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise SettingError(f"--sizes item {item.strip()!r} is not a size; accepted: HEIGHTxWIDTH in pixels, "
+                               "comma-separated, e.g. 512x512,768x512")
+        height, width = int(parts[0]), int(parts[1])
+        check_setting("height", height, f"--sizes {item.strip()}: height")
+        check_setting("width", width, f"--sizes {item.strip()}: width")
+        sizes.append((height, width))
+    return sizes
+
+
+def cmd_precompile(args) -> int:
+    sizes = parse_sizes(args.sizes)
+    check_args(args, ("steps", "guidance"))
+    check_at_least("--num-images", args.num_images)
+    check_preset(args.preset)
+    check_writable_folder(Path(args.out), "--out")
+
+    from dataclasses import replace
+
+    import torch
+
+    import accel
+    from accel.embedded import EMBEDDED_GUIDANCE
+    from accel.runtime import compile_cache_report
+    from apps.loading import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    config = accel.resolve_config(preset=args.preset, pipe=pipe)
+    if config.runtime is None or config.runtime.compile is None:
+        raise SettingError(f"--preset {args.preset} compiles nothing, so there is nothing to precompile; accepted: "
+                           "a preset with torch.compile (see `accel presets -v`)")
+    check_size_multiple(pipe, {f"--sizes {h}x{w}": v for h, w in sizes for v in (h, w)})
+    runtime = replace(config.runtime, compile_cache=str(Path(args.out)))
+    if pipe.device.type != "cuda" and runtime.cuda_graph:  # the compiled code is what is saved; graphs are not
+        runtime = replace(runtime, cuda_graph=False)
+        print(f"note: CUDA graphs need a CUDA GPU; this runs on {pipe.device.type}, so they were left out", file=sys.stderr)
+    accel.accelerate(pipe, config.replace(runtime=runtime))
+    if args.guidance is None:
+        args.guidance = EMBEDDED_GUIDANCE if args.model is None else _dit_guidance(args.model)
+    call = {"prompt": args.prompt, "guidance_scale": args.guidance, "num_images_per_prompt": args.num_images}
+    if args.steps is not None:
+        call["num_inference_steps"] = args.steps
+    for height, width in sizes:
+        start = time.perf_counter()
+        pipe(**call, height=height, width=width, generator=torch.Generator("cpu").manual_seed(0))
+        print(f"{height}x{width}: {time.perf_counter() - start:.1f} s")
+    report = compile_cache_report(pipe)
+    accel.restore(pipe)
+    for path in report["loaded"]:
+        print(f"already there (loaded, not rewritten): {path}")
+    for path in report["saved"]:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Accelerated diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="adherence classifier folder (default: the shipped accel/models/cifar10-classifier)")
     ev.add_argument("--out", default="eval-results", help="folder for the JSON and markdown report")
     ev.set_defaults(func=cmd_eval)
+
+    pc = sub.add_parser("precompile", help="compile a preset at the given sizes and save the portable compile artifacts "
+                        "that `RuntimeConfig(compile_cache=...)` loads")
+    add_model_arguments(pc)
+    pc.add_argument("--sizes", required=True, help="HEIGHTxWIDTH in pixels, comma-separated, e.g. 512x512,768x512")
+    pc.add_argument("--out", required=True, help="folder for the artifacts (the compile_cache folder to use later)")
+    pc.add_argument("--prompt", default="a photo", help="the text of the compiling generations")
+    pc.add_argument("--steps", type=int, default=None, help="denoising steps, >= 1 (default: the preset's, else the "
+                    "pipeline's); compile only at the steps later runs take")
+    pc.add_argument("--guidance", type=float, default=None, help=GUIDANCE_HELP + "; on or off (above 1 or not) "
+                    "is part of the artifacts' key")
+    pc.add_argument("--num-images", type=int, default=1, help="images per generation, >= 1: part of the key, as later runs")
+    pc.set_defaults(func=cmd_precompile)
 
     _add_bench_parser(sub)
     _add_batch_parser(sub)

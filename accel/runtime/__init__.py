@@ -8,6 +8,7 @@ CUDA graphs capture the transformer's calls, keyed on the session's plan of each
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,6 +17,7 @@ import torch
 from ..errors import UnsupportedPipelineError, check_choice
 from ..pipelines import denoiser, denoiser_kind
 from ..session import get_session
+from .artifacts import ArtifactCache
 from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
 from .compile import apply_compile, first_call_seconds, precompile_report, remove_compile
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
@@ -42,6 +44,7 @@ __all__ = [
     "first_call_seconds",
     "precompile_report",
     "quantize_report",
+    "compile_cache_report",
 ]
 
 
@@ -65,6 +68,9 @@ class RuntimeConfig:
     compile: None, "regional" (repeated blocks, short compile) or "full".
     compile_workers: with "regional", how many worker processes compile the distinct blocks alongside
         the first call (None: half the host's cores, at most 8; 0: all in this process).
+    compile_cache: a folder of portable compile artifacts (`accel.runtime.artifacts`, written by `accel precompile`
+        or by an earlier process): each call with new shapes first loads the artifacts saved for this model, config,
+        shapes, torch and device, and where none match saves them once it has compiled. None: not used.
     cuda_graph: capture calls as CUDA graphs; eager where capture fails.
     components: which modules `compile` and `cuda_graph` cover: "denoiser" (the UNet or DiT transformer,
         with ControlNet; "unet" / "transformer" name it by kind), "vae" (the decoder) and "text_encoder"
@@ -82,6 +88,7 @@ class RuntimeConfig:
     quantize_convs: bool = False
     compile: str | None = None
     compile_workers: int | None = None
+    compile_cache: str | None = None
     cuda_graph: bool = False
     components: tuple[str, ...] = ("denoiser",)
 
@@ -100,6 +107,13 @@ class RuntimeConfig:
             if self.compile != "regional":
                 raise ValueError(f"RuntimeConfig.compile_workers applies to compile='regional' only; "
                                  f"compile is {self.compile!r}")
+        if self.compile_cache is not None:
+            if not isinstance(self.compile_cache, (str, os.PathLike)) or not os.fspath(self.compile_cache):
+                raise ValueError(f"RuntimeConfig.compile_cache must be None or a folder path, got {self.compile_cache!r}")
+            if self.compile is None:
+                raise ValueError("RuntimeConfig.compile_cache holds compiled code and applies to compile='regional' or "
+                                 "'full'; compile is None")
+            object.__setattr__(self, "compile_cache", os.fspath(self.compile_cache))
         if self.quantize_skip is not None:
             if isinstance(self.quantize_skip, str) or not all(isinstance(p, str) for p in self.quantize_skip):
                 raise ValueError(f"RuntimeConfig.quantize_skip must be None (the default sensitive layers) or a tuple of "
@@ -204,6 +218,15 @@ def quantize_report(pipe) -> dict[str, list[str]] | None:
     return next((state.report for step, state in getattr(runtime, "applied", ()) if step.name == "quantize"), None)
 
 
+def compile_cache_report(pipe) -> dict[str, list[str]] | None:
+    """The artifact files `RuntimeConfig(compile_cache=...)` loaded and saved on the accelerated `pipe` so far
+    ({"loaded": [...], "saved": [...]}); None where no compile cache is set."""
+    session = get_session(pipe)
+    runtime = None if session is None else session.state.get("runtime")
+    cache = next((state for step, state in getattr(runtime, "applied", ()) if step.name == "compile_cache"), None)
+    return None if cache is None else {"loaded": list(cache.loaded), "saved": [str(p) for p in cache.saved]}
+
+
 def _compile(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:
     workers = {"workers": config.compile_workers} if config.compile == "regional" else {}
     return _on_each(_modules(pipe, config.components), lambda m: apply_compile(m, config.compile, **workers), remove_compile)
@@ -248,6 +271,9 @@ RUNTIME_STEPS = (
     RuntimeStep("channels_last", lambda c: c.channels_last, _to_channels_last, _to_contiguous),
     RuntimeStep("quantize", lambda c: c.quantize is not None, _quantize, lambda pipe, layers: layers.remove()),
     RuntimeStep("compile", lambda c: c.compile is not None, _compile, _uncompile),
+    # After compile (whose process settings name the inductor cache the artifacts load into), before any call.
+    RuntimeStep("compile_cache", lambda c: c.compile_cache is not None, ArtifactCache,
+                lambda pipe, cache: cache.remove()),
     RuntimeStep("cuda_graph", lambda c: c.cuda_graph, _capture_graphs, _release_graphs),
 )
 

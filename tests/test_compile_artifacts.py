@@ -1,0 +1,215 @@
+"""Portable compile artifacts (`RuntimeConfig(compile_cache=...)`, `accel precompile`): the key, the mismatch
+reasons, the load / save around pipeline calls, and a real round trip into an empty inductor cache."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import run
+
+import accel
+from accel.runtime import artifacts
+from accel.runtime.artifacts import call_shapes, key_digest, key_fields, key_for, load_artifacts, save_artifacts
+
+@pytest.fixture
+def saved_pipe(sd_pipe, tmp_path):
+    sd_pipe.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+MODEL = {"denoiser": "UNet2DConditionModel", "model_config": "abc", "dtype": "float16", "device": "NVIDIA H200"}
+SHAPES = {"height": 512, "width": 512, "batch": 1, "guidance": True}
+CONFIG = accel.RuntimeConfig(compile="full", cuda_graph=True)
+
+
+def test_key_changes_with_torch_dtype_size_and_config():
+    base = key_digest(key_fields(MODEL, CONFIG, SHAPES, "2.11.0"))
+    assert base == key_digest(key_fields(MODEL, CONFIG, SHAPES, "2.11.0"))
+    assert key_digest(key_fields(MODEL, CONFIG, SHAPES, "2.13.0")) != base
+    assert key_digest(key_fields({**MODEL, "dtype": "bfloat16"}, CONFIG, SHAPES, "2.11.0")) != base
+    assert key_digest(key_fields({**MODEL, "device": "cpu"}, CONFIG, SHAPES, "2.11.0")) != base
+    assert key_digest(key_fields(MODEL, CONFIG, {**SHAPES, "height": 768}, "2.11.0")) != base
+    assert key_digest(key_fields(MODEL, CONFIG, {**SHAPES, "batch": 2}, "2.11.0")) != base
+    assert key_digest(key_fields(MODEL, accel.RuntimeConfig(compile="regional", cuda_graph=True), SHAPES, "2.11.0")) != base
+    # where the artifacts are kept is not part of what they hold
+    kept = accel.RuntimeConfig(compile="full", cuda_graph=True, compile_cache="/somewhere")
+    assert key_digest(key_fields(MODEL, kept, SHAPES, "2.11.0")) == base
+
+
+def test_key_follows_the_pipeline(sd_pipe):
+    arguments = {"prompt": "a", "height": 32, "width": 32, "num_images_per_prompt": 1, "guidance_scale": 7.5}
+    fields = key_for(sd_pipe, CONFIG, arguments)
+    assert fields["dtype"] == "float32" and fields["device"] == "cpu" and fields["torch"] == torch.__version__
+    assert call_shapes({**arguments, "prompt": ["a", "b"], "num_images_per_prompt": 2})["batch"] == 4
+    assert not call_shapes({**arguments, "guidance_scale": 1.0})["guidance"]
+    default = sd_pipe.unet.config.sample_size * sd_pipe.vae_scale_factor
+    assert key_for(sd_pipe, CONFIG, {**arguments, "height": None, "width": None}) == \
+        key_for(sd_pipe, CONFIG, {**arguments, "height": default, "width": default})
+    sd_pipe.unet.register_to_config(_name_or_path="/another/folder")  # the same model, loaded from elsewhere
+    assert key_for(sd_pipe, CONFIG, arguments) == fields
+    sd_pipe.unet.to(torch.float16)
+    assert key_for(sd_pipe, CONFIG, arguments)["dtype"] == "float16"
+    sd_pipe.unet.register_to_config(cross_attention_dim=64)  # another model architecture
+    assert key_for(sd_pipe, CONFIG, arguments)["model_config"] != fields["model_config"]
+
+
+def test_compile_cache_is_validated():
+    with pytest.raises(ValueError, match="compile is None"):
+        accel.RuntimeConfig(compile_cache="/tmp/artifacts")
+    with pytest.raises(ValueError, match="folder path"):
+        accel.RuntimeConfig(compile="full", compile_cache=3)
+    assert accel.RuntimeConfig(compile="full", compile_cache=Path("/tmp/a")).compile_cache == "/tmp/a"
+
+
+def test_mismatch_logs_the_reason_and_falls_back(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    loads = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loads.append(data) or "info")
+    here = key_fields(MODEL, CONFIG, SHAPES)
+    caplog.set_level(logging.INFO, logger=artifacts.__name__)
+    assert not load_artifacts(here, tmp_path / "none")
+    assert "no matching artifacts: none saved in" in caplog.text
+    save_artifacts({**here, "torch": "2.11.0"}, tmp_path)
+    caplog.clear()
+    assert not load_artifacts(here, tmp_path) and loads == []
+    assert f"no matching artifacts: torch differs (saved '2.11.0', here '{torch.__version__}')" in caplog.text
+    save_artifacts(here, tmp_path)
+    caplog.clear()
+    assert load_artifacts(here, tmp_path) and loads == [b"compiled"]
+    assert "loaded compile artifacts from" in caplog.text
+
+
+def test_damaged_artifacts_fall_back(tmp_path, caplog, monkeypatch):
+    here = key_fields(MODEL, CONFIG, SHAPES)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"not a cache", None))
+    save_artifacts(here, tmp_path)
+    monkeypatch.undo()
+    caplog.set_level(logging.INFO, logger=artifacts.__name__)
+    assert not load_artifacts(here, tmp_path)  # torch's own loader refuses the bytes
+    assert "no matching artifacts: could not load" in caplog.text
+
+
+def test_accelerate_loads_before_the_first_call_and_saves_after(sd_pipe, tmp_path, caplog, monkeypatch):
+    """Compiled code is stubbed (calls run eagerly): the first call of each new shape loads, else saves once."""
+    tmp_path = tmp_path / "artifacts"
+    saves, loads = [], []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: saves.append(1) or (b"compiled", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loads.append(data) or "info")
+    caplog.set_level(logging.INFO, logger=artifacts.__name__)
+    config = accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full", compile_cache=str(tmp_path)))
+    baseline = run(sd_pipe, height=32, width=32)
+    accel.accelerate(sd_pipe, config)
+    with torch.compiler.set_stance("force_eager"):
+        run(sd_pipe, height=32, width=32)
+        run(sd_pipe, height=32, width=32)  # shapes seen: nothing loaded or saved again
+        assert len(saves) == 1 and loads == [] and len(list(tmp_path.glob("*.bin"))) == 1
+        run(sd_pipe, height=40, width=32)  # new shapes: a second key
+        assert len(saves) == 2 and len(list(tmp_path.glob("*.json"))) == 2
+    fields = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert fields["width"] == 32 and fields["height"] in (32, 40) and fields["torch"] == torch.__version__
+    accel.restore(sd_pipe)
+    assert run(sd_pipe, height=32, width=32).tobytes() == baseline.tobytes()  # restored, nothing left behind
+    assert len(saves) == 2 and loads == []
+    accel.accelerate(sd_pipe, config)  # a later process: the saved artifacts load, nothing is saved
+    with torch.compiler.set_stance("force_eager"):
+        run(sd_pipe, height=32, width=32)
+    accel.restore(sd_pipe)
+    assert loads == [b"compiled"] and len(saves) == 2
+    assert "loaded compile artifacts from" in caplog.text
+
+
+def test_a_failed_call_saves_nothing(sd_pipe, tmp_path, monkeypatch):
+    tmp_path = tmp_path / "artifacts"
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    accel.accelerate(sd_pipe, accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full", compile_cache=str(tmp_path))))
+    with torch.compiler.set_stance("force_eager"), pytest.raises(ValueError):
+        run(sd_pipe, height=33, width=32)  # diffusers refuses the size
+    accel.restore(sd_pipe)
+    assert not tmp_path.exists()
+
+
+_CHILD = textwrap.dedent("""
+    import json, logging, sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    logging.basicConfig(level=logging.INFO)
+    import accel
+    from tiny import tiny_sd_pipeline, run
+    from torch._dynamo.utils import counters
+    from pathlib import Path
+    pipe = tiny_sd_pipeline(Path(sys.argv[3]))
+    eager = run(pipe, steps=1, height=32, width=32)
+    runtime = accel.RuntimeConfig(compile="full", compile_cache=sys.argv[2])
+    accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
+    out = run(pipe, steps=1, height=32, width=32)
+    print("RESULT " + json.dumps({"inductor": dict(counters["inductor"]),
+                                  "close": bool(abs(out - eager).max() < 1e-4)}))
+""")
+
+
+def _fresh_process(tmp_path: Path, name: str) -> dict:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{name}"), TORCHINDUCTOR_COMPILE_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    (tmp_path / name).mkdir()
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).parent), str(tmp_path / "artifacts"),
+                           str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=900)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, done.stderr[-3000:]
+    return {**json.loads(line[7:]), "log": done.stderr}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on CPU")
+def test_artifacts_fill_an_empty_inductor_cache(tmp_path):
+    """A process compiles the tiny UNet and saves its artifacts; a second one, on an empty inductor cache, loads
+    them and compiles from them: inductor's graph cache hits, nothing is generated anew."""
+    first = _fresh_process(tmp_path, "first")
+    assert first["close"] and first["inductor"].get("fxgraph_cache_miss", 0) >= 1, first
+    assert "no matching artifacts: none saved in" in first["log"] and "saved compile artifacts to" in first["log"]
+    second = _fresh_process(tmp_path, "second")
+    assert second["close"] and "loaded compile artifacts from" in second["log"], second["log"][-2000:]
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
+
+
+def test_precompile_writes_one_artifact_set_per_size(saved_pipe, tmp_path, capsys, monkeypatch):
+    """`accel precompile` on a CPU, its compiled code stubbed (calls run eagerly): one key per size."""
+    from apps.cli import main
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    out = tmp_path / "artifacts"
+    with torch.compiler.set_stance("force_eager"):
+        assert main(["precompile", "--model", str(saved_pipe), "--preset", "balanced", "--device", "cpu",
+                     "--sizes", "32x32,40x32", "--steps", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    keys = sorted(json.loads(p.read_text())["height"] for p in out.glob("*.json"))
+    assert keys == [32, 40] and len(list(out.glob("*.bin"))) == 2 and printed.count("wrote ") == 2
+    assert all(json.loads(p.read_text())["runtime"].startswith("RuntimeConfig(") for p in out.glob("*.json"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sizes", "32"], "--sizes item '32' is not a size"),
+    (["--sizes", "32x30"], "--sizes 32x30: width 30 is not an image size"),
+    (["--sizes", "32x32", "--preset", "nope"], "nope"),
+])
+def test_bad_precompile_input_is_one_line_before_the_model_loads(tmp_path, flags, message):
+    from apps.cli import main
+
+    argv = ["precompile", "--model", str(tmp_path / "never-loaded"), "--preset", "balanced", "--out", str(tmp_path / "a")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + flags)
+    assert message in str(exit_info.value) and "error:" in str(exit_info.value)
+
+
+def test_precompile_refuses_a_preset_that_compiles_nothing(saved_pipe, tmp_path):
+    from apps.cli import main
+
+    with pytest.raises(SystemExit, match="compiles nothing"):
+        main(["precompile", "--model", str(saved_pipe), "--preset", "quality", "--device", "cpu", "--sizes", "32x32",
+              "--out", str(tmp_path / "a")])
