@@ -37,7 +37,7 @@ EMBEDDED_DIT_DIR = Path(__file__).resolve().parent / "models" / EMBEDDED_DIT_NAM
 
 # Sampling defaults: the FlowMatch Euler steps of SD3's pipeline, and the guidance of the model card.
 EMBEDDED_DIT_STEPS = 28
-EMBEDDED_DIT_GUIDANCE = 4.0
+EMBEDDED_DIT_GUIDANCE = 5.0
 # The scheduler's timestep shift sigma' = s sigma / (1 + (s - 1) sigma); SD3 uses 3 at 1024 px, and 64 tokens
 # need less. Any shift loads with ``FlowMatchEulerDiscreteScheduler.from_config(config, shift=s)``.
 FLOW_SHIFT = 1.0
@@ -90,8 +90,8 @@ def resolve_model(model: str | os.PathLike | None) -> str | os.PathLike | None:
         return model
     if not (EMBEDDED_DIT_DIR / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
         raise FileNotFoundError(
-            f"the embedded DiT {EMBEDDED_DIT_NAME} has no trained transformer weights yet: its first GPU run did not "
-            f"learn to follow prompts (see {EMBEDDED_DIT_DIR / 'README.md'}); train it with "
+            f"the embedded DiT {EMBEDDED_DIT_NAME} has no trained transformer weights in {EMBEDDED_DIT_DIR / 'transformer'} "
+            f"(see {EMBEDDED_DIT_DIR / 'README.md'}); train it with "
             "`bash benchmarks/embedded_dit/train.sh` on a GPU, or use the embedded UNet model (the default)")
     return EMBEDDED_DIT_DIR
 

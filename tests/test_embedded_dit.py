@@ -120,7 +120,7 @@ def test_model_name_resolves_to_the_folder_once_trained():
     if SHIPPED:
         assert resolve_model(EMBEDDED_DIT_NAME) == EMBEDDED_DIT_DIR
     else:
-        with pytest.raises(FileNotFoundError, match="has no trained transformer weights yet.*train.sh"):
+        with pytest.raises(FileNotFoundError, match="has no trained transformer weights in.*train.sh"):
             resolve_model(EMBEDDED_DIT_NAME)
         with pytest.raises(SystemExit, match="error: the embedded DiT mini-sd3-cifar10 has no trained transformer weights"):
             cli_main(["generate", "--model", EMBEDDED_DIT_NAME, "--prompt", "a photo of a horse", "--out", "x.png"])
