@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from accel.embedded_dit import EMBEDDED_DIT_GUIDANCE
 from accel.quality.cifar import load_cifar10
 from accel.quality.classifier import load_classifier
 from accel.quality.evaluate import cifar_prompts, classifier_outputs, generate
@@ -143,7 +144,7 @@ def main() -> int:
     parser.add_argument("--steps", default=",".join(map(str, STEPS)))
     parser.add_argument("--reference", default="dpmpp_2m", help="our sampler for the reference, on its default sigmas")
     parser.add_argument("--reference-steps", type=int, default=200)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=EMBEDDED_DIT_GUIDANCE)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--tuned-steps", default=",".join(map(str, TUNED_STEPS)),
                         help="step counts of the tuned files (olss-N, dpmpp_2m-N); '' for none")
@@ -197,6 +198,38 @@ def main() -> int:
         real = load_cifar10("test")[0]
         real = real[:: max(1, len(real) // args.real_images)]  # every k-th: the test set is sorted by class
         judge.reference_features = classifier_outputs(judge.classifier, real)[1]
+
+    def save(done: bool) -> list[str]:
+        """Write the report of the rows so far: after every candidate, so that a run cut short keeps them."""
+        command = "python " + shlex.join(sys.argv)
+        model = ("a random tiny SD3 transformer ({}) in the embedded DiT's folder: CPU smoke run, the numbers say nothing "
+                 "about the samplers".format(", ".join(f"{k} {v}" for k, v in SMOKE_TRANSFORMER.items()))
+                 if args.smoke else args.model)
+        meta = {"model": model, "n": args.n, "guidance": args.guidance, "device": args.device, "command": command,
+                "scheduler": type(base).__name__, "shift": base.config.get("shift", 1.0),
+                "reference": f"{args.reference} {args.reference_steps} steps (its default sigmas)",
+                "real_images": len(judge.reference_features) if judge.reference_features is not None else None,
+                "elapsed_s": round(time.perf_counter() - start, 1),
+                "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                "reference_row": judge.row("reference", args.reference, "default", args.reference_steps, reference, 0.0)}
+        (out / "flow-samplers.json").write_text(json.dumps({"meta": meta, "rows": rows, "finished": done}, indent=2) + "\n")
+        scores = "PSNR (dB)" if judge.classifier is None else "PSNR (dB) / prompt adherence / Frechet distance"
+        lines = [f"Model: {model} ({meta['scheduler']}, shift {meta['shift']}); {args.n} CIFAR-10 prompts (seeds "
+                 f"0..{args.n - 1}), guidance {args.guidance}, {meta['gpu'] or args.device}. Each cell: {scores}, to a "
+                 f"{meta['reference']} reference from the same seeds and prompts."]
+        if judge.classifier is not None:
+            lines[-1] += (f" Frechet distance to {meta['real_images']} CIFAR-10 test images; the reference itself: "
+                          f"adherence {meta['reference_row']['adherence']:.1%}, Frechet "
+                          f"{meta['reference_row']['frechet_distance']:.2f}.")
+        lines[-1] += (" Heun calls the model twice a step but the last; diffusers' flow DPM-Solver and UniPC feed the "
+                      "model int64 timesteps, ours 1000 sigma.")
+        lines += ["", *markdown_table(rows), *tuned_gains(rows), *targets(rows), "",
+                  f"Command: `{command}` ({meta['elapsed_s']} s)"]
+        if not done:
+            lines.insert(0, f"PARTIAL: {len(rows)} rows so far, the run did not finish.\n")
+        (out / "flow-samplers.md").write_text("\n".join(lines) + "\n")
+        return lines
+
     rows = []
     for label, sampler, options in CANDIDATES:
         if wanted and label not in wanted:
@@ -206,6 +239,7 @@ def main() -> int:
             images, seconds = run(scheduler, steps)
             rows.append(judge.row(label, sampler, "default", steps, images, seconds, options,
                                   model_calls=len(scheduler.timesteps)))
+        save(done=False)
     for path in files:
         tuned = load_tuned_schedule(path)
         label = f"{path.stem.rsplit('-', 1)[0]} tuned" + (" (fitted coefficients)" if tuned.coefficients else "")
@@ -213,32 +247,7 @@ def main() -> int:
         images, seconds = run(scheduler, tuned.num_steps)
         rows.append(judge.row(label, tuned.sampler, "tuned", tuned.num_steps, images, seconds, tuned.sampler_options,
                               model_calls=len(scheduler.timesteps), file=str(path)))
-
-    command = "python " + shlex.join(sys.argv)
-    model = ("a random tiny SD3 transformer ({}) in the embedded DiT's folder: CPU smoke run, the numbers say nothing "
-             "about the samplers".format(", ".join(f"{k} {v}" for k, v in SMOKE_TRANSFORMER.items()))
-             if args.smoke else args.model)
-    meta = {"model": model, "n": args.n, "guidance": args.guidance, "device": args.device, "command": command,
-            "scheduler": type(base).__name__, "shift": base.config.get("shift", 1.0),
-            "reference": f"{args.reference} {args.reference_steps} steps (its default sigmas)",
-            "real_images": len(judge.reference_features) if judge.reference_features is not None else None,
-            "elapsed_s": round(time.perf_counter() - start, 1),
-            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-            "reference_row": judge.row("reference", args.reference, "default", args.reference_steps, reference, 0.0)}
-    (out / "flow-samplers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    scores = "PSNR (dB)" if judge.classifier is None else "PSNR (dB) / prompt adherence / Frechet distance"
-    lines = [f"Model: {model} ({meta['scheduler']}, shift {meta['shift']}); {args.n} CIFAR-10 prompts (seeds "
-             f"0..{args.n - 1}), guidance {args.guidance}, {meta['gpu'] or args.device}. Each cell: {scores}, to a "
-             f"{meta['reference']} reference from the same seeds and prompts."]
-    if judge.classifier is not None:
-        lines[-1] += (f" Frechet distance to {meta['real_images']} CIFAR-10 test images; the reference itself: "
-                      f"adherence {meta['reference_row']['adherence']:.1%}, Frechet "
-                      f"{meta['reference_row']['frechet_distance']:.2f}.")
-    lines[-1] += (" Heun calls the model twice a step but the last; diffusers' flow DPM-Solver and UniPC feed the "
-                  "model int64 timesteps, ours 1000 sigma.")
-    lines += ["", *markdown_table(rows), *tuned_gains(rows), *targets(rows), "",
-              f"Command: `{command}` ({meta['elapsed_s']} s)"]
-    (out / "flow-samplers.md").write_text("\n".join(lines) + "\n")
+    lines = save(done=True)
     print("\n".join(lines))
     return 0
 

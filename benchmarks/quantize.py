@@ -14,6 +14,7 @@
 Results are written after every config (quantize.json, quantize.md in --out), so a run cut short keeps what it did.
 
     python3 benchmarks/quantize.py --out DIR [--smoke]   (smoke: the CPU with ACCEL_QUANTIZE_CPU=1, tiny, eager)
+    python3 benchmarks/quantize.py --out DIR --quality-model dit --configs ""   (the quality part alone, on the DiT)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 import accel
 from accel import AccelConfig, RuntimeConfig
 from accel.embedded import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
+from accel.embedded_dit import EMBEDDED_DIT_DIR, EMBEDDED_DIT_GUIDANCE, EMBEDDED_DIT_STEPS
 from accel.quality.cifar import load_cifar10
 from accel.quality.evaluate import evaluate
 from accel.quality.metrics import psnr
@@ -44,24 +46,38 @@ from apps.bench_archs import build_pipeline
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
-def quality(device: str, dtype: torch.dtype, n: int, steps: int, batch_size: int, references: int | None) -> list[dict]:
-    fast = accel.get_preset("fast")
+def quality_pipeline(model: str, device: str, dtype: torch.dtype):
+    """The trained model judged for quality, with its default guidance: the embedded UNet model or DiT."""
+    if model == "embedded":
+        return build_pipeline("embedded", device=device, dtype=dtype), EMBEDDED_GUIDANCE
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(EMBEDDED_DIT_DIR, torch_dtype=dtype, local_files_only=True).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, EMBEDDED_DIT_GUIDANCE
+
+
+def quality(model: str, device: str, dtype: torch.dtype, n: int, steps: int, batch_size: int,
+            references: int | None) -> list[dict]:
     configs = {
         "fp8": AccelConfig(runtime=RuntimeConfig(quantize="fp8")),
         "int8": AccelConfig(runtime=RuntimeConfig(quantize="int8")),
-        "fast sampler, 16 bit": AccelConfig(sampler=fast.sampler),
-        "fast sampler + fp8 (fast-fp8, eager)": AccelConfig(sampler=fast.sampler, runtime=RuntimeConfig(quantize="fp8")),
     }
-    pipe = build_pipeline("embedded", device=device, dtype=dtype)
+    if model == "embedded":  # the `fast` preset's sampler is a betas-schedule solver: the UNet model's alone
+        fast = accel.get_preset("fast")
+        configs["fast sampler, 16 bit"] = AccelConfig(sampler=fast.sampler)
+        configs["fast sampler + fp8 (fast-fp8, eager)"] = AccelConfig(sampler=fast.sampler,
+                                                                     runtime=RuntimeConfig(quantize="fp8"))
+    pipe, guidance = quality_pipeline(model, device, dtype)
     reference_images = load_cifar10("test", limit=references)[0]  # decoded once for every config's Frechet distance
-    options = dict(n=n, num_inference_steps=steps, guidance_scale=EMBEDDED_GUIDANCE, batch_size=batch_size,
+    options = dict(n=n, num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size,
                    reference_images=reference_images)
     base = evaluate(pipe, return_images=True, **options)
     rows = [{"config": "16-bit baseline", **base["baseline"]}]
     for name, config in configs.items():
         result = evaluate(pipe, config=config, baseline=base, **options)
         rows.append({"config": name, "accel_config": repr(config), **result["accelerated"]})
-        print(f"[quantize] embedded {name}: PSNR {rows[-1]['psnr_db']:.2f} dB, adherence {rows[-1].get('adherence')}",
+        print(f"[quantize] {model} {name}: PSNR {rows[-1]['psnr_db']:.2f} dB, adherence {rows[-1].get('adherence')}",
               flush=True)
     return rows
 
@@ -160,8 +176,12 @@ def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [f"Quantized denoisers, {meta['device']}, torch {meta['torch']}, `{meta['command']}`", ""]
     if report.get("embedded"):
-        lines += [f"Embedded model, {meta['quality_n']} CIFAR-10 prompts, DPM-Solver++ {meta['quality_steps']} steps, "
-                  f"guidance {EMBEDDED_GUIDANCE}, eager, against its 16-bit output:", "",
+        dit = meta.get("quality_model") == "dit"
+        model = (f"Embedded DiT mini-sd3-cifar10, {meta['quality_n']} CIFAR-10 prompts, FlowMatch Euler "
+                 f"{meta['quality_steps']} steps, guidance {EMBEDDED_DIT_GUIDANCE}" if dit else
+                 f"Embedded model, {meta['quality_n']} CIFAR-10 prompts, DPM-Solver++ {meta['quality_steps']} steps, "
+                 f"guidance {EMBEDDED_GUIDANCE}")
+        lines += [f"{model}, eager, against its 16-bit output:", "",
                   "| config | PSNR (dB) | SSIM | adherence | change (points) | Frechet distance |",
                   "| --- | --- | --- | --- | --- | --- |"]
         base = report["embedded"][0].get("adherence")
@@ -193,7 +213,11 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="the CPU, the embedded architecture, no compilation")
     parser.add_argument("--quality-n", type=int, default=1000, help="prompts on the embedded model (0: skip)")
     parser.add_argument("--unet-calls", type=int, default=10, help="pipeline calls whose UNet calls are timed")
-    parser.add_argument("--configs", default="stock,compiled 16-bit,compiled fp8,compiled int8,compiled fp8 + 1x1 convs")
+    parser.add_argument("--configs", default="stock,compiled 16-bit,compiled fp8,compiled int8,compiled fp8 + 1x1 convs",
+                        help="speed configs, comma-separated ('' skips the speed part)")
+    parser.add_argument("--quality-model", choices=("embedded", "dit"), default="embedded",
+                        help="the trained model of the quality part: the embedded UNet model (DPM-Solver++ 20 steps, "
+                             "guidance 4) or the embedded DiT mini-sd3-cifar10 (FlowMatch Euler 28 steps, guidance 5)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
@@ -206,10 +230,13 @@ def main() -> int:
         device, dtype, arch, size, steps = "cuda", torch.float16, "sd15", 512, 20
         runtime = accel.get_preset("balanced").runtime
         quality_n, quality_steps, batch_size, references = args.quality_n, EMBEDDED_STEPS, 250, None
+    if args.quality_model == "dit" and not args.smoke:
+        quality_steps = EMBEDDED_DIT_STEPS
     report = {"meta": {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                        "command": "python3 " + " ".join(sys.argv), "arch": arch, "size": size, "steps": steps,
                        "dtype": str(dtype).replace("torch.", ""), "unet_calls": args.unet_calls, "quality_n": quality_n,
-                       "quality_steps": quality_steps, "smoke": args.smoke}}
+                       "quality_steps": quality_steps, "quality_model": args.quality_model,
+                       "smoke": args.smoke}}
     start = time.perf_counter()
 
     def save():
@@ -219,10 +246,12 @@ def main() -> int:
         (args.out / "quantize.md").write_text(markdown(report))
 
     if quality_n:
-        report["embedded"] = quality(device, dtype, quality_n, quality_steps, batch_size, references)
+        report["embedded"] = quality(args.quality_model, device, dtype, quality_n, quality_steps, batch_size, references)
         save()
     report["speed"] = []
-    speed(device, dtype, arch, size, steps, args.unet_calls, runtime, args.configs.split(","), report["speed"], save)
+    if args.configs:
+        speed(device, dtype, arch, size, steps, args.unet_calls, runtime, args.configs.split(","), report["speed"], save)
+    save()
     print(markdown(report))
     return 0
 
