@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call (under 10 min) of quality on the trained embedded DiT (mini-sd3-cifar10), each part in its own
+# process with its own time limit, so that a part cut short leaves the others' results:
+#   1. issue 20: flow samplers x steps against diffusers' flow schedulers, tuned flow schedules and OLSS fitted on the
+#      DiT (benchmarks/flow_samplers.py, 1,000 prompts);
+#   2. issue 21: the DiT caches' quality cost, ours against Cache-DiT and diffusers' hooks (benchmarks/dit_cache_quality.py);
+#   3. issue 22: FP8 / INT8 on the DiT (benchmarks/quantize.py --quality-model dit, the quality part alone).
+# Run through the device tool: bash benchmarks/run_dit_quality.sh   (carry .whl with diffusers 0.42.1, transformers
+# >= 5.24 and cache_dit, and .data with CIFAR-10's test.tar.gz; move mini-sd-cifar10's UNet weights out of the tree
+# for the 64 MiB limit: the DiT does not use them). $OUT receives results.tar.gz (every part's folder) and run.log.
+set -o pipefail
+START=$SECONDS
+source benchmarks/device_setup.sh
+export ACCEL_CIFAR10_DIR=$PWD/.data
+OUT=${OUT:-out}; R=/tmp/dit-quality; mkdir -p "$OUT" "$R"
+part() {  # part SECONDS NAME COMMAND...: one part in its own process, its log in $R/NAME.log
+  local limit=$1 name=$2; shift 2
+  timeout "$limit" "$@" > "$R/$name.log" 2>&1; echo "[run_dit_quality] $name: exit $? at $((SECONDS - START)) s"
+  tail -n 40 "$R/$name.log" | grep -a -v -e 'it/s' -e Warning
+}
+{
+part 300 flow-samplers python3 benchmarks/flow_samplers.py --device cuda --n 1000 --batch-size 250 --out "$R/flow-samplers"
+part 170 dit-cache-quality python3 benchmarks/dit_cache_quality.py --device cuda --n 1000 --batch-size 250 --out "$R/dit-cache-quality"
+part 60 quantize-dit python3 benchmarks/quantize.py --quality-model dit --configs "" --out "$R/quantize-dit"
+echo "[run_dit_quality] took $((SECONDS - START)) s"
+} 2>&1 | tee "$OUT/run.log"
+tar czf "$OUT/results.tar.gz" -C "$R" .
