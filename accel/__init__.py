@@ -36,6 +36,7 @@ _EXPORTS = {
     "DeepCacheConfig": "cache",
     "EncoderPropagationConfig": "cache",
     "PatchParallelConfig": "parallel",
+    "ContextParallelConfig": "parallel",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -34,8 +34,11 @@ class AccelConfig:
             accepted = techniques_for_slot(slot)
             if type(value) not in accepted:
                 names = ", ".join(cls.__name__ for cls in accepted) or "none registered yet"
+                namesake = [cls for cls in accepted if cls.__name__ == type(value).__name__]
+                hint = (f" (got {type(value).__module__}.{type(value).__name__}, not {namesake[0].__module__}."
+                        f"{namesake[0].__name__})" if namesake else "")  # diffusers' ContextParallelConfig, say
                 raise ValueError(
-                    f"AccelConfig.{slot} got {type(value).__name__}; accepted config types for '{slot}': {names}"
+                    f"AccelConfig.{slot} got {type(value).__name__}; accepted config types for '{slot}': {names}{hint}"
                 )
 
     def items(self):

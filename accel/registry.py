@@ -59,6 +59,7 @@ def _builtin_techniques() -> list[Technique]:
     from . import cache
     from .lcm import LCMLoRA, LCMLoRAConfig
     from .model_swap import UNetSwap, UNetSwapConfig
+    from .parallel.context import ContextParallel, ContextParallelConfig
     from .parallel.patch import PatchParallel, PatchParallelConfig
     from .runtime import Runtime, RuntimeConfig
     from .sampler import SamplerConfig, SamplerSwap
@@ -75,11 +76,14 @@ def _builtin_techniques() -> list[Technique]:
                   denoisers=("unet", "transformer")),
         Technique("patch_parallel", "parallel", PatchParallelConfig, PatchParallel, order=70,
                   denoisers=("unet", "transformer")),
+        Technique("context_parallel", "parallel", ContextParallelConfig, ContextParallel, order=70,
+                  denoisers=("transformer",)),
         Technique("runtime", "runtime", RuntimeConfig, Runtime, order=90, denoisers=("unet", "transformer")),
     ]
 
 
 def _builtin_conflicts() -> list[Conflict]:
+    from .parallel import context
     from .parallel.patch import COMPILE_REFUSED, world_size
 
     return [
@@ -94,6 +98,14 @@ def _builtin_conflicts() -> list[Conflict]:
         Conflict("patch_parallel", "runtime", lambda patch: world_size(patch) > 1,
                  lambda runtime: runtime.compile is not None and runtime.covers_denoiser,
                  UnsupportedPipelineError, COMPILE_REFUSED),
+        # An adaptive block cache decides from each rank's part of the sequence: ranks could disagree, and the one
+        # that runs the blocks would wait forever in the attention exchange for the one that skipped them.
+        Conflict("block_cache", "context_parallel", lambda cache: cache.threshold is not None,
+                 lambda cp: context.world_size(cp) > 1, ValueError,
+                 "BlockCacheConfig(threshold={first.threshold!r}) decides from the features it sees, and under context "
+                 "parallelism each process sees only its part of the sequence, so processes could take different "
+                 "decisions and deadlock in the attention exchange; use a fixed schedule (BlockCacheConfig("
+                 "threshold=None, cache_interval=N)), the same on every process"),
     ]
 
 

@@ -450,7 +450,7 @@ def test_legacy_callback_advances_the_step_index(tmp_path):
 
 def test_dit_pipelines_take_the_block_cache_runtime_and_a_compatible_sampler_only(tmp_path):
     pixart, kwargs, threshold = _build("pixart", tmp_path / "pixart")
-    accepted = "the accepted configs are: SamplerConfig, BlockCacheConfig, PatchParallelConfig, RuntimeConfig"
+    accepted = "the accepted configs are: SamplerConfig, BlockCacheConfig, PatchParallelConfig, ContextParallelConfig, RuntimeConfig"
     with pytest.raises(accel.UnsupportedPipelineError, match=f"DeepCacheConfig needs a pipeline with a UNet2DConditionModel.*PixArtAlphaPipeline has a DiT .*{accepted}"):
         accel.accelerate(pixart, AccelConfig(cache=DeepCacheConfig(), runtime=RuntimeConfig(cuda_graph=True)))
     assert not accel.is_accelerated(pixart)

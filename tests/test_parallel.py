@@ -5,17 +5,15 @@ running the tiny SD pipeline, fp32, 4 DDIM steps at 32x32 (a 16x16 latent in uni
 3 processes split it 6/6/4 rows. Every worker computes the single-process result itself first.
 """
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import accel
 from accel.parallel import PatchParallelConfig, get_patch_parallel, split_rows
+from gloo import error_text as _error, spawn
 from tiny import run, tiny_sd3_pipeline, tiny_sd_pipeline
 
 STEPS = 4
@@ -111,24 +109,6 @@ def _control_residuals(pipe, sample, context):
 def _control_call(pipe, sample, context, residuals):
     with torch.no_grad():
         return pipe.unet(sample, 10, context, **residuals).sample.numpy()
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except (ValueError, RuntimeError, accel.UnsupportedPipelineError) as err:
-        return f"{type(err).__name__}: {err}"
-    return ""
-
-
-def _worker(rank: int, world: int, tmp: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    try:
-        out = _worker_cases(rank, world, tmp)
-    finally:
-        dist.destroy_process_group()
-    np.savez(tmp / f"rank{rank}.npz", **out)
 
 
 def _worker_cases(rank: int, world: int, tmp: Path) -> dict:
@@ -238,25 +218,10 @@ def _graph_cases(pipe, out: dict) -> None:
     out["error_compile"] = np.array(_error(lambda: accel.accelerate(pipe, compiled)))
 
 
-def _spawn(world: int, tmp: Path, timeout: float = 150.0) -> list[dict]:
-    # fork: the workers reuse this process's imports instead of importing torch and diffusers again.
-    context = mp.start_processes(_worker, args=(world, tmp), nprocs=world, join=False, start_method="fork")
-    deadline = time.monotonic() + timeout
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} gloo workers did not finish within {timeout} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [dict(np.load(tmp / f"rank{r}.npz")) for r in range(world)]
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=["2proc", "3proc"])
 def results(request, tmp_path_factory):
     world = request.param
-    return world, _spawn(world, tmp_path_factory.mktemp(f"parallel{world}"))
+    return world, spawn(_worker_cases, world, tmp_path_factory.mktemp(f"parallel{world}"))
 
 
 def test_every_rank_ends_with_the_same_full_output(results):

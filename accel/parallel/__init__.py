@@ -1,4 +1,5 @@
-"""Multi-GPU inference for one image: patch parallelism (DistriFusion) and CFG parallelism.
+"""Multi-GPU inference for one image: patch parallelism (DistriFusion), CFG parallelism, and on DiTs with a
+diffusers context-parallel plan (Flux, Flux 2, QwenImage, Wan, LTX) Ulysses / ring attention (`ContextParallelConfig`).
 
     torchrun --nproc-per-node 2 my_script.py       # or: accelerate launch --num_processes 2 my_script.py
 
@@ -9,12 +10,15 @@
 """
 
 from .comm import CommManager, init_distributed
+from .context import ContextParallel, ContextParallelConfig
 from .layers import LAYER_WRAPPERS, PatchConv2d, PatchGroupNorm, PatchSelfAttention
 from .patch import (MODES, PatchParallel, PatchParallelConfig, apply_patch_parallel, get_patch_parallel,
                     remove_patch_parallel, split_rows)
 
 __all__ = [
     "CommManager",
+    "ContextParallel",
+    "ContextParallelConfig",
     "LAYER_WRAPPERS",
     "MODES",
     "PatchConv2d",

@@ -137,6 +137,9 @@ class PatchParallel:
     """The applied state on one pipeline: groups, comm manager, wrapped layers, the UNet hook."""
 
     def __init__(self, pipe, config: PatchParallelConfig, session):
+        if "context_parallel" in session.state:  # one `parallel` slot in AccelConfig; apply_patch_parallel could add one
+            raise ValueError("patch / CFG parallelism cannot run beside context parallelism (both split the work over "
+                             "the same processes); restore the pipeline first")
         self.config = config
         self.unet = denoiser(pipe)  # a UNet, or in mode "cfg" a DiT transformer
         if "patch" in config.mode and denoiser_kind(pipe) != "unet":
