@@ -19,8 +19,8 @@ part() {  # part SECONDS NAME COMMAND...: one part in its own process, its log i
   tail -n 40 "$R/$name.log" | grep -a -v -e 'it/s' -e Warning
 }
 {
-part 300 flow-samplers python3 benchmarks/flow_samplers.py --device cuda --n 1000 --batch-size 250 --out "$R/flow-samplers"
-part 170 dit-cache-quality python3 benchmarks/dit_cache_quality.py --device cuda --n 1000 --batch-size 250 --out "$R/dit-cache-quality"
+part 280 flow-samplers python3 benchmarks/flow_samplers.py --device cuda --n 1000 --batch-size 250 --out "$R/flow-samplers"
+part 200 dit-cache-quality python3 benchmarks/dit_cache_quality.py --device cuda --n 1000 --batch-size 250 --budget-s 150 --out "$R/dit-cache-quality"
 part 60 quantize-dit python3 benchmarks/quantize.py --quality-model dit --configs "" --out "$R/quantize-dit"
 echo "[run_dit_quality] took $((SECONDS - START)) s"
 } 2>&1 | tee "$OUT/run.log"
