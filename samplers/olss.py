@@ -75,6 +75,8 @@ class ReferenceTrajectory:
         alphas = signal_scales(points, self.flow)
         lam_before, lam_s, lam_t = (half_log_snr(a, v) for a, v in zip(alphas, points))
         h = lam_t - lam_s
+        if h == 0:  # sigma lies within float rounding of the grid point (a searched schedule can land there)
+            return self.states[k]
         if k == 0:
             return (sigma / s) * self.states[k] - alphas[2] * math.expm1(-h) * self.outputs[k]
         r0 = (lam_s - lam_before) / h

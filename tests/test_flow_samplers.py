@@ -32,7 +32,7 @@ import accel
 import samplers
 from accel import AccelConfig, SamplerConfig
 from samplers.flow import FlowDenoiser, FlowSchedule
-from samplers.olss import ReferenceTrajectory, fit_olss_coefficients
+from samplers.olss import ReferenceTrajectory, fit_olss_coefficients, half_log_snr, signal_scales
 from tiny import FlowGaussianData, run, tiny_flux_pipeline, tiny_sd3_pipeline
 
 TOL = 1e-4
@@ -363,6 +363,21 @@ def test_olss_fit_beats_flow_euler_at_5_steps():
     assert gain_db > 3.0
     # the default coefficients are DPM-Solver++(2M)'s in the flow form
     assert held_mse("olss") == pytest.approx(held_mse("dpmpp_2m"), rel=1e-12)
+
+
+def test_reference_reads_a_sigma_one_rounding_step_below_its_grid_point():
+    # A searched schedule can put a sigma within float rounding of a reference grid point, where the half log-SNR
+    # of the two is the same float (the first GPU search at 8 steps divided by zero there).
+    _, x_cal = GAUSSIAN.start(4, seed=5)
+    sigmas = SCHEDULE.sigmas(200)
+    reference = ReferenceTrajectory.solve(GAUSSIAN.denoiser, x_cal, sigmas, flow=True)
+    below = [float(np.nextafter(s, 0)) for s in reference.sigmas]
+
+    def lam(sigma):
+        return half_log_snr(signal_scales([sigma], True)[0], sigma)
+
+    k = next(j for j in range(1, len(sigmas) - 1) if lam(below[j]) == lam(reference.sigmas[j]))
+    assert torch.equal(reference.at(below[k]), reference.states[k])
 
 
 def test_tuned_flow_files_are_reused_by_name_and_never_cross_forms(tmp_path):
