@@ -173,6 +173,36 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
+def precompile(pipe, config, sizes: list[tuple[int, int]], out, call: dict) -> dict:
+    """Compile `config` (an AccelConfig with torch.compile) on `pipe` with one generation per (height, width) of
+    `sizes` (pipeline arguments `call`, seed 0) and save the portable compile artifacts into the folder `out`.
+    Returns the seconds per size ("seconds": {"HxW": s}) and the files loaded and saved (`compile_cache_report`);
+    `pipe` is restored afterwards."""
+    from dataclasses import replace
+
+    import torch
+
+    import accel
+    from accel.runtime import compile_cache_report
+
+    runtime = replace(config.runtime, compile_cache=str(Path(out)))
+    if pipe.device.type != "cuda" and runtime.cuda_graph:  # the compiled code is what is saved; graphs are not
+        runtime = replace(runtime, cuda_graph=False)
+        print(f"note: CUDA graphs need a CUDA GPU; this runs on {pipe.device.type}, so they were left out", file=sys.stderr)
+    accel.accelerate(pipe, config.replace(runtime=runtime))
+    seconds = {}
+    try:
+        for height, width in sizes:
+            start = time.perf_counter()
+            pipe(**call, height=height, width=width, generator=torch.Generator("cpu").manual_seed(0))
+            seconds[f"{height}x{width}"] = time.perf_counter() - start
+            print(f"{height}x{width}: {seconds[f'{height}x{width}']:.1f} s")
+        report = compile_cache_report(pipe)
+    finally:
+        accel.restore(pipe)
+    return {"seconds": seconds, **report}
+
+
 def cmd_precompile(args) -> int:
     sizes = parse_sizes(args.sizes)
     check_args(args, ("steps", "guidance"))
@@ -180,13 +210,8 @@ def cmd_precompile(args) -> int:
     check_preset(args.preset)
     check_writable_folder(Path(args.out), "--out")
 
-    from dataclasses import replace
-
-    import torch
-
     import accel
     from accel.embedded import EMBEDDED_GUIDANCE
-    from accel.runtime import compile_cache_report
     from apps.loading import load_pipeline
 
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
@@ -195,22 +220,12 @@ def cmd_precompile(args) -> int:
         raise SettingError(f"--preset {args.preset} compiles nothing, so there is nothing to precompile; accepted: "
                            "a preset with torch.compile (see `accel presets -v`)")
     check_size_multiple(pipe, {f"--sizes {h}x{w}": v for h, w in sizes for v in (h, w)})
-    runtime = replace(config.runtime, compile_cache=str(Path(args.out)))
-    if pipe.device.type != "cuda" and runtime.cuda_graph:  # the compiled code is what is saved; graphs are not
-        runtime = replace(runtime, cuda_graph=False)
-        print(f"note: CUDA graphs need a CUDA GPU; this runs on {pipe.device.type}, so they were left out", file=sys.stderr)
-    accel.accelerate(pipe, config.replace(runtime=runtime))
     if args.guidance is None:
         args.guidance = EMBEDDED_GUIDANCE if args.model is None else _dit_guidance(args.model)
     call = {"prompt": args.prompt, "guidance_scale": args.guidance, "num_images_per_prompt": args.num_images}
     if args.steps is not None:
         call["num_inference_steps"] = args.steps
-    for height, width in sizes:
-        start = time.perf_counter()
-        pipe(**call, height=height, width=width, generator=torch.Generator("cpu").manual_seed(0))
-        print(f"{height}x{width}: {time.perf_counter() - start:.1f} s")
-    report = compile_cache_report(pipe)
-    accel.restore(pipe)
+    report = precompile(pipe, config, sizes, args.out, call)
     for path in report["loaded"]:
         print(f"already there (loaded, not rewritten): {path}")
     for path in report["saved"]:

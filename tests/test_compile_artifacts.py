@@ -41,6 +41,8 @@ def test_key_changes_with_torch_dtype_size_and_config():
     # where the artifacts are kept is not part of what they hold
     kept = accel.RuntimeConfig(compile="full", cuda_graph=True, compile_cache="/somewhere")
     assert key_digest(key_fields(MODEL, kept, SHAPES, "2.11.0")) == base
+    # nor whether graphs capture the compiled code: `accel precompile` on a CPU leaves them out, a preset keeps them
+    assert key_digest(key_fields(MODEL, accel.RuntimeConfig(compile="full"), SHAPES, "2.11.0")) == base
 
 
 def test_key_follows_the_pipeline(sd_pipe):

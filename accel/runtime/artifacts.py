@@ -6,6 +6,8 @@ Artifacts are stored one file per key: the model (its denoiser's config and weig
 config, the call's shapes (height, width, batch, guidance on or off), the torch version and the device.
 Beside each file a small JSON holds the key's fields, so that a mismatch says which field differs. torch's
 caches are content-addressed: loading artifacts that do not fit a compile costs time, never correctness.
+On a GPU the artifacts carry the built Triton kernels; on a CPU they carry inductor's C++ kernel sources, which
+each process still builds (measured: `benchmarks/runtime/cold_start.py --smoke`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..pipelines import denoiser
 
 logger = logging.getLogger(__name__)
 
-KEY_VERSION = 1  # bump when the fields below change meaning
+KEY_VERSION = 2  # bump when the fields below change meaning
 
 
 def model_fields(pipe) -> dict:
@@ -48,8 +50,10 @@ def call_shapes(arguments: dict) -> dict:
 
 
 def runtime_fields(config) -> str:
-    """The runtime config as a key field; where artifacts are kept is not part of what they hold."""
-    return repr(dataclasses.replace(config, compile_cache=None))
+    """The runtime config as a key field. Where artifacts are kept is not part of what they hold, nor are CUDA
+    graphs: they are captured anew in every process around the same compiled code, and `accel precompile` leaves
+    them out off a GPU, where a preset keeps them (and runs eagerly)."""
+    return repr(dataclasses.replace(config, compile_cache=None, cuda_graph=False))
 
 
 def key_fields(model: dict, config, shapes: dict, torch_version: str | None = None) -> dict:

@@ -115,13 +115,33 @@ def child(name: str, smoke: bool) -> dict:
     logs = (record["precompile"] or {}).get("logs")
     if logs:  # each worker's timeline, and why a graph it compiled was not the caller's
         record["worker_logs"] = {p.name: p.read_text()[-3000:] for p in sorted(Path(logs).glob("worker-*.log"))}
+    record["compile_times"] = dynamo_compile_times()
+    return record
+
+
+def dynamo_compile_times() -> str:
+    """dynamo's own breakdown of this process's compile time, as text."""
     try:
         from torch._dynamo.utils import compile_times
 
-        record["compile_times"] = compile_times(repr="str", aggregate=True)[:4000]
+        return compile_times(repr="str", aggregate=True)[:4000]
     except Exception as err:  # a breakdown is a nice-to-have; its API moves between torch versions
-        record["compile_times"] = f"unavailable: {err}"
-    return record
+        return f"unavailable: {err}"
+
+
+def fresh_process(script: str, child_args: list[str], inductor_cache: str, timeout: float) -> dict:
+    """Run `python script --child ...` in a new process on the inductor cache folder `inductor_cache` (Triton's
+    cache inside it, as inductor places it by default) and return the dict it printed on its `RECORD ` line,
+    else {"error": ...}."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=inductor_cache)
+    env.pop("TRITON_CACHE_DIR", None)
+    try:
+        done = subprocess.run([sys.executable, script, *child_args], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RECORD ")), None)
+    return json.loads(line[7:]) if line else {"error": done.stderr[-2000:]}
 
 
 def main() -> int:
@@ -145,14 +165,8 @@ def main() -> int:
             continue
         cache = caches.get(name.removesuffix("-warm")) if name.endswith("-warm") else None
         caches[name] = cache or tempfile.mkdtemp(prefix=f"inductor-{name}-")
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=caches[name])
-        command = [sys.executable, __file__, "--child", name, "--out", str(out)] + (["--smoke"] if args.smoke else [])
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=left)
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RECORD ")), None)
-            record = json.loads(line[7:]) if line else {"variant": name, "error": done.stderr[-2000:]}
-        except subprocess.TimeoutExpired:
-            record = {"variant": name, "error": f"timed out after {left:.0f} s"}
+        child_args = ["--child", name, "--out", str(out)] + (["--smoke"] if args.smoke else [])
+        record = {"variant": name, **fresh_process(__file__, child_args, caches[name], left)}
         records.append(record)
         print(f"{name}: first call {record.get('first_call_s', float('nan')):.1f} s (from accelerate "
               f"{record.get('accelerate_to_first_call_end_s', float('nan')):.1f} s), median "
