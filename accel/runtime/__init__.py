@@ -268,8 +268,8 @@ def swap_lora(pipe, lora, *, adapter_name: str | None = None, scale: float = 1.0
 
 
 def set_lora_scale(pipe, scale: float, *, adapter_name: str | None = None) -> None:
-    """The weight of the swappable LoRA, in place (diffusers' `set_adapters` would put Python floats back, which
-    recompiles, and which CUDA graphs do not see)."""
+    """The weight of the swappable LoRA (as diffusers' `set_adapters`), in place: `set_adapters` would put Python
+    floats back into the scales, which recompiles and which CUDA graphs already captured do not see."""
     _hotswap(pipe).set_scale(scale, adapter_name)
 
 

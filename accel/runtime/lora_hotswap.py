@@ -2,8 +2,8 @@
 and no new CUDA graphs (peft's hotswap, https://huggingface.co/docs/peft/main/en/package_reference/hotswap, which
 diffusers exposes as `enable_lora_hotswap` / `load_lora_weights(..., hotswap=True)`).
 
-Compiled code and CUDA graphs keep what they were made with: graphs replay the addresses of the LoRA weights, and
-dynamo guards on an adapter scale held as a Python float. So before anything compiles, each LoRA layer of the denoiser
+Compiled code and CUDA graphs keep what they were made with: graphs replay the addresses of the LoRA weights (and
+the scalars they captured), and a change of an adapter scale held as a Python float recompiles. So before anything compiles, each LoRA layer of the denoiser
 gets private copies of its lora_A / lora_B, padded with zeros to `lora_max_rank`, and 0-d tensor scales; the
 user's own modules and scales are kept aside for `restore`. A swap copies the new LoRA into those tensors in place
 (peft zero-fills the unused rank) and fills the scales; a weight change only fills the scales.
