@@ -29,6 +29,8 @@ _EXPORTS = {
     "Technique": "registry",
     "register_technique": "registry",
     "RuntimeConfig": "runtime",
+    "set_lora_scale": "runtime",
+    "swap_lora": "runtime",
     "SamplerConfig": "sampler",
     "UNetSwapConfig": "model_swap",
     "LCMLoRAConfig": "lcm",

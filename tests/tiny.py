@@ -236,3 +236,15 @@ class FlowGaussianData(GaussianData):
     def denoiser(self, x, sigma):
         s = sigma.reshape(-1, 1)
         return self.mu + (1 - s) * self.sd**2 / self.variance(s) * (x - (1 - s) * self.mu)
+
+
+def random_lora(unet, rank: int, seed: int = 0, targets=("to_q", "to_k", "to_v", "to_out.0"), std: float = 0.1) -> dict:
+    """A random LoRA of rank `rank` on `unet`'s attention projections: a state dict in diffusers' format (keys
+    "unet.<layer>.lora_A.weight" / "lora_B.weight"), which `load_lora_weights` takes as it is."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(f".{target}") for target in targets):
+            state_dict[f"unet.{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * std
+            state_dict[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * std
+    return state_dict

@@ -14,13 +14,14 @@ from typing import Callable
 
 import torch
 
-from ..errors import UnsupportedPipelineError, check_choice
+from ..errors import NotAcceleratedError, UnsupportedPipelineError, check_choice
 from ..pipelines import denoiser, denoiser_kind
 from ..session import get_session
 from .artifacts import ArtifactCache
 from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
 from .compile import apply_compile, first_call_seconds, precompile_report, remove_compile
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
+from .lora_hotswap import LoRAHotswap
 from .quantize import DEFAULT_SKIP, FORMATS, QuantizedLayers
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -45,6 +46,8 @@ __all__ = [
     "precompile_report",
     "quantize_report",
     "compile_cache_report",
+    "swap_lora",
+    "set_lora_scale",
 ]
 
 
@@ -72,6 +75,10 @@ class RuntimeConfig:
         or by an earlier process): each call with new shapes first loads the artifacts saved for this model, config,
         shapes, torch and device, and where none match saves them once it has compiled. None: not used.
     cuda_graph: capture calls as CUDA graphs; eager where capture fails.
+    lora_hotswap: prepare the denoiser's LoRA, loaded before `accelerate`, so that `swap_lora` (another LoRA into its
+        slot) and `set_lora_scale` change it in place: no recompilation, no new CUDA graphs (`accel.runtime.lora_hotswap`).
+    lora_max_rank: the highest rank of the LoRAs to swap in (the loaded one is padded to it with zeros); None: the
+        loaded LoRA's rank.
     components: which modules `compile` and `cuda_graph` cover: "denoiser" (the UNet or DiT transformer,
         with ControlNet; "unet" / "transformer" name it by kind), "vae" (the decoder) and "text_encoder"
         (every text encoder of the pipeline).
@@ -90,6 +97,8 @@ class RuntimeConfig:
     compile_workers: int | None = None
     compile_cache: str | None = None
     cuda_graph: bool = False
+    lora_hotswap: bool = False
+    lora_max_rank: int | None = None
     components: tuple[str, ...] = ("denoiser",)
 
     def __post_init__(self):
@@ -97,7 +106,7 @@ class RuntimeConfig:
         check_choice("RuntimeConfig.dtype", self.dtype, (None, *DTYPES))
         check_choice("RuntimeConfig.compile", self.compile, COMPILE_MODES)
         check_choice("RuntimeConfig.quantize", self.quantize, QUANTIZE_CHOICES)
-        for name in ("fuse_qkv", "channels_last", "quantize_convs", "cuda_graph"):
+        for name in ("fuse_qkv", "channels_last", "quantize_convs", "cuda_graph", "lora_hotswap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile_workers is not None:
@@ -107,6 +116,12 @@ class RuntimeConfig:
             if self.compile != "regional":
                 raise ValueError(f"RuntimeConfig.compile_workers applies to compile='regional' only; "
                                  f"compile is {self.compile!r}")
+        if self.lora_max_rank is not None:
+            if isinstance(self.lora_max_rank, bool) or not isinstance(self.lora_max_rank, int) or self.lora_max_rank < 1:
+                raise ValueError(f"RuntimeConfig.lora_max_rank must be None (the loaded LoRA's rank) or a positive integer, "
+                                 f"got {self.lora_max_rank!r}")
+            if not self.lora_hotswap:
+                raise ValueError("RuntimeConfig.lora_max_rank applies to lora_hotswap=True; lora_hotswap is False")
         if self.compile_cache is not None:
             if not isinstance(self.compile_cache, (str, os.PathLike)) or not os.fspath(self.compile_cache):
                 raise ValueError(f"RuntimeConfig.compile_cache must be None or a folder path, got {self.compile_cache!r}")
@@ -210,21 +225,52 @@ def _quantize(pipe, config: RuntimeConfig, session) -> QuantizedLayers:
     return QuantizedLayers(denoiser(pipe), config.quantize, skip, config.quantize_convs)
 
 
+def _applied(pipe, step_name: str):
+    """What runtime step `step_name` returned on the accelerated `pipe`; None where it is not applied."""
+    session = get_session(pipe)
+    runtime = None if session is None else session.state.get("runtime")
+    return next((state for step, state in getattr(runtime, "applied", ()) if step.name == step_name), None)
+
+
 def quantize_report(pipe) -> dict[str, list[str]] | None:
     """The denoiser layers `RuntimeConfig(quantize=...)` quantized on the accelerated `pipe` and those it left in 16
     bit, by reason ("skipped", "unaligned", "adapter_variant"); None where nothing is quantized."""
-    session = get_session(pipe)
-    runtime = None if session is None else session.state.get("runtime")
-    return next((state.report for step, state in getattr(runtime, "applied", ()) if step.name == "quantize"), None)
+    layers = _applied(pipe, "quantize")
+    return None if layers is None else layers.report
 
 
 def compile_cache_report(pipe) -> dict[str, list[str]] | None:
     """The artifact files `RuntimeConfig(compile_cache=...)` loaded and saved on the accelerated `pipe` so far
     ({"loaded": [...], "saved": [...]}); None where no compile cache is set."""
-    session = get_session(pipe)
-    runtime = None if session is None else session.state.get("runtime")
-    cache = next((state for step, state in getattr(runtime, "applied", ()) if step.name == "compile_cache"), None)
+    cache = _applied(pipe, "compile_cache")
     return None if cache is None else {"loaded": list(cache.loaded), "saved": [str(p) for p in cache.saved]}
+
+
+def _hotswap(pipe) -> LoRAHotswap:
+    hotswap = _applied(pipe, "lora_hotswap")
+    if hotswap is None:
+        if get_session(pipe) is None:
+            raise NotAcceleratedError(f"this {type(pipe).__name__} is not accelerated; outside accel, swap with "
+                                      "pipe.load_lora_weights(..., hotswap=True)")
+        raise RuntimeError("this pipeline was accelerated without RuntimeConfig(lora_hotswap=True), so its compiled code "
+                           "and CUDA graphs hold the LoRA as it was: accel.restore(pipe), then accelerate again with "
+                           "RuntimeConfig(lora_hotswap=True, lora_max_rank=...) after loading the first LoRA")
+    return hotswap
+
+
+def swap_lora(pipe, lora, *, adapter_name: str | None = None, scale: float = 1.0, **kwargs) -> None:
+    """Load `lora` (what `pipe.load_lora_weights` takes: a path, a Hub id or a state dict; `kwargs` go with it) into
+    the slot of adapter `adapter_name` (None: the one loaded) of a pipeline accelerated with
+    `RuntimeConfig(lora_hotswap=True)`, in place, at weight `scale`: the next call runs the compiled code and CUDA
+    graphs it ran before. Refused before anything changes: a rank above `lora_max_rank`, a layer the loaded LoRA
+    does not adapt, a text-encoder part."""
+    _hotswap(pipe).swap(lora, adapter_name, scale, **kwargs)
+
+
+def set_lora_scale(pipe, scale: float, *, adapter_name: str | None = None) -> None:
+    """The weight of the swappable LoRA (as diffusers' `set_adapters`), in place: `set_adapters` would put Python
+    floats back into the scales, which recompiles and which CUDA graphs already captured do not see."""
+    _hotswap(pipe).set_scale(scale, adapter_name)
 
 
 def _compile(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:
@@ -262,6 +308,8 @@ class RuntimeStep:
 
 # In the order they are applied; removed in reverse.
 RUNTIME_STEPS = (
+    # First: the padded LoRA copies it makes are what the cast, compile and graphs then cover.
+    RuntimeStep("lora_hotswap", lambda c: c.lora_hotswap, LoRAHotswap, lambda pipe, hotswap: hotswap.remove()),
     RuntimeStep("dtype", lambda c: c.dtype is not None, lambda pipe, c, s: _cast(pipe, DTYPES[c.dtype]), _uncast),
     RuntimeStep("attention", lambda c: c.attention != "default",
                 lambda pipe, c, s: apply_attention(denoiser(pipe), c.attention, processors=denoiser_kind(pipe) == "unet"),
