@@ -7,7 +7,8 @@
 #   3. issue 22: FP8 / INT8 on the DiT (benchmarks/quantize.py --quality-model dit, the quality part alone).
 # Run through the device tool: bash benchmarks/run_dit_quality.sh   (carry .whl with diffusers 0.42.1, transformers
 # >= 5.24 and cache_dit, and .data with CIFAR-10's test.tar.gz; move mini-sd-cifar10's UNet weights out of the tree
-# for the 64 MiB limit: the DiT does not use them). $OUT receives results.tar.gz (every part's folder) and run.log.
+# for the 64 MiB limit: the DiT does not use them). ONLY_FLOW=1: part 1 alone; FLOW_LIMIT, FLOW_BATCH: its time
+# limit (280 s) and batch (250). $OUT receives results.tar.gz (every part's folder) and run.log.
 set -o pipefail
 START=$SECONDS
 source benchmarks/device_setup.sh
@@ -19,9 +20,9 @@ part() {  # part SECONDS NAME COMMAND...: one part in its own process, its log i
   tail -n 40 "$R/$name.log" | grep -a -v -e 'it/s' -e Warning
 }
 {
-part 280 flow-samplers python3 benchmarks/flow_samplers.py --device cuda --n 1000 --batch-size 250 --out "$R/flow-samplers"
-part 200 dit-cache-quality python3 benchmarks/dit_cache_quality.py --device cuda --n 1000 --batch-size 250 --budget-s 150 --out "$R/dit-cache-quality"
-part 60 quantize-dit python3 benchmarks/quantize.py --quality-model dit --configs "" --out "$R/quantize-dit"
+part ${FLOW_LIMIT:-280} flow-samplers python3 benchmarks/flow_samplers.py --device cuda --n 1000 --batch-size ${FLOW_BATCH:-250} --out "$R/flow-samplers"
+[ -n "$ONLY_FLOW" ] || part 200 dit-cache-quality python3 benchmarks/dit_cache_quality.py --device cuda --n 1000 --batch-size 250 --budget-s 150 --out "$R/dit-cache-quality"
+[ -n "$ONLY_FLOW" ] || part 60 quantize-dit python3 benchmarks/quantize.py --quality-model dit --configs "" --out "$R/quantize-dit"
 echo "[run_dit_quality] took $((SECONDS - START)) s"
 } 2>&1 | tee "$OUT/run.log"
 tar czf "$OUT/results.tar.gz" -C "$R" .

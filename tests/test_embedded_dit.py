@@ -265,3 +265,29 @@ def test_whitened_training_exports_the_function_it_trained(tmp_path):
     check = result["export_check_loss"]
     assert result["whiten_text"] and check["ema_folded"] == pytest.approx(check["ema"], rel=1e-3)
     assert check["saved_fp16"] == pytest.approx(check["ema"], rel=1e-2)
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the DiT's trained transformer weights are not installed yet")
+def test_shipped_tuned_flow_solvers_run_by_name_and_restore(caplog):
+    import accel
+    import samplers
+    from accel import AccelConfig, SamplerConfig
+
+    for name in ("dpmpp_2m", "olss"):
+        for steps in (5, 6, 8):
+            tuned = samplers.load_tuned_schedule(EMBEDDED_DIT_DIR / "tuned_schedules" / f"{name}-{steps}.json")
+            assert tuned.num_steps == steps and (tuned.coefficients is not None) == (name == "olss")
+    pipe = load_plain(EMBEDDED_DIT_DIR, caplog)
+
+    def image():
+        return pipe("a photo of a ship", num_inference_steps=8, guidance_scale=5.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = image()
+    config = AccelConfig(sampler=SamplerConfig("olss", 8, schedule="tuned",
+                                               options={"tuned": "olss-8", "model_dir": str(EMBEDDED_DIT_DIR)}))
+    accel.accelerate(pipe, config)
+    tuned_image = image()
+    assert len(pipe.scheduler.timesteps) == 8 and not torch.equal(tuned_image, before)
+    accel.restore(pipe)
+    assert torch.equal(image(), before)
