@@ -153,6 +153,36 @@ def build_text_encoder(**kwargs):
     return CLIPTextModel(CLIPTextConfig(**text_encoder_config(**kwargs)))
 
 
+# CLIP text encoders' tensors, named as every transformers release loads them into both CLIPTextModel and
+# CLIPTextModelWithProjection (the embedded DiT's class): under ``text_model.``. transformers 5's CLIPTextModel
+# saves them without it, a form that CLIPTextModelWithProjection reads only from transformers 5.24 on (5.17 left
+# the DiT's text encoder at random with only a warning).
+CLIP_PREFIX = "text_model."
+
+
+def write_canonical_clip_names(path: str | Path) -> None:
+    """Rewrite the safetensors file at ``path`` (a CLIP text encoder's) with every tensor under ``CLIP_PREFIX``."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    save_file({k if k.startswith(CLIP_PREFIX) else CLIP_PREFIX + k: v for k, v in state.items()}, path,
+              metadata={"format": "pt"})
+
+
+def clip_state_for(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (tensors named with or without ``CLIP_PREFIX``) renamed to ``model``'s own names; KeyError names a
+    tensor that fits neither."""
+    own = model.state_dict().keys()
+    renamed = {}
+    for key, value in state.items():
+        bare = key.removeprefix(CLIP_PREFIX)
+        name = next((n for n in (key, bare, CLIP_PREFIX + bare) if n in own), None)
+        if name is None:
+            raise KeyError(f"{key!r} is not a tensor of {type(model).__name__}")
+        renamed[name] = value
+    return renamed
+
+
 def build_scheduler() -> DPMSolverMultistepScheduler:
     """Any diffusers scheduler loads from the saved config too: ``from_config`` takes the betas it knows."""
     return DPMSolverMultistepScheduler(**scheduler_config())

@@ -99,10 +99,11 @@ def resolve_model(model: str | os.PathLike | None) -> str | os.PathLike | None:
 def check_shared_text_encoder(text_encoder, shared_dir: str | os.PathLike = EMBEDDED_MODEL_DIR) -> None:
     """Raise unless ``text_encoder`` holds the shared CLIP weights.
 
-    The shared file names its tensors as ``CLIPTextModel`` saves them (no ``text_model.`` prefix); transformers
-    5.24 maps them onto ``CLIPTextModelWithProjection``, transformers 5.17 (the GPU machine's on 2026-12-02) does
-    not and initialises the whole encoder at random with only a warning, so prompts become noise that differs on
-    every load: the cause of the first two training runs' failures."""
+    When the shared file named its tensors as transformers 5's ``CLIPTextModel`` saves them (no ``text_model.``
+    prefix), transformers 5.17 (the GPU machine's on 2026-12-02) initialised ``CLIPTextModelWithProjection`` at
+    random with only a warning, so prompts became noise that differed on every load: the cause of the first
+    training runs' failures. The file now uses the prefixed names every release reads (``CLIP_PREFIX``); this
+    check stays for any other file or release."""
     import transformers
     from safetensors import safe_open
 
@@ -114,7 +115,8 @@ def check_shared_text_encoder(text_encoder, shared_dir: str | os.PathLike = EMBE
         raise RuntimeError(
             f"the text encoder did not load {EMBEDDED_MODEL_DIR.name}'s CLIP weights (transformers "
             f"{transformers.__version__} initialised it at random: it does not map the shared file's tensor names "
-            "onto CLIPTextModelWithProjection); install transformers>=5.24, with which the folder loads exactly")
+            "onto CLIPTextModelWithProjection); name every tensor of the file under 'text_model.' "
+            "(accel.embedded.write_canonical_clip_names), which transformers 5.17 and 5.24 both load exactly")
 
 
 def is_embedded_dit(model: str | os.PathLike | None) -> bool:

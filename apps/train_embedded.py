@@ -37,7 +37,9 @@ from accel.embedded import (
     build_unet,
     build_vae,
     class_captions,
+    clip_state_for,
     scheduler_config,
+    write_canonical_clip_names,
 )
 from accel.quality.cifar import load_cifar10
 from accel.quality.metrics import psnr
@@ -334,6 +336,7 @@ def export_pipeline(unet, text_encoder, vae, tokenizer, out_dir: Path) -> None:
     pipe.save_pretrained(out_dir, safe_serialization=True)
     # Weights stay fp16 on disk, but transformers loads a text encoder in its config's dtype: declare float32
     # so that a plain ``from_pretrained`` gives one dtype throughout (float32 unless ``dtype`` is given).
+    write_canonical_clip_names(out_dir / "text_encoder" / "model.safetensors")  # the DiT's encoder class reads it too
     config_path = out_dir / "text_encoder" / "config.json"
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
@@ -358,7 +361,8 @@ def train_unet(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     text_encoder = build_text_encoder(vocab_size=len(tokenizer), num_hidden_layers=args.text_layers).to(device)
     if args.init_from is not None:
         unet.load_state_dict(load_file(args.init_from / "unet" / "diffusion_pytorch_model.safetensors"))
-        text_encoder.load_state_dict(load_file(args.init_from / "text_encoder" / "model.safetensors"), strict=False)
+        text_state = load_file(args.init_from / "text_encoder" / "model.safetensors")
+        text_encoder.load_state_dict(clip_state_for(text_encoder, text_state), strict=False)  # buffers may be absent
         accelerator.print(f"initialised UNet and text encoder from {args.init_from}")
     unet_ema, text_ema = EMA(unet, args.ema_decay), EMA(text_encoder, args.ema_decay)
     params = list(unet.parameters()) + list(text_encoder.parameters())

@@ -5,8 +5,8 @@
 #      DiT (benchmarks/flow_samplers.py, 1,000 prompts);
 #   2. issue 21: the DiT caches' quality cost, ours against Cache-DiT and diffusers' hooks (benchmarks/dit_cache_quality.py);
 #   3. issue 22: FP8 / INT8 on the DiT (benchmarks/quantize.py --quality-model dit, the quality part alone).
-# Run through the device tool: bash benchmarks/run_dit_quality.sh   (carry .whl with diffusers 0.42.1, transformers
-# >= 5.24 and cache_dit, and .data with CIFAR-10's test.tar.gz; move mini-sd-cifar10's UNet weights out of the tree
+# Run through the device tool: bash benchmarks/run_dit_quality.sh   (carry .whl with diffusers 0.42.1 and cache_dit
+# (it ran with transformers 5.24 carried too; 5.17 loads the models alike since the CLIP file's names were fixed), and .data with CIFAR-10's test.tar.gz; move mini-sd-cifar10's UNet weights out of the tree
 # for the 64 MiB limit: the DiT does not use them). ONLY_FLOW=1: part 1 alone; FLOW_LIMIT, FLOW_BATCH: its time
 # limit (280 s) and batch (250). $OUT receives results.tar.gz (every part's folder) and run.log.
 set -o pipefail

@@ -211,7 +211,7 @@ def test_text_encoder_check_accepts_the_shared_weights_and_refuses_random_ones(t
     loaded = CLIPTextModelWithProjection.from_pretrained(tiny_folder / "text_encoder")
     check_shared_text_encoder(loaded)
     random = CLIPTextModelWithProjection(loaded.config)  # what transformers 5.17 gave: every CLIP weight initialised anew
-    with pytest.raises(RuntimeError, match="did not load mini-sd-cifar10's CLIP weights.*transformers>=5.24"):
+    with pytest.raises(RuntimeError, match="did not load mini-sd-cifar10's CLIP weights.*write_canonical_clip_names"):
         check_shared_text_encoder(random)
 
 
@@ -291,3 +291,21 @@ def test_shipped_tuned_flow_solvers_run_by_name_and_restore(caplog):
     assert len(pipe.scheduler.timesteps) == 8 and not torch.equal(tuned_image, before)
     accel.restore(pipe)
     assert torch.equal(image(), before)
+
+
+def test_shared_clip_file_uses_the_names_every_transformers_release_reads():
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    from accel.embedded import CLIP_PREFIX, clip_state_for
+
+    with safe_open(EMBEDDED_MODEL_DIR / "text_encoder" / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert names and all(name.startswith(CLIP_PREFIX) for name in names)  # 5.17 read no other form into the DiT's class
+    model = CLIPTextModel.from_pretrained(EMBEDDED_MODEL_DIR / "text_encoder")
+    own = model.state_dict()
+    for state in ({k.removeprefix(CLIP_PREFIX): v for k, v in own.items()}, {CLIP_PREFIX + k.removeprefix(CLIP_PREFIX): v
+                                                                             for k, v in own.items()}):
+        assert clip_state_for(model, state).keys() == own.keys()
+    with pytest.raises(KeyError, match="'text_model.nope' is not a tensor of CLIPTextModel"):
+        clip_state_for(model, {"text_model.nope": torch.zeros(1)})

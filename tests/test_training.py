@@ -48,3 +48,18 @@ def test_embedded_training_stages_step_and_resume(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert image.shape == (1, 3, 32, 32)
+
+    # The exported text encoder uses the names every transformers release reads into both CLIP classes, and a
+    # second training starts from the export's weights (renamed to the model's own).
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "pipeline" / "text_encoder" / "model.safetensors", "pt") as f:
+        assert all(name.startswith("text_model.") for name in f.keys())
+    again = tmp_path / "again"
+    (again / "vae").parent.mkdir()
+    (again / "vae").symlink_to(tmp_path / "vae")
+    again_args = ["--out", str(again)] + common[2:]
+    train_embedded.main(["--stage", "unet", "--max-steps", "0", "--init-from", str(tmp_path / "pipeline")] + tiny_unet + again_args)
+    exported = pipe.text_encoder.state_dict()
+    reloaded = StableDiffusionPipeline.from_pretrained(again / "pipeline", local_files_only=True).text_encoder.state_dict()
+    assert all(torch.equal(exported[k].float(), reloaded[k].float()) for k in exported)

@@ -1,8 +1,8 @@
 # Device call: train the embedded DiT (apps/train_embedded_dit.py) for the time left, export it, and measure it with
 # the quality harness at several guidance scales and scheduler shifts. Run from the repo root, .whl and .data carried:
 #   bash benchmarks/embedded_dit/train.sh [INIT_FROM [SEED]]
-# .whl must hold transformers>=5.24 (5.17, the GPU machine's own, loads the shared CLIP at random; the training
-# script stops if so). INIT_FROM: a pipeline folder whose transformer to continue from, for a second call (the first call's weights
+# Until the shared CLIP file's tensor names were fixed (2026-12-02), .whl had to hold transformers>=5.24: 5.17
+# loaded that CLIP at random, and the training script stops if a text encoder did not load. INIT_FROM: a pipeline folder whose transformer to continue from, for a second call (the first call's weights
 # installed in accel/models/mini-sd3-cifar10); give it another SEED so that its batches differ.
 # $OUT receives transformer.tar (config + fp16 weights), dit_result.json, train.log, eval.log, sweep.md, sweep.json
 # and eval.tar (every setting's eval.json / eval.md, and the `accel eval` run's).
