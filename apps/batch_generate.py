@@ -45,6 +45,7 @@ from apps.checks import (
     check_at_least,
     check_preset,
     check_setting,
+    check_size_limit,
     check_size_multiple,
     check_writable_folder,
 )
@@ -539,10 +540,12 @@ def run(args) -> int:
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
         pipe.set_progress_bar_config(disable=True)
         try:  # a DiT's size multiple is known once it is loaded; every rank checks every item
-            check_size_multiple(pipe, {"--height": args.height, "--width": args.width})
+            sizes = {"--height": args.height, "--width": args.width}
             for item in items:
-                check_size_multiple(pipe, {f"{args.prompts}: line {item.line}: {name}": getattr(item, name)
-                                           for name in ("height", "width") if getattr(item, name) != getattr(args, name)})
+                sizes.update({f"{args.prompts}: line {item.line}: {name}": getattr(item, name)
+                              for name in ("height", "width") if getattr(item, name) != getattr(args, name)})
+            check_size_multiple(pipe, sizes)
+            check_size_limit(pipe, sizes, args.allow_large)
         except SettingError as err:
             raise SystemExit(f"error: {err}") from None
         if args.preset:

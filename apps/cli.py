@@ -11,6 +11,7 @@ from apps.arguments import (
     GUIDANCE_HELP,
     SEED_HELP,
     SIZE_HELP,
+    add_allow_large,
     add_app_arguments,
     add_batch_arguments,
     add_model_arguments,
@@ -247,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help=SEED_HELP)
     gen.add_argument("--height", type=int, default=None, help=SIZE_HELP)
     gen.add_argument("--width", type=int, default=None, help=SIZE_HELP)
-    gen.add_argument("--allow-large", action="store_true", help="allow a height or width over 4x the model's own "
-                     "(128 px on the embedded model): minutes per step on a CPU, and off what the model learned")
+    add_allow_large(gen)
     gen.add_argument("--num-images", type=int, default=1, help=">= 1; N > 1 writes OUT-0.png ... OUT-{N-1}.png")
     gen.add_argument("--out", default="out.png", help="image file: .png, .jpg, .webp or another extension Pillow "
                      "writes; checked before the model loads (default: out.png)")

@@ -296,6 +296,18 @@ def test_items_already_done_are_made_with_their_batch_but_not_written(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["000001.png", "000002.png"]
 
 
+def test_a_size_far_over_the_models_own_needs_allow_large(saved_pipe, tmp_path, monkeypatch):
+    monkeypatch.setattr("apps.checks.native_size", lambda pipe: 32)  # as the embedded model: limit 128
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "height": 256}\n')
+    with pytest.raises(SystemExit, match=r"p.jsonl: line 2: height 256 is over 4x the 32 px this model makes; "
+                                         r"accepted: up to 128, or pass --allow-large"):
+        batch(prompts, "--model", saved_pipe, "--out", tmp_path / "out", *TINY)
+    assert not list((tmp_path / "out").glob("*.png")) and not list((tmp_path / "out").glob("manifest*"))
+    assert batch(prompts, "--model", saved_pipe, "--out", tmp_path / "out", *TINY, "--allow-large") == 0
+    assert sorted(Image.open(f).height for f in (tmp_path / "out").glob("*.png")) == [32, 256]
+
+
 def test_an_image_of_another_size_than_asked_is_an_error_not_a_record(tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a", "height": 8, "width": 8}\n{"prompt": "b", "height": 16, "width": 8}\n')
