@@ -200,6 +200,12 @@ def contenders(pipe, steps: int, guidance: float, calibration_prompts: list[str]
         _accel(BlockCacheConfig(threshold=0.08, warmup_steps=8)),
         "block 0 every step; blocks 1-4 from step 8 where block 0's residual moved >= 0.08")
 
+    # Adaptive with TaylorSeer's forecast and at most 3 cached steps in a row, against MagCache at its speed-up.
+    for first, threshold in ((1, 0.15), (1, 0.2), (1, 0.3), (2, 0.2)):
+        config = BlockCacheConfig(threshold=threshold, first_blocks=first, max_consecutive_cached=3, taylor_order=1)
+        add(f"accel adaptive F{first}B0 {threshold} taylor1 max3", "accel", _accel(config),
+            f"block{'s 0-1' if first > 1 else ' 0'} every step; blocks {first}-{blocks - 1} from step 1 where block "
+            f"{first - 1}'s residual moved >= {threshold}, at most 3 cached steps in a row; the cached residual forecast")
     add("cache-dit default", "cache-dit", _cache_dit(lambda cache_dit: {}), "DBCache F8B0, threshold 0.08, 8 warm-up steps")
     add("cache-dit adaptive F1B0 0.08 W8", "cache-dit", _cache_dit(lambda cache_dit: {"cache_config": cache_dit.DBCacheConfig(
         Fn_compute_blocks=1, Bn_compute_blocks=0)}), "as accel adaptive F1B0 0.08 W8: its default with Fn=1")
