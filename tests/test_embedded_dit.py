@@ -274,7 +274,7 @@ def test_shipped_tuned_flow_solvers_run_by_name_and_restore(caplog):
     from accel import AccelConfig, SamplerConfig
 
     for name in ("dpmpp_2m", "olss"):
-        for steps in (5, 6, 8):
+        for steps in (5, 6, 8, 10):
             tuned = samplers.load_tuned_schedule(EMBEDDED_DIT_DIR / "tuned_schedules" / f"{name}-{steps}.json")
             assert tuned.num_steps == steps and (tuned.coefficients is not None) == (name == "olss")
     pipe = load_plain(EMBEDDED_DIT_DIR, caplog)
