@@ -6,8 +6,33 @@ change: the structure, shapes, dtypes and device of the inputs and their non-ten
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch.utils import _pytree as pytree
+
+
+# Background compiles running in this process (`accel.runtime.compile`). While one runs, nothing is captured: a
+# capture in one thread fails when another thread launches kernels or allocates on the device meanwhile.
+_pause_lock = threading.Lock()
+_pauses = 0
+
+
+def pause_capture() -> None:
+    global _pauses
+    with _pause_lock:
+        _pauses += 1
+
+
+def resume_capture() -> None:
+    global _pauses
+    with _pause_lock:
+        _pauses = max(0, _pauses - 1)
+
+
+def capture_paused() -> bool:
+    """A background compile is running: calls that would capture a CUDA graph run eagerly and capture later."""
+    return _pauses > 0
 
 
 class _Graph:

@@ -44,7 +44,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
-from ..capture import capture_graph, signature_key
+from ..capture import capture_graph, capture_paused, signature_key
 from ..errors import UnsupportedPipelineError
 from ..session import technique_functions
 from ._noise_guard import NoiseGuard
@@ -590,6 +590,8 @@ class BlockGraphs:
         key = (self.names[id(module)], key)
         entry = self.graphs.get(key, False)
         if entry is False:
+            if capture_paused():  # a background compile runs (another component's): capture after it
+                return forward(*args, **kwargs)
             entry = self.graphs[key] = self._capture(key[0], forward, leaves, spec, key[1][-1])
         if entry is None:
             return forward(*args, **kwargs)

@@ -19,7 +19,7 @@ from ..pipelines import denoiser, denoiser_kind
 from ..session import get_session
 from .artifacts import ArtifactCache
 from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
-from .compile import apply_compile, first_call_seconds, precompile_report, remove_compile
+from .compile import apply_compile, background_compile_report, first_call_seconds, precompile_report, remove_compile
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
 from .lora_hotswap import LoRAHotswap
 from .quantize import DEFAULT_SKIP, FORMATS, QuantizedLayers
@@ -43,6 +43,7 @@ __all__ = [
     "apply_compile",
     "remove_compile",
     "first_call_seconds",
+    "background_compile_report",
     "precompile_report",
     "quantize_report",
     "compile_cache_report",
@@ -71,6 +72,10 @@ class RuntimeConfig:
     compile: None, "regional" (repeated blocks, short compile) or "full".
     compile_workers: with "regional", how many worker processes compile the distinct blocks alongside
         the first call (None: half the host's cores, at most 8; 0: all in this process).
+    compile_background: with "full", the first call of each new input signature starts its compile in a thread and
+        runs eagerly, as do the calls after it, until the compiled code is built; the next call then runs it (and CUDA
+        graphs capture then: none is captured while a background compile runs). A first image comes at the eager
+        speed instead of after the whole compile. A module with another technique's hooks inside compiles in the call.
     compile_cache: a folder of portable compile artifacts (`accel.runtime.artifacts`, written by `accel precompile`
         or by an earlier process): each call with new shapes first loads the artifacts saved for this model, config,
         shapes, torch and device, and where none match saves them once it has compiled. None: not used.
@@ -95,6 +100,7 @@ class RuntimeConfig:
     quantize_convs: bool = False
     compile: str | None = None
     compile_workers: int | None = None
+    compile_background: bool = False
     compile_cache: str | None = None
     cuda_graph: bool = False
     lora_hotswap: bool = False
@@ -106,7 +112,7 @@ class RuntimeConfig:
         check_choice("RuntimeConfig.dtype", self.dtype, (None, *DTYPES))
         check_choice("RuntimeConfig.compile", self.compile, COMPILE_MODES)
         check_choice("RuntimeConfig.quantize", self.quantize, QUANTIZE_CHOICES)
-        for name in ("fuse_qkv", "channels_last", "quantize_convs", "cuda_graph", "lora_hotswap"):
+        for name in ("fuse_qkv", "channels_last", "quantize_convs", "compile_background", "cuda_graph", "lora_hotswap"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"RuntimeConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.compile_workers is not None:
@@ -116,6 +122,12 @@ class RuntimeConfig:
             if self.compile != "regional":
                 raise ValueError(f"RuntimeConfig.compile_workers applies to compile='regional' only; "
                                  f"compile is {self.compile!r}")
+        if self.compile_background:
+            if self.compile != "full":
+                raise ValueError(f"RuntimeConfig.compile_background applies to compile='full'; compile is {self.compile!r}")
+            if self.compile_cache is not None:
+                raise ValueError("RuntimeConfig.compile_background and compile_cache do not go together yet: artifacts "
+                                 "are saved at the end of the first call, before a background compile has ended")
         if self.lora_max_rank is not None:
             if isinstance(self.lora_max_rank, bool) or not isinstance(self.lora_max_rank, int) or self.lora_max_rank < 1:
                 raise ValueError(f"RuntimeConfig.lora_max_rank must be None (the loaded LoRA's rank) or a positive integer, "
@@ -274,8 +286,10 @@ def set_lora_scale(pipe, scale: float, *, adapter_name: str | None = None) -> No
 
 
 def _compile(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:
-    workers = {"workers": config.compile_workers} if config.compile == "regional" else {}
-    return _on_each(_modules(pipe, config.components), lambda m: apply_compile(m, config.compile, **workers), remove_compile)
+    options = {"workers": config.compile_workers} if config.compile == "regional" else {}
+    if config.compile_background:
+        options["background"] = True
+    return _on_each(_modules(pipe, config.components), lambda m: apply_compile(m, config.compile, **options), remove_compile)
 
 
 def _uncompile(pipe, modules: list[torch.nn.Module]) -> None:

@@ -52,8 +52,12 @@ def call_shapes(arguments: dict) -> dict:
 def runtime_fields(config) -> str:
     """The runtime config as a key field. Where artifacts are kept is not part of what they hold, nor are CUDA
     graphs: they are captured anew in every process around the same compiled code, and `accel precompile` leaves
-    them out off a GPU, where a preset keeps them (and runs eagerly)."""
-    return repr(dataclasses.replace(config, compile_cache=None, cuda_graph=False))
+    them out off a GPU, where a preset keeps them (and runs eagerly). Nor is `compile_background`: where code compiles,
+    not what it compiles (left out of the text, so keys saved before that field existed still match)."""
+    config = dataclasses.replace(config, compile_cache=None, cuda_graph=False)
+    fields = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+                       if f.repr and f.name != "compile_background")
+    return f"{type(config).__qualname__}({fields})"
 
 
 def key_fields(model: dict, config, shapes: dict, torch_version: str | None = None) -> dict:

@@ -3,16 +3,23 @@
 Regional compilation follows diffusers' `compile_repeated_blocks` (PyTorch's regional compilation
 recipe) but also covers the UNet's resnet blocks, which are most of its kernel launches.
 The inductor cache is kept on disk so a second process reuses the first one's compiled code.
+With `background=True` a whole-forward compile runs in a thread while the calls run eagerly, and the calls switch
+to the compiled code once it is built (`BackgroundCompile`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
+import threading
 import time
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils import _pytree as pytree
 
+from ..capture import _constant_key, pause_capture, resume_capture
 from . import process
 from .precompile import Precompile, Workers, compiled_before, default_workers, record_calls
 
@@ -33,16 +40,34 @@ DIT_BLOCKS = ("JointTransformerBlock", "SanaTransformerBlock", "T5Block")
 REGIONAL_COMPILE_DEFAULTS = {"dynamic": False}
 
 
-class CompileHook(ModelHook):
-    """Run the wrapped forward through `torch.compile`, timing the first (compiling) call."""
+# How long `restore` waits for a background compile before leaving its thread to finish on its own.
+RESTORE_JOIN_SECONDS = 30.0
 
-    def __init__(self, **compile_kwargs):
+
+class CompileHook(ModelHook):
+    """Run the wrapped forward through `torch.compile`, timing the first (compiling) call; with `background`, each
+    new input signature compiles in a thread while calls run the forward eagerly (`BackgroundCompile`)."""
+
+    def __init__(self, background: bool = False, **compile_kwargs):
         super().__init__()
         self.compile_kwargs = compile_kwargs
         self.compiled = None
         self.first_call_seconds: float | None = None
+        self.background: BackgroundCompile | None = None
+        self._background = background
+
+    def initialize_hook(self, module):
+        if self._background:
+            self.background = BackgroundCompile(module, HOOK_NAME)
+        return module
 
     def new_forward(self, module, *args, **kwargs):
+        if self.background is not None:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.fn_ref.original_forward, **self.compile_kwargs)
+            if not self.background.use_compiled(self.compiled, args, kwargs):
+                return self.fn_ref.original_forward(*args, **kwargs)
+            return self.compiled(*args, **kwargs)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn_ref.original_forward, **self.compile_kwargs)
             start = time.perf_counter()
@@ -51,6 +76,150 @@ class CompileHook(ModelHook):
             logger.info("accel: first compiled call took %.1f s", self.first_call_seconds)
             return out
         return self.compiled(*args, **kwargs)
+
+
+class BackgroundCompile:
+    """The compiles of one module's compiled forward, one per input signature, each run in a thread.
+
+    The first call of a signature starts a thread that runs the compiled forward once, under no_grad, on detached
+    copies of that call's inputs (dynamo traces, inductor builds; the output is dropped), while that call and the
+    next run the forward eagerly; once the thread is done, the next call of that signature runs the compiled code
+    (one log line). The thread calls the forward below this hook, not the module: the session's planner, the
+    CUDA-graph hook and the pipeline's scheduler are not touched. A module with hooks inside its forward (a cache's
+    hooks on its blocks keep state) compiles in the calling thread, as without `background`. While any background
+    compile runs, no CUDA graph is captured (`accel.capture.capture_paused`).
+    """
+
+    def __init__(self, module: torch.nn.Module, hook_name: str):
+        self.module, self.hook_name, self.name = module, hook_name, type(module).__name__
+        self.states: dict[tuple, str] = {}  # signature -> "compiling", "compiled", "failed"
+        self.seconds: dict[tuple, float] = {}
+        self.switched: set[tuple] = set()
+        self.thread: threading.Thread | None = None
+        self.detached = False
+        self._foreground: bool | None = None  # decided at the first call, when every technique's hooks are on
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+        self._signature = inspect.Signature(parameters)
+
+    @property
+    def foreground(self) -> bool:
+        if self._foreground is None:
+            self._foreground = _runs_hooks(self.module, self.hook_name)
+            if self._foreground:
+                logger.info("accel: %s runs hooks inside its forward; it compiles on its first call, not in the "
+                            "background", self.name)
+        return self._foreground
+
+    def key(self, args: tuple, kwargs: dict) -> tuple:
+        """The input signature: argument structure (by parameter name), shapes, dtypes, devices, other values."""
+        try:
+            arguments = self._signature.bind(*args, **kwargs).arguments
+        except TypeError:
+            arguments = {"args": args, **kwargs}
+        leaves, spec = pytree.tree_flatten(dict(arguments))
+        return (spec, tuple((tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else _constant_key(x)
+                            for x in leaves))
+
+    def settled(self, args: tuple, kwargs: dict) -> bool:
+        """This signature's compile is over (compiled, or failed and running eagerly for good)."""
+        return self.foreground or self.states.get(self.key(args, kwargs)) in ("compiled", "failed")
+
+    def use_compiled(self, compiled, args: tuple, kwargs: dict) -> bool:
+        """Whether this call runs `compiled`; starts the signature's background compile where none ran yet."""
+        if self.foreground or torch.is_grad_enabled():
+            return True  # as without background: the compile runs in this call
+        key = self.key(args, kwargs)
+        state = self.states.get(key)
+        if state == "compiled":
+            if key not in self.switched:
+                self.switched.add(key)
+                logger.info("accel: %s switches to its compiled code (compiled in the background in %.1f s)",
+                            self.name, self.seconds[key])
+            return True
+        if state is None and not self.running() and not _capturing():
+            self._start(key, compiled, args, kwargs)
+        return False
+
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def _start(self, key, compiled, args: tuple, kwargs: dict) -> None:
+        copies = pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        device = next((x.device for x in pytree.tree_leaves(copies) if isinstance(x, torch.Tensor)
+                       and x.device.type == "cuda"), None)
+        if device is not None:
+            torch.cuda.current_stream(device).synchronize()  # the thread runs on its own current stream
+        # Dynamo guards on these thread-local modes: the compiled code must match the calls' own.
+        device_type = device.type if device is not None else "cpu"
+        modes = (torch.is_inference_mode_enabled(), device_type, torch.is_autocast_enabled(device_type),
+                 torch.get_autocast_dtype(device_type))
+        self.states[key] = "compiling"
+        pause_capture()
+        self.thread = threading.Thread(target=self._compile, args=(key, compiled, copies, device, modes),
+                                       name=f"accel-compile-{self.name}", daemon=True)
+        try:
+            self.thread.start()
+        except BaseException:
+            self.states[key] = "failed"
+            resume_capture()
+            raise
+
+    def _compile(self, key, compiled, copies, device, modes) -> None:
+        start = time.perf_counter()
+        state = "failed"
+        inference, device_type, autocast, autocast_dtype = modes
+        try:
+            with contextlib.ExitStack() as modes:
+                # inference_mode(False) would turn grad mode on: entered only where the calls run under it
+                modes.enter_context(torch.inference_mode() if inference else torch.no_grad())
+                modes.enter_context(torch.autocast(device_type, autocast_dtype, enabled=autocast))
+                if device is not None:
+                    modes.enter_context(torch.cuda.device(device))
+                compiled(*copies[0], **copies[1])
+                if device is not None:
+                    torch.cuda.synchronize(device)
+            state = "compiled"
+        except Exception as err:  # compile time only: the calls keep running the forward eagerly
+            if not self.detached:
+                logger.warning("accel: the background compile of %s failed (%s: %s); its calls keep running eagerly",
+                               self.name, type(err).__name__, err)
+        finally:
+            self.seconds[key] = time.perf_counter() - start
+            self.states[key] = state  # before capture resumes, so that a capture sees the compiled code
+            resume_capture()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Wait up to `timeout` seconds (None: `RESTORE_JOIN_SECONDS`) for a running compile; past that, leave its
+        thread to finish on its own."""
+        self.detached = True
+        timeout = RESTORE_JOIN_SECONDS if timeout is None else timeout
+        if self.running():
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                logger.warning("accel: the background compile of %s was still running after %.0f s; left to finish "
+                               "on its own, its result unused", self.name, timeout)
+
+    def report(self) -> dict:
+        states = list(self.states.values())
+        return {"running": self.running(), "compiled": states.count("compiled"), "failed": states.count("failed"),
+                "seconds": [round(s, 3) for s in self.seconds.values()]}
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _runs_hooks(module: torch.nn.Module, hook_name: str) -> bool:
+    """Whether the forward below hook `hook_name` of `module` runs other hooks (which may keep state)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    names = list(getattr(registry, "hooks", {}))
+    if hook_name in names and names.index(hook_name) > 0:
+        return True
+    for sub in module.modules():
+        if sub is not module and (getattr(getattr(sub, "_diffusers_hook", None), "hooks", None)
+                                  or sub._forward_hooks or sub._forward_pre_hooks):
+            return True
+    return False
 
 
 class _FirstCallTimer(ModelHook):
@@ -110,16 +279,20 @@ def _hooked(region: torch.nn.Module) -> bool:
     return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in region.modules())
 
 
-def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None, **compile_kwargs) -> ModelHook:
+def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None, background: bool = False,
+                  **compile_kwargs) -> ModelHook:
     """`mode` is "regional" (compile each repeated block in place) or "full" (compile the forward).
     `workers`: processes that compile the distinct regions in parallel with the first call (None: half the
-    cores, at most 8; 0: none, the regions compile one after another in this process)."""
+    cores, at most 8; 0: none, the regions compile one after another in this process).
+    `background`: with "full", compile each new input signature in a thread while calls run eagerly."""
+    if background and mode != "full":
+        raise ValueError(f"background compilation applies to mode='full'; mode is {mode!r}")
     registry = HookRegistry.check_if_exists_or_initialize(module)
     if HOOK_NAME in registry.hooks:
         raise RuntimeError("torch.compile is already applied to this module")
     process.hold()  # the on-disk inductor cache (which compile workers inherit) and the recompile limit
     try:
-        hook = _compile_hook(module, mode, workers, compile_kwargs)
+        hook = _compile_hook(module, mode, workers, background, compile_kwargs)
     except BaseException:
         process.release()
         raise
@@ -127,9 +300,10 @@ def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None
     return hook
 
 
-def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, compile_kwargs: dict) -> ModelHook:
+def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, background: bool,
+                  compile_kwargs: dict) -> ModelHook:
     if mode == "full":
-        hook = CompileHook(**compile_kwargs)
+        hook = CompileHook(background, **compile_kwargs)
     else:
         blocks = {*REGIONAL_BLOCKS, *DIT_BLOCKS}
         if "transformer_blocks" in module._modules:  # a DiT: what diffusers' compile_repeated_blocks compiles too
@@ -160,6 +334,20 @@ def precompile_report(module: torch.nn.Module) -> dict | None:
     return getattr(_hook(module), "precompile", None)
 
 
+def background_compile_report(module: torch.nn.Module) -> dict | None:
+    """The background compiles of `module` so far ({"running", "compiled", "failed", "seconds"}); None where its
+    compile does not run in the background or no call has run yet."""
+    background = getattr(_hook(module), "background", None)
+    return None if background is None else background.report()
+
+
+def compile_settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a call of `module` with these inputs runs the code it will keep running: False while its compile
+    for them is to run or runs in the background (a CUDA graph captured now would hold the eager forward)."""
+    background = getattr(_hook(module), "background", None)
+    return background is None or background.settled(args, kwargs)
+
+
 def _hook(module: torch.nn.Module):
     registry = getattr(module, "_diffusers_hook", None)
     return None if registry is None else registry.get_hook(HOOK_NAME)
@@ -170,6 +358,8 @@ def remove_compile(module: torch.nn.Module) -> None:
     if registry is None or HOOK_NAME not in registry.hooks:
         return
     hook = registry.get_hook(HOOK_NAME)
+    if getattr(hook, "background", None) is not None:
+        hook.background.stop()
     if isinstance(hook, _FirstCallTimer):
         for region in hook.regions:
             region._compiled_call_impl = None  # what nn.Module.compile set; None is the uncompiled default

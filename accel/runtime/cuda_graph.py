@@ -3,7 +3,8 @@
 One graph per input signature (shapes, dtypes, devices, non-tensor arguments) and, on the denoiser, per plan of
 the call (the session's `DenoiserCall.key`: each technique's decision, such as a full or a cached step), all
 drawing from one memory pool. Inputs are copied into static buffers and the graph is replayed; a call the plan
-marks eager, and anything that cannot be captured, runs eagerly (the latter with one log line).
+marks eager, and anything that cannot be captured, runs eagerly (the latter with one log line). While a background
+compile runs (`accel.runtime.compile.BackgroundCompile`), calls run eagerly and capture after it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
-from ..capture import _Graph, capture_graph, signature_key
+from ..capture import _Graph, capture_graph, capture_paused, signature_key
 from ..session import planner_of
+from .compile import compile_settled
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class CUDAGraphHook(ModelHook):
             return forward(**arguments)
         entry = self.graphs.get(key, False)
         if entry is False:
+            if capture_paused() or not compile_settled(module, (), arguments):
+                return forward(**arguments)  # captured once the background compile is over
             entry = self.graphs[key] = self._capture(forward, leaves, spec, key[-1])
         if entry is None:
             return forward(**arguments)

@@ -1,0 +1,204 @@
+"""Background compilation (`RuntimeConfig(compile_background=True)`): calls run eagerly while a thread compiles,
+then switch to the compiled code. The backends here are torch.compile stand-ins: one that runs dynamo's graph as
+traced and counts, one that waits for the test's say-so (so a call provably returns before the compile ends), one
+that fails."""
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+from tiny import run
+
+import accel
+from accel.capture import capture_paused
+from accel.runtime import background_compile_report
+from accel.runtime import compile as compile_mod
+from accel.runtime.compile import apply_compile, remove_compile
+
+
+class Backend:
+    """A torch.compile backend that runs the traced graph as it is; counts compiles and compiled runs; with
+    `gate`, each compile waits until the gate is set; with `fail`, each compile raises."""
+
+    def __init__(self, gate: threading.Event | None = None, fail: bool = False):
+        self.gate, self.fail = gate, fail
+        self.compiles = 0
+        self.runs = 0
+
+    def __call__(self, gm, example_inputs):
+        if self.gate is not None:
+            assert self.gate.wait(30), "the test never let the compile finish"
+        if self.fail:
+            raise RuntimeError("backend refused")
+        self.compiles += 1
+
+        def compiled(*args):
+            self.runs += 1
+            return gm.forward(*args)
+
+        return compiled
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x, scale=1.0):
+        return self.b(torch.nn.functional.gelu(self.a(x))) * scale
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _wait(module):
+    background = compile_mod._hook(module).background
+    if background.thread is not None:
+        background.thread.join(30)
+    assert not background.running()
+
+
+def test_calls_run_eagerly_until_the_compile_ends_then_switch(caplog):
+    net, x = MLP(), torch.randn(2, 8)
+    with torch.no_grad():
+        expected = net(x)
+    gate = threading.Event()
+    backend = Backend(gate)
+    apply_compile(net, "full", background=True, backend=backend)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="accel"):
+        first = net(x)  # returns while the compile waits on the gate
+        assert background_compile_report(net)["running"] and capture_paused()
+        second = net(x)
+        assert backend.runs == 0
+        gate.set()
+        _wait(net)
+        assert not capture_paused() and backend.compiles == 1 and backend.runs == 1  # the background run
+        after = net(x)
+        again = net(x)
+    assert backend.runs == 3 and backend.compiles == 1  # switched, without compiling again in this thread
+    assert sum("switches to its compiled code" in r.message for r in caplog.records) == 1
+    for out in (first, second):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for out in (after, again):
+        torch.testing.assert_close(out, expected)
+    remove_compile(net)
+
+
+def test_new_signature_compiles_in_the_background_too():
+    net, backend = MLP(), Backend()
+    apply_compile(net, "full", background=True, backend=backend)
+    with torch.no_grad():
+        net(torch.randn(2, 8))
+        _wait(net)
+        out = net(torch.randn(3, 8), scale=2.0)  # new shape and constant: eager, a second compile starts
+        _wait(net)
+        runs = backend.runs
+        net(torch.randn(3, 8), scale=2.0)
+    assert backend.runs == runs + 1 and background_compile_report(net)["compiled"] == 2
+    assert out.shape == (3, 8)
+    remove_compile(net)
+
+
+def test_a_failed_compile_keeps_running_eagerly(caplog):
+    net, x = MLP(), torch.randn(2, 8)
+    with torch.no_grad():
+        expected = net(x)
+    apply_compile(net, "full", background=True, backend=Backend(fail=True))
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="accel"):
+        net(x)
+        _wait(net)
+        outs = [net(x), net(x)]
+    assert [r.levelno for r in caplog.records if "background compile" in r.message] == [logging.WARNING]
+    assert "keep running eagerly" in caplog.text and background_compile_report(net)["failed"] == 1
+    assert not capture_paused()
+    for out in outs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    remove_compile(net)
+
+
+@pytest.mark.parametrize("finishes", [True, False], ids=["joined", "detached"])
+def test_restore_mid_compile(sd_pipe, monkeypatch, caplog, finishes):
+    """`restore` while the UNet compiles: waits for it (a bounded join) or leaves the thread; restores exactly."""
+    baseline = run(sd_pipe)
+    gate = threading.Event()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=Backend(gate)))
+    monkeypatch.setattr(compile_mod, "RESTORE_JOIN_SECONDS", 30 if finishes else 0.2)
+    accel.accelerate(sd_pipe, accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full", compile_background=True)))
+    eager = run(sd_pipe)
+    thread = compile_mod._hook(sd_pipe.unet).background.thread
+    assert thread.is_alive()
+    if finishes:
+        threading.Timer(0.1, gate.set).start()  # once restore waits
+    with caplog.at_level(logging.WARNING, logger="accel"):
+        accel.restore(sd_pipe)
+    assert ("left to finish on its own" in caplog.text) != finishes
+    gate.set()
+    thread.join(30)
+    assert not thread.is_alive() and not capture_paused()
+    assert "failed" not in caplog.text
+    np.testing.assert_array_equal(eager, baseline)
+    np.testing.assert_array_equal(run(sd_pipe), baseline)
+
+
+def test_pipeline_switches_with_outputs_equal(sd_pipe, monkeypatch, caplog):
+    """The tiny SD pipeline, denoiser, VAE decoder and text encoder compiled in the background: the first call
+    is the eager image, the calls after the switch run the compiled graphs (no compile in the calling thread)."""
+    baseline = run(sd_pipe)
+    gate, backend = threading.Event(), None
+    real_compile = torch.compile
+
+    def compile_with_backend(fn, **kwargs):
+        nonlocal backend
+        backend = backend or Backend(gate)
+        return real_compile(fn, backend=backend)
+
+    monkeypatch.setattr(torch, "compile", compile_with_backend)
+    config = accel.RuntimeConfig(compile="full", compile_background=True, cuda_graph=True,
+                                 components=("denoiser", "vae", "text_encoder"))
+    accel.accelerate(sd_pipe, accel.AccelConfig(runtime=config))
+    modules = [sd_pipe.unet, sd_pipe.vae.decoder, sd_pipe.text_encoder]
+    with caplog.at_level(logging.INFO, logger="accel"):
+        first = run(sd_pipe)
+        assert backend.runs == 0 and all(background_compile_report(m)["running"] for m in modules)
+        gate.set()
+        for module in modules:
+            _wait(module)
+        compiles, runs = backend.compiles, backend.runs
+        after = run(sd_pipe)
+        assert backend.compiles == compiles and backend.runs > runs
+    assert sum("switches to its compiled code" in r.message for r in caplog.records) == 3
+    accel.restore(sd_pipe)
+    np.testing.assert_array_equal(first, baseline)
+    np.testing.assert_allclose(after, baseline, atol=1e-5)
+    np.testing.assert_array_equal(run(sd_pipe), baseline)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="compile='full'"):
+        accel.RuntimeConfig(compile="regional", compile_background=True)
+    with pytest.raises(ValueError, match="compile_cache"):
+        accel.RuntimeConfig(compile="full", compile_background=True, compile_cache="/tmp/x")
+    with pytest.raises(ValueError, match="True or False"):
+        accel.RuntimeConfig(compile="full", compile_background=1)
+
+
+def test_hooks_inside_the_forward_compile_in_the_call(sd_pipe, monkeypatch):
+    """A block cache keeps state in hooks on the UNet's blocks: its compile is not run a second time in a thread."""
+    backend = Backend()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend))
+    config = accel.AccelConfig(cache=accel.BlockCacheConfig(threshold=0.5),
+                               runtime=accel.RuntimeConfig(compile="full", compile_background=True))
+    accel.accelerate(sd_pipe, config)
+    run(sd_pipe)
+    report = background_compile_report(sd_pipe.unet)
+    accel.restore(sd_pipe)
+    assert report["compiled"] == 0 and not report["running"] and backend.runs > 0  # compiled in the call
