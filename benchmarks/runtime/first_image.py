@@ -1,0 +1,172 @@
+"""A first image before the compile ends (issue 23): `balanced` with `compile_background=True` against `balanced`.
+
+    source benchmarks/device_setup.sh && python3 benchmarks/runtime/first_image.py --out $OUT/first     # H200
+    python benchmarks/runtime/first_image.py --smoke --out /tmp/first                                  # CPU
+
+Each case runs in a fresh process with its own empty TORCHINDUCTOR_CACHE_DIR (a new machine): SD1.5 architecture
+(random weights), fp16, 512 px, `preset="balanced"` (full torch.compile and CUDA graphs of denoiser, VAE decoder and
+text encoder), CFG 7.5, seed 0.
+
+    background  the preset with `compile_background=True`: calls back to back for `--seconds` (default 90), each
+                with its start (from `accelerate()`), its latency and how many components run compiled code; the
+                time to the first image, to each component's switch (its log line) and to the last one; the steady
+                median (last 5 calls); the first image's PSNR against the last (eager against compiled)
+    balanced    the preset as it is: the first call (compile and capture), then the median of 5 calls
+
+`--smoke` runs both on the CPU with the embedded model at 32 px, the denoiser alone compiled, without CUDA graphs,
+for 60 s. The report (`first_image.json`, `first_image.md`) is rewritten after every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cold_start import _pipeline  # noqa: E402
+from compile_time import REPO, fresh_process  # noqa: E402
+
+CASES = ("background", "balanced")
+PROMPT, GUIDANCE, STEADY_CALLS = "a photo of a cat", 7.5, 5
+
+
+class _Lines(logging.Handler):
+    """The suite's log lines of this process, with their time from `start`."""
+
+    def __init__(self, start: float):
+        super().__init__(logging.INFO)
+        self.start, self.lines = start, []
+
+    def emit(self, record):
+        self.lines.append((round(time.perf_counter() - self.start, 3), f"{record.name}: {record.getMessage()}"))
+
+
+def child(case: str, smoke: bool, seconds: float, out: Path) -> dict:
+    import numpy as np
+    import torch
+
+    import accel
+    from accel.quality.metrics import psnr
+    from accel.runtime import background_compile_report
+    from accel.runtime import _modules as compiled_modules
+
+    pipe, config, size = _pipeline("embedded" if smoke else "sd15", smoke)
+    if case == "background":
+        config = config.replace(runtime=replace(config.runtime, compile_background=True))
+    modules = compiled_modules(pipe, config.runtime.components)
+    start = time.perf_counter()
+    lines = _Lines(start)
+    logging.getLogger("accel").addHandler(lines)
+    logging.getLogger("accel").setLevel(logging.INFO)
+
+    def generate():
+        began = time.perf_counter()
+        image = pipe(prompt=PROMPT, guidance_scale=GUIDANCE, height=size, width=size, output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(0)).images
+        if not smoke:
+            torch.cuda.synchronize()
+        return image, began - start, time.perf_counter() - began
+
+    accel.accelerate(pipe, config)
+    record = {"case": case, "size": size, "steps": config.sampler.num_steps, "torch": torch.__version__,
+              "device": "cpu" if smoke else torch.cuda.get_device_name(), "accelerate_s": time.perf_counter() - start}
+    first, at, latency = generate()
+    record["first_image_s"] = at + latency  # from accelerate() to the first image
+    timeline = [{"start_s": round(at, 3), "latency_s": round(latency, 4)}]
+    if case == "background":
+        while time.perf_counter() - start < seconds:
+            reports = [background_compile_report(m) or {} for m in modules]
+            image, at, latency = generate()
+            timeline.append({"start_s": round(at, 3), "latency_s": round(latency, 4),
+                             "compiled_before": sum(r.get("compiled", 0) for r in reports)})
+        switches = [t for t, line in lines.lines if "switches to its compiled code" in line]
+        failed = [line for _, line in lines.lines if "background compile" in line and "failed" in line]
+        record.update(switch_s=switches, all_switched_s=max(switches) if len(switches) == len(modules) else None,
+                      compile_s=[background_compile_report(m) for m in modules], failed=failed,
+                      psnr_first_vs_last_db=float(psnr(*(torch.from_numpy(i[0]).permute(2, 0, 1) for i in (first, image)))))
+        times = [t["latency_s"] for t in timeline[-STEADY_CALLS:]]
+    else:
+        times = []
+        for _ in range(STEADY_CALLS):
+            image, at, latency = generate()
+            timeline.append({"start_s": round(at, 3), "latency_s": round(latency, 4)})
+            times.append(latency)
+    record.update(median_s=statistics.median(times), timeline=timeline, log=[f"{t} s {l}" for t, l in lines.lines[-40:]])
+    np.save(out / f"{case}-last.npy", image[0])
+    return record
+
+
+def write_report(out: Path, records: list[dict], meta: dict) -> None:
+    (out / "first_image.json").write_text(json.dumps({**meta, "records": records}, indent=1))
+
+    def cell(value, scale=1.0, digits=1):
+        return "-" if value is None else f"{value * scale:.{digits}f}"
+
+    rows = ["| case | accelerate() s | first image s | all switched s | steady median ms | calls | wall s |",
+            "| --- " * 7 + "|"]
+    for r in records:
+        if "error" in r:
+            rows.append(f"| {r['case']} | {(r['error'].strip().splitlines() or ['failed'])[-1][:160]} |" + " |" * 5)
+            continue
+        rows.append(f"| {r['case']} | {cell(r['accelerate_s'], digits=2)} | {cell(r['first_image_s'])} | "
+                    f"{cell(r.get('all_switched_s'))} | {cell(r['median_s'], 1e3)} | {len(r['timeline'])} | "
+                    f"{cell(r.get('wall_s'))} |")
+    text = [f"# First image before the compile ends ({meta['mode']})", "", f"`{meta['command']}`", "",
+            "Each case a fresh process on an empty inductor cache; `balanced` preset, CFG 7.5, seed 0.", "", *rows, ""]
+    for r in records:
+        if r.get("case") == "background" and "timeline" in r:
+            text.append(f"- switches at {r['switch_s']} s; PSNR of the first (eager) image against the last: "
+                        f"{r['psnr_first_vs_last_db']:.2f} dB; failures: {r['failed'] or 'none'}")
+            text.append("- timeline (start s: latency ms): " + ", ".join(
+                f"{t['start_s']:.1f}: {t['latency_s'] * 1e3:.0f}" for t in r["timeline"]))
+    (out / "first_image.md").write_text("\n".join(text) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--seconds", type=float, default=None, help="the background case's timeline (default: 90, "
+                        "60 with --smoke)")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--smoke", action="store_true", help="the embedded model on the CPU at 32 px, no CUDA graphs")
+    parser.add_argument("--child", default=None, choices=CASES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = args.seconds if args.seconds is not None else (60.0 if args.smoke else 90.0)
+    if args.child:
+        sys.path.insert(0, str(REPO))
+        print("RECORD " + json.dumps(child(args.child, args.smoke, seconds, out)), flush=True)
+        return 0
+    import diffusers
+    import torch
+
+    meta = {"command": shlex.join(["python3", *sys.argv]), "mode": "smoke, CPU" if args.smoke else "GPU",
+            "torch": torch.__version__, "diffusers": diffusers.__version__}
+    records = []
+    for case in args.cases.split(","):
+        began = time.perf_counter()
+        child_args = ["--child", case, "--out", str(out), "--seconds", str(seconds)] + (["--smoke"] if args.smoke else [])
+        record = {"case": case, **fresh_process(__file__, child_args, tempfile.mkdtemp(prefix=f"inductor-{case}-"),
+                                                seconds + 600)}
+        record["wall_s"] = time.perf_counter() - began
+        records.append(record)
+        write_report(out, records, meta)
+        print(f"{case}: " + (record["error"][-300:] if "error" in record else
+              f"first image {record['first_image_s']:.1f} s, all switched {record.get('all_switched_s')} s, "
+              f"steady median {record['median_s'] * 1e3:.1f} ms"), flush=True)
+    print(f"wrote {out / 'first_image.json'}, {out / 'first_image.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
