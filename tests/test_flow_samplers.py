@@ -294,6 +294,40 @@ def test_sampler_config_in_sd3_img2img(tmp_path):
     assert np.abs(olss - two_m).max() < 1e-5 and np.abs(two_m - before).max() > 1e-3
 
 
+def test_sampler_config_in_flux_img2img(tmp_path):
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = FluxImg2ImgPipeline(**tiny_flux_pipeline(tmp_path).components)
+    pipe.set_progress_bar_config(disable=True)
+    image = (torch.linspace(-1, 1, 3 * 32 * 32).reshape(1, 3, 32, 32).sin() + 1) / 2
+    kwargs = dict(image=image, strength=0.6, max_sequence_length=16, guidance_scale=3.0, height=32, width=32)
+    before, ours = _three_passes(pipe, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                                 SamplerConfig("euler"), **kwargs)
+    assert np.abs(ours - before).max() < TOL
+    _, other = _three_passes(pipe, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+                             SamplerConfig("unipc_bh2"), **kwargs)
+    assert np.isfinite(other).all() and np.abs(other - before).max() > 1e-3
+
+
+def test_sampler_config_in_pixart_sigma_takes_the_betas_samplers(tmp_path):
+    """PixArt-Sigma runs a betas (VP) schedule, not flow matching: SamplerConfig gives it the betas samplers, which
+    agree with the diffusers scheduler it ships with, and restore gives that one back."""
+    from diffusers import PixArtSigmaPipeline
+
+    from tiny import tiny_pixart_pipeline
+
+    pipe = tiny_pixart_pipeline(tmp_path, pipeline_class=PixArtSigmaPipeline)
+    kwargs = dict(use_resolution_binning=False, clean_caption=False, guidance_scale=3.0)
+    baseline = pipe.scheduler
+    before = run(pipe, steps=5, **kwargs)
+    accel.accelerate(pipe, AccelConfig(sampler=SamplerConfig("dpmpp_2m")))
+    assert isinstance(pipe.scheduler, samplers.SamplerScheduler)
+    ours = run(pipe, steps=5, **kwargs)
+    accel.restore(pipe)
+    assert pipe.scheduler is baseline and np.array_equal(run(pipe, steps=5, **kwargs), before)
+    assert np.abs(ours - before).max() < 1e-3
+
+
 def test_sampler_config_in_sana_txt2img():
     from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
 
