@@ -9,6 +9,7 @@ from tiny import run, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipelin
 
 import accel
 from accel import AccelConfig, BlockCacheConfig, RuntimeConfig
+from accel.cache import get_block_cache
 from accel.runtime import get_cuda_graph_hook
 from accel.session import planner_of
 
@@ -86,3 +87,81 @@ def test_presets_on_flow_matching_dits(which, tmp_path):
     accel.restore(pipe)
     assert np.array_equal(run(pipe, steps=4, **kwargs), before)
     assert accel.get_preset("fast").sampler is not None  # UNet pipelines keep the sampler swap
+
+
+def _compiled_anywhere(block: torch.nn.Module) -> bool:
+    """Whether a compiled function or call is left on the block: as its call, its forward, or in its hook chain."""
+    registry = getattr(block, "_diffusers_hook", None)
+    functions = [block.__dict__.get("forward")]
+    functions += [getattr(ref, attr) for ref in getattr(registry, "_fn_refs", ()) for attr in ("forward", "original_forward")]
+    return block._compiled_call_impl is not None or any(hasattr(f, "_torchdynamo_orig_callable") for f in functions)
+
+
+@pytest.fixture
+def counting_compiler(monkeypatch):
+    """Regional compilation through dynamo with a backend that counts the graphs and runs them as traced."""
+    from torch._dynamo.testing import CompileCounter
+
+    from accel.runtime import compile as compile_module
+
+    counter = CompileCounter()
+    monkeypatch.setitem(compile_module.REGIONAL_COMPILE_DEFAULTS, "backend", counter)
+    torch._dynamo.reset()
+    yield counter
+    torch._dynamo.reset()
+
+
+def test_regional_compile_under_the_block_cache_compiles_each_block_kind_once(tmp_path, counting_compiler):
+    """The block cache's hooks stay outside the compiled blocks: traced into them, their per-block state made dynamo
+    recompile once per block (and decision), which on Flux-dev's 57 blocks passed its recompile limit."""
+    pipe, kwargs = tiny_flux_pipeline(tmp_path, num_single_layers=8), {"max_sequence_length": 16}
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    cache = BlockCacheConfig(threshold=None, cache_interval=2, warmup_steps=1)
+    before = run(pipe, steps=5, **kwargs)
+    accel.accelerate(pipe, AccelConfig(cache=cache))
+    eager = run(pipe, steps=5, **kwargs)
+    accel.restore(pipe)
+    accel.accelerate(pipe, AccelConfig(cache=cache, runtime=RuntimeConfig(compile="regional", compile_workers=0)))
+    out = run(pipe, steps=5, **kwargs)
+    graphs = counting_compiler.frame_count
+    assert all(_compiled_anywhere(b) for b in blocks) and get_block_cache(pipe).state.counts() == (3, 2)
+    accel.restore(pipe)
+    assert 2 <= graphs <= 4  # a dual- and a single-stream block (and the latter's input strides once more), not 10
+    np.testing.assert_allclose(out, eager, atol=1e-5)
+    assert not any(_compiled_anywhere(b) for b in blocks)
+    assert np.array_equal(run(pipe, steps=5, **kwargs), before) and counting_compiler.frame_count == graphs
+
+
+def test_a_hooked_block_is_uncompiled_whichever_is_removed_first(tmp_path, counting_compiler):
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from accel.runtime import apply_compile, remove_compile
+
+    class Count(ModelHook):
+        calls = 0
+
+        def new_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    pipe, kwargs = tiny_flux_pipeline(tmp_path), {"max_sequence_length": 16}
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    before = run(pipe, **kwargs)
+    for hooks_first in (True, False):
+        for block in blocks:
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(Count(), "test.count")
+        torch._dynamo.reset()  # this round compiles anew
+        apply_compile(pipe.transformer, "regional", workers=0)
+        Count.calls, graphs = 0, counting_compiler.frame_count
+        np.testing.assert_allclose(run(pipe, **kwargs), before, atol=1e-5)
+        assert Count.calls == 2 * len(blocks) and counting_compiler.frame_count > graphs  # the hooks ran, eagerly
+        if hooks_first:
+            for block in blocks:
+                block._diffusers_hook.remove_hook("test.count", recurse=False)
+        remove_compile(pipe.transformer)
+        if not hooks_first:
+            for block in blocks:
+                block._diffusers_hook.remove_hook("test.count", recurse=False)
+        assert not any(_compiled_anywhere(b) for b in blocks)
+        graphs = counting_compiler.frame_count
+        assert np.array_equal(run(pipe, **kwargs), before) and counting_compiler.frame_count == graphs

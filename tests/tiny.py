@@ -174,13 +174,15 @@ def tiny_sd3_pipeline(tmp: Path, num_layers: int = 4):
     return pipe
 
 
-def tiny_flux_pipeline(tmp: Path):
-    """Flux with two dual-stream and two single-stream blocks; call it with a small `max_sequence_length`."""
+def tiny_flux_pipeline(tmp: Path, num_single_layers: int = 2):
+    """Flux with two dual-stream and two (or `num_single_layers`) single-stream blocks; call it with a small
+    `max_sequence_length`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=num_single_layers, attention_head_dim=16,
+        num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
     ).eval()
     pipe = FluxPipeline(

@@ -1,7 +1,8 @@
 """torch.compile of the denoiser: regional (repeated blocks only, short compile) or whole-forward.
 
 Regional compilation follows diffusers' `compile_repeated_blocks` (PyTorch's regional compilation
-recipe) but also covers the UNet's resnet blocks, which are most of its kernel launches.
+recipe) but also covers the UNet's resnet blocks, which are most of its kernel launches. A block that
+carries diffusers hooks (a cache's) has its own forward compiled beneath them, so the hooks run eagerly.
 The inductor cache is kept on disk so a second process reuses the first one's compiled code.
 With `background=True` a whole-forward compile runs in a thread while the calls run eagerly, and the calls switch
 to the compiled code once it is built (`BackgroundCompile`).
@@ -226,12 +227,16 @@ class _FirstCallTimer(ModelHook):
     """Starts the compile workers (`precompile.py`) when applied, hands them the distinct regions of the first
     call, and records how long that first call, where regional compilation happens, took."""
 
-    def __init__(self, regions: list[torch.nn.Module], compile_kwargs: dict, workers: int | None):
+    def __init__(self, regions: list[torch.nn.Module], compile_kwargs: dict, workers: int | None,
+                 beneath_hooks: dict[torch.nn.Module, tuple] | None = None):
         super().__init__()
         self.regions, self.compile_kwargs = regions, compile_kwargs  # removal un-compiles these regions
+        self.beneath_hooks = beneath_hooks or {}  # region -> (its forward, compiled) for hooked regions
         count = default_workers() if workers is None else workers
         if workers is None and compiled_before(regions, compile_kwargs):
             count = 0  # a warm cache: starting workers would only slow this process down
+        if all(_hooked(region) for region in regions):
+            count = 0  # hooked blocks compile here (below): the workers would get none
         modules = sorted({type(m).__module__ for region in regions for m in region.modules()})
         self.workers = None
         if count > 0:
@@ -249,7 +254,8 @@ class _FirstCallTimer(ModelHook):
         start = time.perf_counter()
         precompile = None
         if self.workers is not None:
-            regions = [r for r in self.regions if not _hooked(r)]  # a hooked block's graph holds its hooks
+            # A hooked block compiles beneath its hooks, here: a worker would compile a copy with its hooks.
+            regions = [r for r in self.regions if not _hooked(r)]
             try:
                 jobs = record_calls(regions, lambda: forward(*args, **kwargs))
                 precompile = Precompile(jobs, self.workers, self.compile_kwargs, self.regions)
@@ -314,10 +320,44 @@ def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, backg
         if not outer:
             raise ValueError(f"regional compilation found none of {sorted(blocks)} in {type(module).__name__}")
         compile_kwargs = {**REGIONAL_COMPILE_DEFAULTS, **compile_kwargs}
+        beneath_hooks = {}
         for region in outer:
-            region.compile(**compile_kwargs)
-        hook = _FirstCallTimer(outer, compile_kwargs, workers)
+            if _hooked_itself(region):
+                beneath_hooks[region] = _compile_beneath_hooks(region, compile_kwargs)
+            else:
+                region.compile(**compile_kwargs)
+        hook = _FirstCallTimer(outer, compile_kwargs, workers, beneath_hooks)
     return hook
+
+
+def _hooked_itself(region: torch.nn.Module) -> bool:
+    registry = getattr(region, "_diffusers_hook", None)
+    return bool(registry is not None and registry._fn_refs)
+
+
+def _compile_beneath_hooks(region: torch.nn.Module, compile_kwargs: dict) -> tuple:
+    """Compile the block's own forward, which its innermost diffusers hook calls, instead of the whole call: traced,
+    the hooks' Python state (a cache's decision, its per-block records) would be guarded on, one recompilation per
+    block and decision (a Flux block cache: one per block, past dynamo's recompile limit). Returns (forward,
+    compiled) for `_uncompile_beneath_hooks`."""
+    innermost = region._diffusers_hook._fn_refs[0]
+    attr = "forward" if innermost.original_forward is None else "original_forward"  # a hook with new_forward
+    forward = getattr(innermost, attr)
+    compiled = torch.compile(forward, **compile_kwargs)
+    setattr(innermost, attr, compiled)
+    return forward, compiled
+
+
+def _uncompile_beneath_hooks(region: torch.nn.Module, forward, compiled) -> None:
+    """Put the block's forward back wherever the compiled one is now: under its innermost hook, or (hooks removed
+    since, which hands the forward on) under the next one or as the block's forward."""
+    registry = getattr(region, "_diffusers_hook", None)
+    for fn_ref in getattr(registry, "_fn_refs", ()):
+        for attr in ("forward", "original_forward"):
+            if getattr(fn_ref, attr) is compiled:
+                setattr(fn_ref, attr, forward)
+    if region.__dict__.get("forward") is compiled:
+        region.forward = forward
 
 
 def _contains(parent: torch.nn.Module, child: torch.nn.Module) -> bool:
@@ -362,7 +402,10 @@ def remove_compile(module: torch.nn.Module) -> None:
         hook.background.stop()
     if isinstance(hook, _FirstCallTimer):
         for region in hook.regions:
-            region._compiled_call_impl = None  # what nn.Module.compile set; None is the uncompiled default
+            if region in hook.beneath_hooks:
+                _uncompile_beneath_hooks(region, *hook.beneath_hooks[region])
+            else:
+                region._compiled_call_impl = None  # what nn.Module.compile set; None is the uncompiled default
         hook.stop_workers()  # applied but never called: the idle workers go too
     registry.remove_hook(HOOK_NAME, recurse=False)
     process.release()
