@@ -215,8 +215,8 @@ class FeatureCache:
         if call.step is None:
             state.mode, state.slot = OFF, None
             return OFF, None
-        self.noise.check()
-        if state.schedule is None:
+        if state.schedule is None:  # the first planned call of this pipeline call: the sampler is known by now
+            self.noise.check()
             state.schedule = self.full_steps(self.session.num_steps())
         slot = state.slots.get(call.slot)
         if slot is None:
