@@ -41,6 +41,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "accel" / "models" / "mini-sd-cifar10"
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # after PYTHONPATH: a copy of the packages as they were (`.before`) comes first
 
 
 def configs() -> dict:
@@ -122,7 +124,6 @@ def tiny_sd15_pipeline():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    sys.path.insert(0, str(REPO))
     from apps.bench_archs import CLIP_L, SD15_UNET, SD_SCHEDULER
 
     torch.manual_seed(0)
