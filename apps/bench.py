@@ -203,9 +203,10 @@ def run_benchmark(arch: str, config_names: list[str], *, steps: int, scheduler: 
         compiled = [n for n in config_names if getattr(getattr(configs[n], "runtime", None), "compile", None)]
         if compiled:
             raise SystemExit(f"--interleave applies each config once per round; compiled configs would recompile: {compiled}")
-        # Round-robin, one timed call per config and round: a host whose speed drifts slows every config alike.
+        # Round-robin, one timed call per config and round: a host whose speed drifts slows every config alike. The
+        # order reverses every other round (ABBA), so that a drift within a round favours no config's position.
         for round_index in range(runs):
-            for name in config_names:
+            for name in (config_names if round_index % 2 == 0 else config_names[::-1]):
                 timing = measure(name, 1, warmup if round_index == 0 else 1)
                 merged = timings.setdefault(name, {**timing, "times_s": []})
                 merged["times_s"] += timing["times_s"]
@@ -250,6 +251,12 @@ def run_benchmark(arch: str, config_names: list[str], *, steps: int, scheduler: 
             row["speedup"] = statistics.median(s / t for s, t in zip(stock["times_s"], row["times_s"]))
         else:
             row["speedup"] = stock["median_s"] / row["median_s"]
+    if interleave:  # every pair of configs, round by round: the comparison the drift blurs least
+        for row in results:
+            row["paired"] = {
+                other["config"]: {"speedup": statistics.median(o / t for o, t in zip(other["times_s"], row["times_s"])),
+                                  "rounds_faster": sum(t < o for o, t in zip(other["times_s"], row["times_s"]))}
+                for other in results if other is not row}
     meta = _meta(arch, size, steps, scheduler, guidance, runs, warmup)
     meta["interleaved"] = interleave
     return {"meta": meta, "results": results}
@@ -282,7 +289,8 @@ def markdown_table(report: dict) -> str:
         f"{meta['arch']} {meta['size']}px, {meta['scheduler']} {meta['steps']} steps, CFG {meta['guidance']}, "
         f"{meta['dtype']}, {meta['device']}, torch {meta['torch']}, diffusers {meta['diffusers']}; "
         f"median of {meta['runs']} runs after {meta['warmup']} warm-up"
-        + ("; configs interleaved round by round, speed-up = median of each round's ratio to stock"
+        + ("; configs interleaved round by round (order reversed every other round), speed-up = median of "
+           "each round's ratio to stock"
            if meta.get("interleaved") else ""),
         "",
         "| config | steps | median (ms) | speed-up | steps/s | UNet step (ms) | first call (s) | peak GiB | PSNR (dB) | SSIM |",
@@ -294,6 +302,11 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {r['config']} | {r['steps']} | {r['median_s']*1000:.1f} | {f('speedup', '.2f')}x | "
                      f"{f('steps_per_s', '.1f')} | {f('unet_step_ms', '.2f')} | {f('first_call_s', '.1f')} | "
                      f"{f('peak_mem_gib', '.2f')} | {f('psnr_db', '.1f')} | {f('ssim', '.4f')} |")
+    pairs = [(r, other, p) for r in report["results"] for other, p in r.get("paired", {}).items()
+             if "stock" not in (r["config"], other) and r["config"] < other]
+    if pairs:
+        lines += [""] + [f"Paired per round: {r['config']} {p['speedup']:.3f}x over {other}, faster in "
+                         f"{p['rounds_faster']} of {len(r['times_s'])} rounds" for r, other, p in pairs]
     lines += ["", f"Command: `{meta['command']}`"]
     return "\n".join(lines) + "\n"
 
