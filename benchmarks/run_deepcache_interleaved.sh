@@ -17,6 +17,6 @@ bench() {  # bench SECONDS NAME ARGS...: one harness run in its own process (wri
   echo "[run_deepcache_interleaved] $name done at $((SECONDS - START)) s"
 }
 CONFIGS=stock,deepcache-pkg,deepcache
-bench 160 sd15-ddim50-deepcache-r12 --scheduler ddim --steps 50 --interleave --runs "${RUNS_DDIM:-12}" --configs "$CONFIGS"
-bench 70 sd15-dpmpp20-deepcache-r8 --scheduler dpmpp_2m --steps 20 --interleave --runs "${RUNS_DPM:-8}" --configs "$CONFIGS"
+bench 170 sd15-ddim50-deepcache-r12 --scheduler ddim --steps 50 --interleave --runs "${RUNS_DDIM:-12}" --configs "$CONFIGS"
+bench 60 sd15-dpmpp20-deepcache-r8 --scheduler dpmpp_2m --steps 20 --interleave --runs "${RUNS_DPM:-8}" --configs "$CONFIGS"
 echo "[run_deepcache_interleaved] took $((SECONDS - START)) s"
