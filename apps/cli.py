@@ -109,10 +109,13 @@ def _parallel_config(args):
 def cmd_presets(args) -> int:
     import accel
 
-    for name, text, config in accel.describe_presets():
-        print(f"{name:10s} {text}")
-        if args.verbose:
-            print(f"           {config!r}")
+    for flow in (False, True):
+        if flow:
+            print("\nflow-matching pipelines (SD3, Flux, Sana): the same names")
+        for name, text, config in accel.describe_presets(flow=flow):
+            print(f"{name:10s} {text}")
+            if args.verbose:
+                print(f"           {config!r}")
     return 0
 
 

@@ -143,8 +143,10 @@ def test_size_multiple_follows_the_denoiser(sd_pipe):
 
 def test_presets_lists_every_preset(capsys):
     assert main(["presets"]) == 0
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["quality", "balanced", "fast"]
+    unet, flow = capsys.readouterr().out.split("\nflow-matching pipelines (SD3, Flux, Sana): the same names\n")
+    for family in (unet, flow):
+        assert [line.split()[0] for line in family.strip().splitlines()] == ["quality", "balanced", "fast"]
+    assert "regional torch.compile" in flow and "DPM-Solver++" not in flow
 
 
 @pytest.mark.skipif(shutil.which("accel") is None, reason="console script not installed (pip install -e .)")

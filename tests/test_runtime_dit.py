@@ -72,21 +72,59 @@ def test_what_a_dit_runtime_refuses(tmp_path):
     assert not accel.is_accelerated(flux)
 
 
+@pytest.mark.parametrize("name", ["balanced", "fast"])
 @pytest.mark.parametrize("which", ["sd3", "flux"])
-def test_presets_on_flow_matching_dits(which, tmp_path):
-    """A flow-matching pipeline keeps its own scheduler; "fast" adds the block cache to the compiled runtime."""
+def test_presets_on_flow_matching_dits(which, name, tmp_path, monkeypatch):
+    """A flow-matching pipeline keeps its own scheduler and gets the DiT runtime (regional compile, CUDA graphs of the
+    transformer); "fast" adds the block cache on a fixed schedule. Applied as the preset is, then restored exactly."""
+    from accel.runtime import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "default_workers", lambda: 0)  # no compile workers for an eager CPU run
     build, kwargs = PIPELINES[which]
     pipe = build(tmp_path)
-    scheduler, before = pipe.scheduler, run(pipe, steps=4, **kwargs)
-    config = accel.resolve_config(preset="fast", pipe=pipe)
-    assert config.sampler is None and isinstance(config.cache, BlockCacheConfig) and config.runtime.compile == "full"
-    accel.accelerate(pipe, preset="fast")
+    steps = 6
+    scheduler, before = pipe.scheduler, run(pipe, steps=steps, **kwargs)
+    config = accel.resolve_config(preset=name, pipe=pipe)
+    assert config.sampler is None and config.runtime.compile == "regional" and config.runtime.components == ("denoiser",)
+    accel.accelerate(pipe, preset=name)
     with torch.compiler.set_stance("force_eager"):
-        out = run(pipe, steps=4, **kwargs)
+        out = run(pipe, steps=steps, **kwargs)
     assert pipe.scheduler is scheduler and np.isfinite(out).all()
+    assert get_cuda_graph_hook(pipe.transformer) is not None and get_cuda_graph_hook(pipe.vae.decoder) is None
+    if name == "fast":
+        # Full below the 2 warm-up steps and at every third step: 0, 1, 3; cached 2, 4, 5.
+        assert config.cache.threshold is None and get_block_cache(pipe).state.counts() == (3, 3)
+    else:
+        assert get_block_cache(pipe) is None
+        np.testing.assert_allclose(out, before, atol=1e-5)
     accel.restore(pipe)
-    assert np.array_equal(run(pipe, steps=4, **kwargs), before)
-    assert accel.get_preset("fast").sampler is not None  # UNet pipelines keep the sampler swap
+    assert np.array_equal(run(pipe, steps=steps, **kwargs), before)
+    assert accel.get_preset(name).sampler is not None  # UNet pipelines keep the sampler swap
+
+
+def test_presets_without_the_components_a_pipeline_leaves_out(tmp_path, monkeypatch):
+    """Flux with no VAE or text encoders (prompt embeddings in, latents out, as the benchmarks build it): every flow
+    preset applies and restores, and so does a runtime naming the VAE and text encoders."""
+    from accel.runtime import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "default_workers", lambda: 0)
+    pipe = tiny_flux_pipeline(tmp_path)
+    pipe.vae = pipe.text_encoder = pipe.text_encoder_2 = pipe.tokenizer = pipe.tokenizer_2 = None
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt_embeds=torch.randn(1, 16, 32, generator=g), pooled_prompt_embeds=torch.randn(1, 32, generator=g),
+                  height=32, width=32, output_type="latent", num_inference_steps=4)
+
+    def latents():
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    before = latents()
+    everything = AccelConfig(runtime=RuntimeConfig(cuda_graph=True, components=("denoiser", "vae", "text_encoder")))
+    for config in [*(accel.get_preset(name, pipe) for name in ("quality", "balanced", "fast")), everything]:
+        accel.accelerate(pipe, config)
+        with torch.compiler.set_stance("force_eager"):
+            assert torch.isfinite(latents()).all()
+        accel.restore(pipe)
+        assert torch.equal(latents(), before)
 
 
 def _compiled_anywhere(block: torch.nn.Module) -> bool:
