@@ -15,6 +15,8 @@ Results are written after every config (quantize.json, quantize.md in --out), so
 
     python3 benchmarks/quantize.py --out DIR [--smoke]   (smoke: the CPU with ACCEL_QUANTIZE_CPU=1, tiny, eager)
     python3 benchmarks/quantize.py --out DIR --quality-model dit --configs ""   (the quality part alone, on the DiT)
+    python3 benchmarks/quantize.py --out DIR --quality-n 0 --arch sdxl --configs "stock,compiled 16-bit,compiled fp8"
+        (issue 22's SDXL line: SDXL architecture, 1024 px, DPM-Solver++ 30 steps, end to end)
 """
 
 from __future__ import annotations
@@ -215,6 +217,8 @@ def main() -> int:
     parser.add_argument("--unet-calls", type=int, default=10, help="pipeline calls whose UNet calls are timed")
     parser.add_argument("--configs", default="stock,compiled 16-bit,compiled fp8,compiled int8,compiled fp8 + 1x1 convs",
                         help="speed configs, comma-separated ('' skips the speed part)")
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15",
+                        help="the speed part's architecture: sd15 (512 px, 20 steps) or sdxl (1024 px, 30 steps)")
     parser.add_argument("--quality-model", choices=("embedded", "dit"), default="embedded",
                         help="the trained model of the quality part: the embedded UNet model (DPM-Solver++ 20 steps, "
                              "guidance 4) or the embedded DiT mini-sd3-cifar10 (FlowMatch Euler 28 steps, guidance 5)")
@@ -227,7 +231,8 @@ def main() -> int:
         runtime = RuntimeConfig(cuda_graph=True, components=("denoiser", "vae", "text_encoder"))  # graphs fall back to eager
         quality_n, quality_steps, batch_size, references = min(args.quality_n, 20), 2, 10, 200
     else:
-        device, dtype, arch, size, steps = "cuda", torch.float16, "sd15", 512, 20
+        device, dtype, arch = "cuda", torch.float16, args.arch
+        size, steps = (1024, 30) if arch == "sdxl" else (512, 20)
         runtime = accel.get_preset("balanced").runtime
         quality_n, quality_steps, batch_size, references = args.quality_n, EMBEDDED_STEPS, 250, None
     if args.quality_model == "dit" and not args.smoke:

@@ -4,6 +4,7 @@ traced and counts, one that waits for the test's say-so (so a call provably retu
 that fails."""
 
 import logging
+import sys
 import threading
 
 import numpy as np
@@ -202,3 +203,69 @@ def test_hooks_inside_the_forward_compile_in_the_call(sd_pipe, monkeypatch):
     report = background_compile_report(sd_pipe.unet)
     accel.restore(sd_pipe)
     assert report["compiled"] == 0 and not report["running"] and backend.runs > 0  # compiled in the call
+
+
+def _trace_in_a_thread():
+    """torch.fx traces a module in a thread and holds the trace open until the returned event is set."""
+    inside, leave, graphs = threading.Event(), threading.Event(), []
+
+    class Held(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            inside.set()
+            assert leave.wait(30)
+            return self.inner(x) + 1
+
+    thread = threading.Thread(target=lambda: graphs.append(torch.fx.symbolic_trace(Held())), daemon=True)
+    thread.start()
+    assert inside.wait(30)
+    return leave, thread, graphs
+
+
+def test_eager_calls_in_another_thread_during_an_fx_trace():
+    """The H200 failure: while a background compile traced (torch.fx patches nn.Module.__call__ process-wide), the
+    pipeline's eager call in the main thread went through the tracer and raised NameError. With the guard that each
+    background compile holds, the main thread's modules run as usual and the trace still records its leaf module."""
+    model, x = MLP(), torch.randn(2, 8)
+    expected = model(x)
+    leave, thread, _ = _trace_in_a_thread()
+    try:
+        with pytest.raises(NameError, match="not installed as a submodule"):
+            model(x)  # unguarded: what the main thread hit
+    finally:
+        leave.set()
+        thread.join(30)
+
+    compile_mod.background_process_state.acquire()
+    try:
+        leave, thread, graphs = _trace_in_a_thread()
+        try:
+            assert torch.equal(model(x), expected)
+        finally:
+            leave.set()
+            thread.join(30)
+        assert [n.target for n in graphs[0].graph.nodes if n.op == "call_module"] == ["inner"]
+    finally:
+        compile_mod.background_process_state.release()
+    assert compile_mod.background_process_state._original is None
+    assert torch.fx._symbolic_trace._Patcher.patch_method.__qualname__ == "_Patcher.patch_method"
+
+
+def test_background_compile_holds_the_process_state():
+    """The fx guard and the short switch interval are held from a background compile's start to its end, and put
+    back after."""
+    interval = sys.getswitchinterval()
+    gate = threading.Event()
+    model = MLP()
+    apply_compile(model, "full", background=True, backend=Backend(gate=gate))
+    with torch.no_grad():
+        model(torch.randn(2, 8))
+        assert compile_mod.background_process_state._holders == 1
+        assert sys.getswitchinterval() == pytest.approx(compile_mod.BACKGROUND_SWITCH_INTERVAL)
+        gate.set()
+        _wait(model)
+    assert compile_mod.background_process_state._holders == 0 and sys.getswitchinterval() == interval
+    remove_compile(model)
