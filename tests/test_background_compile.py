@@ -269,3 +269,30 @@ def test_background_compile_holds_the_process_state():
         _wait(model)
     assert compile_mod.background_process_state._holders == 0 and sys.getswitchinterval() == interval
     remove_compile(model)
+
+
+def test_no_switch_while_another_component_compiles(caplog):
+    """On the H200 the text encoder switched to its compiled code while the UNet's compile traced, and dynamo refused
+    to run it (torch.fx's tracing flag is process-wide). A component whose compile is over keeps running eagerly
+    until no other background compile runs, then switches."""
+    first, second, x = MLP(), MLP(), torch.randn(2, 8)
+    gate = threading.Event()
+    quick, held = Backend(), Backend(gate=gate)
+    apply_compile(first, "full", background=True, backend=quick)
+    apply_compile(second, "full", background=True, backend=held)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="accel"):
+        first(x)
+        _wait(first)
+        second(x)  # its compile now waits on the gate
+        runs = quick.runs
+        eager = first(x)
+        assert quick.runs == runs and compile_mod.background_process_state.busy()
+        gate.set()
+        _wait(second)
+        first(x)
+        second(x)
+    assert quick.runs == runs + 1 and held.runs == 2  # the background run, then the switched call
+    assert sum("switches to its compiled code" in r.message for r in caplog.records) == 2
+    torch.testing.assert_close(eager, first(x))
+    remove_compile(first)
+    remove_compile(second)

@@ -64,6 +64,7 @@ class _BackgroundProcessState:
        it installs so that other threads keep the method they had.
     2. A short thread switch interval (`BACKGROUND_SWITCH_INTERVAL`), so the eager calls are not held up at every
        op by the compiling thread's Python.
+    While it is held (`busy`), no component switches to its compiled code (`BackgroundCompile.use_compiled`).
     """
 
     def __init__(self):
@@ -79,6 +80,10 @@ class _BackgroundProcessState:
                 self._install()
                 self._interval = sys.getswitchinterval()
                 sys.setswitchinterval(min(self._interval, BACKGROUND_SWITCH_INTERVAL))
+
+    def busy(self) -> bool:
+        """Whether a background compile runs anywhere in the process."""
+        return self._holders > 0
 
     def release(self) -> None:
         with self._lock:
@@ -203,6 +208,11 @@ class BackgroundCompile:
         key = self.key(args, kwargs)
         state = self.states.get(key)
         if state == "compiled":
+            if background_process_state.busy():
+                # Another component still compiles: while it traces, torch.fx's process-wide flag makes dynamo refuse
+                # to run compiled code in any thread ("FX to symbolically trace a dynamo-optimized function"; H200,
+                # the text encoder's compiled code during the UNet's trace). Eager until every compile is over.
+                return False
             if key not in self.switched:
                 self.switched.add(key)
                 logger.info("accel: %s switches to its compiled code (compiled in the background in %.1f s)",
