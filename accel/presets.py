@@ -5,7 +5,7 @@ on a flow-matching schedule (SD3, Flux, Sana) get the same names without the sam
 are not yet measured on a trained flow model, so these keep the pipeline's own scheduler and steps), on the DiT
 runtime (issue 23: the fastest-compiling setup whose steady state is within 5% of the fastest measured): SDPA, fused
 QKV, regional compilation and CUDA graphs of the transformer; "fast" adds the block cache on a fixed schedule (on the
-transformers whose blocks it knows: PixArt, SD3, Flux; not yet Sana's).
+transformers whose blocks it knows: PixArt, SD3, Flux, Sana).
 
 Every preset also goes by `NAME-fp8` / `NAME-int8`: the same config with the denoiser quantized
 (`RuntimeConfig.quantize`; FP8 needs a GPU of compute capability 8.9 or newer, and is refused elsewhere). They are

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import PixArtSigmaPipeline
 from diffusers.hooks import HookRegistry, ModelHook
-from tiny import run, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+from tiny import run, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_inputs, tiny_sana_pipeline, tiny_sd3_pipeline
 
 import accel
 from accel import AccelConfig, RuntimeConfig, SamplerConfig
@@ -41,6 +41,7 @@ PIPELINES = {
                      {"use_resolution_binning": False, "clean_caption": False}, 0.3),
     "sd3": (tiny_sd3_pipeline, {}, 0.3),
     "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}, 0.5),
+    "sana": (tiny_sana_pipeline, tiny_sana_inputs(), 0.1),
 }
 
 
@@ -60,7 +61,7 @@ def _leaf_calls(modules):
     return counts, handles
 
 
-@pytest.mark.parametrize("which", ["pixart", "pixart_sigma", "sd3", "flux"])
+@pytest.mark.parametrize("which", ["pixart", "pixart_sigma", "sd3", "flux", "sana"])
 def test_three_passes_and_remaining_blocks_skipped(which, tmp_path):
     pipe, kwargs, threshold = _build(which, tmp_path)
     layout = denoiser_layout(pipe)

@@ -33,7 +33,7 @@ import samplers
 from accel import AccelConfig, SamplerConfig
 from samplers.flow import FlowDenoiser, FlowSchedule
 from samplers.olss import ReferenceTrajectory, fit_olss_coefficients, half_log_snr, signal_scales
-from tiny import FlowGaussianData, run, tiny_flux_pipeline, tiny_sd3_pipeline
+from tiny import FlowGaussianData, run, tiny_flux_pipeline, tiny_sana_inputs, tiny_sana_pipeline, tiny_sd3_pipeline
 
 TOL = 1e-4
 FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
@@ -329,29 +329,8 @@ def test_sampler_config_in_pixart_sigma_takes_the_betas_samplers(tmp_path):
 
 
 def test_sampler_config_in_sana_txt2img():
-    from diffusers import AutoencoderDC, SanaPipeline, SanaTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(
-        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-        sample_size=32,
-    ).eval()
-    vae = AutoencoderDC(
-        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
-        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
-        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
-        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41,
-    ).eval()
-    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                        scheduler=ExactDPMSolver(**FLOW, flow_shift=3.0))
-    pipe.set_progress_bar_config(disable=True)
-    g = torch.Generator().manual_seed(0)
-    mask = torch.ones(1, 6, dtype=torch.long)
-    kwargs = dict(prompt=None, prompt_embeds=torch.randn(1, 6, 8, generator=g), prompt_attention_mask=mask,
-                  negative_prompt=None, negative_prompt_embeds=torch.randn(1, 6, 8, generator=g),
-                  negative_prompt_attention_mask=mask, use_resolution_binning=False, guidance_scale=3.0)
+    pipe = tiny_sana_pipeline(num_layers=2, scheduler=ExactDPMSolver(**FLOW, flow_shift=3.0))
+    kwargs = tiny_sana_inputs()
     before, ours = _three_passes(pipe, pipe.scheduler, SamplerConfig("dpmpp_2m"), **kwargs)
     assert np.abs(ours - before).max() < TOL
 

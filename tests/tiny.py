@@ -194,6 +194,39 @@ def tiny_flux_pipeline(tmp: Path, num_single_layers: int = 2):
     return pipe
 
 
+def tiny_sana_pipeline(tmp: Path | None = None, num_layers: int = 4, scheduler=None):
+    """Sana with a tiny transformer and DC-AE and no text encoder: call it with `tiny_sana_inputs()` (prompt
+    embeddings and masks in)."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=num_layers, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32,
+    ).eval()
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41,
+    ).eval()
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                        scheduler=scheduler or FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sana_inputs(guidance_scale: float = 3.0) -> dict:
+    """The call arguments `tiny_sana_pipeline` takes in place of a prompt (seeded embeddings, full masks)."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(1, 6, dtype=torch.long)
+    return dict(prompt=None, prompt_embeds=torch.randn(1, 6, 8, generator=g), prompt_attention_mask=mask,
+                negative_prompt=None, negative_prompt_embeds=torch.randn(1, 6, 8, generator=g),
+                negative_prompt_attention_mask=mask, use_resolution_binning=False, guidance_scale=guidance_scale)
+
+
 class GaussianData:
     """Data N(mu, diag(sd^2)) of `dim` features: its exact denoiser is known in closed form, and so is the
     probability-flow ODE's solution x(s) = mu + (x(s0) - mu) * sqrt((sd^2 + s^2) / (sd^2 + s0^2))."""
