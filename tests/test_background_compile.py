@@ -151,7 +151,7 @@ def test_restore_mid_compile(sd_pipe, monkeypatch, caplog, finishes):
 
 def test_pipeline_switches_with_outputs_equal(sd_pipe, monkeypatch, caplog):
     """The tiny SD pipeline, denoiser, VAE decoder and text encoder compiled in the background: the first call
-    is the eager image, the calls after the switch run the compiled graphs (no compile in the calling thread)."""
+    is the eager image with no compile beside it, the calls after the switch run the compiled graphs (no compile in the calling thread)."""
     baseline = run(sd_pipe)
     gate, backend = threading.Event(), None
     real_compile = torch.compile
@@ -166,8 +166,16 @@ def test_pipeline_switches_with_outputs_equal(sd_pipe, monkeypatch, caplog):
                                  components=("denoiser", "vae", "text_encoder"))
     accel.accelerate(sd_pipe, accel.AccelConfig(runtime=config))
     modules = [sd_pipe.unet, sd_pipe.vae.decoder, sd_pipe.text_encoder]
+    compiling = []
+
+    def during(pipe, step, timestep, kwargs):
+        compiling.append(any(background_compile_report(m)["running"] for m in modules))
+        return kwargs
+
     with caplog.at_level(logging.INFO, logger="accel"):
-        first = run(sd_pipe)
+        first = run(sd_pipe, callback_on_step_end=during)
+        # The compiles wait for the end of the first call (no thread beside the first image), then all start.
+        assert compiling and not any(compiling)
         assert backend.runs == 0 and all(background_compile_report(m)["running"] for m in modules)
         gate.set()
         for module in modules:

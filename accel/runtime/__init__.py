@@ -19,6 +19,7 @@ from ..pipelines import denoiser, denoiser_kind
 from ..session import get_session
 from .artifacts import ArtifactCache
 from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
+from .compile import _hook as _compile_hook
 from .compile import apply_compile, background_compile_report, first_call_seconds, precompile_report, remove_compile
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
 from .lora_hotswap import LoRAHotswap
@@ -285,14 +286,35 @@ def set_lora_scale(pipe, scale: float, *, adapter_name: str | None = None) -> No
     _hotswap(pipe).set_scale(scale, adapter_name)
 
 
-def _compile(pipe, config: RuntimeConfig, session) -> list[torch.nn.Module]:
+def _compile(pipe, config: RuntimeConfig, session) -> tuple[list[torch.nn.Module], Callable | None]:
+    """The compiled modules, and the session's call-end listener that starts their background compiles (or None)."""
     options = {"workers": config.compile_workers} if config.compile == "regional" else {}
     if config.compile_background:
         options["background"] = True
-    return _on_each(_modules(pipe, config.components), lambda m: apply_compile(m, config.compile, **options), remove_compile)
+    modules = _on_each(_modules(pipe, config.components), lambda m: apply_compile(m, config.compile, **options),
+                       remove_compile)
+    if config.compile_background:
+        # The background compiles start when the first pipeline call ends: a thread compiling beside the first
+        # image held it up (SD1.5 on the H200: 14.4 s instead of about 1 s eager).
+        backgrounds = [b for b in (getattr(_compile_hook(m), "background", None) for m in modules) if b is not None]
+        for background in backgrounds:
+            background.defer()
+
+        def start(session, completed: bool) -> None:
+            for background in backgrounds:
+                background.start_deferred()
+            session.remove_call_end_listener(start)
+
+        session.add_call_end_listener(start)
+        return modules, start
+    return modules, None
 
 
-def _uncompile(pipe, modules: list[torch.nn.Module]) -> None:
+def _uncompile(pipe, compiled: tuple[list[torch.nn.Module], Callable | None]) -> None:
+    modules, start = compiled
+    session = get_session(pipe)
+    if session is not None and start is not None:
+        session.remove_call_end_listener(start)
     for module in modules:
         remove_compile(module)
 

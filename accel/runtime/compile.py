@@ -174,6 +174,10 @@ class BackgroundCompile:
         self.switched: set[tuple] = set()
         self.thread: threading.Thread | None = None
         self.detached = False
+        # With `defer()` (a pipeline's session does it), compiles wait for `start_deferred()` at the end of the
+        # pipeline call: the first image runs eagerly without a compiling thread beside it.
+        self.deferred = False
+        self.waiting: dict[tuple, tuple] = {}  # signature -> (compiled, copies of the call's inputs)
         self._foreground: bool | None = None  # decided at the first call, when every technique's hooks are on
         parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
         self._signature = inspect.Signature(parameters)
@@ -218,15 +222,29 @@ class BackgroundCompile:
                 logger.info("accel: %s switches to its compiled code (compiled in the background in %.1f s)",
                             self.name, self.seconds[key])
             return True
-        if state is None and not self.running() and not _capturing():
-            self._start(key, compiled, args, kwargs)
+        if state is None and self.deferred:
+            if key not in self.waiting:
+                self.waiting[key] = (compiled, _copies(args, kwargs))
+        elif state is None and not self.running() and not _capturing():
+            self._start(key, compiled, _copies(args, kwargs))
         return False
+
+    def defer(self) -> None:
+        self.deferred = True
+
+    def start_deferred(self) -> None:
+        """End the deferral: start the first waiting signature's compile (the others start at their next call)."""
+        self.deferred = False
+        waiting, self.waiting = self.waiting, {}
+        for key, (compiled, copies) in waiting.items():
+            if self.states.get(key) is None and not self.running() and not _capturing() and not self.detached:
+                self._start(key, compiled, copies)
+                break
 
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def _start(self, key, compiled, args: tuple, kwargs: dict) -> None:
-        copies = pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+    def _start(self, key, compiled, copies: tuple) -> None:
         device = next((x.device for x in pytree.tree_leaves(copies) if isinstance(x, torch.Tensor)
                        and x.device.type == "cuda"), None)
         if device is not None:
@@ -288,6 +306,11 @@ class BackgroundCompile:
         states = list(self.states.values())
         return {"running": self.running(), "compiled": states.count("compiled"), "failed": states.count("failed"),
                 "seconds": [round(s, 3) for s in self.seconds.values()]}
+
+
+def _copies(args: tuple, kwargs: dict) -> tuple:
+    """Detached copies of a call's tensors (the caller may change them in place after the call)."""
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
 
 
 def _capturing() -> bool:
