@@ -55,9 +55,11 @@ NAME = "block_cache"
 HOOK_NAME = f"accel.{NAME}"
 # DiT block lists in the order the transformer runs them (Flux: dual-stream blocks, then single-stream ones).
 DIT_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
-# DiT blocks that diffusers 0.42's TransformerBlockRegistry leaves out, all of the form it records for
-# BasicTransformerBlock: `forward(hidden_states, ...)` returning the hidden states alone (no text stream).
-BLOCKS_DIFFUSERS_LACKS = ("SanaTransformerBlock",)
+# Where DiT blocks that diffusers 0.42's TransformerBlockRegistry leaves out return their hidden states (and
+# encoder hidden states), and the name of their hidden-states argument, as the registry records it for the others.
+BLOCKS_DIFFUSERS_LACKS = {
+    "SanaTransformerBlock": ((0, None), "hidden_states"),  # forward(hidden_states, ...) -> hidden_states
+}
 
 # How a call runs: OFF (untouched), HOST (decided on the host: after the head, eagerly or with its blocks from
 # per-block CUDA graphs; or, on a fixed schedule, in the plan, eagerly or in a graph of the whole call) or DEVICE
@@ -272,14 +274,15 @@ def denoiser_layout(pipe, first_blocks: int = 1, last_blocks: int = 0) -> _Layou
     for block in (blocks[0], blocks[head], blocks[tail]):
         try:
             meta = TransformerBlockRegistry.get(type(block))
-            outputs.append((_Outputs(meta.return_hidden_states_index, meta.return_encoder_hidden_states_index),
-                            meta.hidden_states_argument_name))
+            where = ((meta.return_hidden_states_index, meta.return_encoder_hidden_states_index),
+                     meta.hidden_states_argument_name)
         except ValueError:
-            if type(block).__name__ not in BLOCKS_DIFFUSERS_LACKS:
+            where = BLOCKS_DIFFUSERS_LACKS.get(type(block).__name__)
+            if where is None:
                 raise UnsupportedPipelineError(
                     f"the block cache does not know where {type(block).__name__} returns its hidden states (not in "
                     f"diffusers' TransformerBlockRegistry, nor among {', '.join(BLOCKS_DIFFUSERS_LACKS)})") from None
-            outputs.append((_Outputs(0, None), "hidden_states"))
+        outputs.append((_Outputs(*where[0]), where[1]))
     return _Layout("transformer", "hidden_states", None, blocks[head], blocks[head + 1:tail], blocks[tail],
                    head_outputs=outputs[1][0], tail_outputs=outputs[2][0], hidden_arg=outputs[0][1],
                    lead=blocks[:head], trail=blocks[tail + 1:])

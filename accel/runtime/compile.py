@@ -11,10 +11,8 @@ to the compiled code once it is built (`BackgroundCompile`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
-import sys
 import threading
 import time
 
@@ -22,8 +20,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
-from ..capture import _constant_key, pause_capture, resume_capture
+from ..capture import _constant_key
 from . import process
+from .process import BACKGROUND_SWITCH_INTERVAL, background_process_state  # noqa: F401 (the tests read it here)
 from .precompile import Precompile, Workers, compiled_before, default_workers, record_calls
 
 logger = logging.getLogger(__name__)
@@ -47,78 +46,6 @@ REGIONAL_COMPILE_DEFAULTS = {"dynamic": False}
 RESTORE_JOIN_SECONDS = 30.0
 
 
-# Python's thread switch interval while a background compile runs (default 5 ms). Each torch op releases the GIL;
-# with a compiling thread holding it in between, the calling thread waited up to the interval per op: on the CPU,
-# 200 small linear layers took 290 ms instead of 1.7 ms at 5 ms, 47 ms at 1 ms, 4.6 ms at 0.05 ms.
-BACKGROUND_SWITCH_INTERVAL = 5e-5
-
-
-class _BackgroundProcessState:
-    """What the process needs while any background compile runs, held by each one and put back after the last.
-
-    1. The patches torch.fx makes during a trace act in the tracing thread only. `torch.fx.Tracer.trace` (which
-       AOTAutograd's and inductor's `make_fx` use) replaces `torch.nn.Module.__call__` and `__getattr__`
-       process-wide for the length of the trace; a module called meanwhile from another thread (the calls that run
-       eagerly while the compile runs) then went through the tracer and failed ("NameError: module is not installed
-       as a submodule"; H200, torch 2.11, SD1.5 in the background, 2026-12-02). Here torch.fx's patcher wraps what
-       it installs so that other threads keep the method they had.
-    2. A short thread switch interval (`BACKGROUND_SWITCH_INTERVAL`), so the eager calls are not held up at every
-       op by the compiling thread's Python.
-    While it is held (`busy`), no component switches to its compiled code (`BackgroundCompile.use_compiled`).
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._holders = 0
-        self._original = None
-        self._interval: float | None = None
-
-    def acquire(self) -> None:
-        with self._lock:
-            self._holders += 1
-            if self._holders == 1:
-                self._install()
-                self._interval = sys.getswitchinterval()
-                sys.setswitchinterval(min(self._interval, BACKGROUND_SWITCH_INTERVAL))
-
-    def busy(self) -> bool:
-        """Whether a background compile runs anywhere in the process."""
-        return self._holders > 0
-
-    def release(self) -> None:
-        with self._lock:
-            self._holders -= 1
-            if self._holders == 0:
-                if self._original is not None:
-                    torch.fx._symbolic_trace._Patcher.patch_method = self._original
-                    self._original = None
-                if self._interval is not None:
-                    sys.setswitchinterval(self._interval)
-                    self._interval = None
-
-    def _install(self) -> None:
-        patcher = getattr(getattr(torch.fx, "_symbolic_trace", None), "_Patcher", None)
-        original = getattr(patcher, "patch_method", None)
-        if original is None:  # another torch: its tracer patches differently, left as it is
-            logger.info("accel: torch.fx has no _Patcher.patch_method here; background compiles trace unguarded")
-            return
-
-        def patch_method(patcher_self, cls, name, new_fn, deduplicate=True):
-            owner, kept = threading.get_ident(), getattr(cls, name)
-
-            @functools.wraps(new_fn)
-            def in_tracing_thread(*args, **kwargs):
-                if threading.get_ident() == owner:
-                    return new_fn(*args, **kwargs)
-                return kept(*args, **kwargs)
-
-            return original(patcher_self, cls, name, in_tracing_thread, deduplicate)
-
-        self._original = original
-        patcher.patch_method = patch_method
-
-
-background_process_state = _BackgroundProcessState()
 
 
 class CompileHook(ModelHook):
@@ -254,7 +181,6 @@ class BackgroundCompile:
         modes = (torch.is_inference_mode_enabled(), device_type, torch.is_autocast_enabled(device_type),
                  torch.get_autocast_dtype(device_type))
         self.states[key] = "compiling"
-        pause_capture()
         background_process_state.acquire()
         self.thread = threading.Thread(target=self._compile, args=(key, compiled, copies, device, modes),
                                        name=f"accel-compile-{self.name}", daemon=True)
@@ -263,7 +189,6 @@ class BackgroundCompile:
         except BaseException:
             self.states[key] = "failed"
             background_process_state.release()
-            resume_capture()
             raise
 
     def _compile(self, key, compiled, copies, device, modes) -> None:
@@ -289,7 +214,6 @@ class BackgroundCompile:
             self.seconds[key] = time.perf_counter() - start
             self.states[key] = state  # before capture resumes, so that a capture sees the compiled code
             background_process_state.release()
-            resume_capture()
 
     def stop(self, timeout: float | None = None) -> None:
         """Wait up to `timeout` seconds (None: `RESTORE_JOIN_SECONDS`) for a running compile; past that, leave its

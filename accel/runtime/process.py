@@ -5,15 +5,23 @@ Inductor's cache lives on disk so that a second process reuses the first one's c
 regional compilation compiles one graph per block shape. These are process state, not pipeline state: they are
 held while any pipeline with a compile step is accelerated and restored to what they were when the last one is
 restored. What dynamo and inductor compiled stays in their in-memory caches (`torch._dynamo.reset()` drops it).
+`background_process_state` is the same kind of holder for what a background compile needs while it runs.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import sys
 import threading
 from pathlib import Path
 
 import torch
+
+from ..capture import pause_capture, resume_capture
+
+logger = logging.getLogger(__name__)
 
 # Regional compilation of the SD UNet compiles ~20 shapes of one block class; dynamo's default limit is 8.
 RECOMPILE_LIMIT = 64
@@ -60,3 +68,82 @@ def release() -> None:
                 os.environ[name] = value
         torch._dynamo.config.recompile_limit = _saved["recompile_limit"]
         _saved = None
+
+
+# Python's thread switch interval while a background compile runs (default 5 ms). Each torch op releases the GIL;
+# with a compiling thread holding it in between, the calling thread waited up to the interval per op: 200 small
+# linear layers took 1.2 ms alone and 706.8 ms beside a busy thread at 5 ms, 65.1 ms at 1 ms, 8.7 ms at 0.05 ms
+# (`python3 benchmarks/runtime/switch_interval.py`, the 2-core CPU machine, 2026-12-03).
+BACKGROUND_SWITCH_INTERVAL = 5e-5
+
+
+class _BackgroundProcessState:
+    """What the process needs while any background compile runs, held by each one and put back after the last.
+
+    1. The patches torch.fx makes during a trace act in the tracing thread only. `torch.fx.Tracer.trace` (which
+       AOTAutograd's and inductor's `make_fx` use) replaces `torch.nn.Module.__call__` and `__getattr__`
+       process-wide for the length of the trace; a module called meanwhile from another thread (the calls that run
+       eagerly while the compile runs) then went through the tracer and failed ("NameError: module is not installed
+       as a submodule"; H200, torch 2.11, SD1.5 in the background, 2026-12-02). Here torch.fx's patcher wraps what
+       it installs so that other threads keep the method they had.
+    2. A short thread switch interval (`BACKGROUND_SWITCH_INTERVAL`), so the eager calls are not held up at every
+       op by the compiling thread's Python.
+    3. No CUDA graph is captured (`accel.capture.pause_capture`): a capture in one thread fails when another
+       launches kernels meanwhile.
+    While it is held (`busy`), no component switches to its compiled code (`BackgroundCompile.use_compiled`).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._original = None
+        self._interval: float | None = None
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._holders += 1
+            pause_capture()
+            if self._holders == 1:
+                self._install()
+                self._interval = sys.getswitchinterval()
+                sys.setswitchinterval(min(self._interval, BACKGROUND_SWITCH_INTERVAL))
+
+    def busy(self) -> bool:
+        """Whether a background compile runs anywhere in the process."""
+        return self._holders > 0
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            resume_capture()
+            if self._holders == 0:
+                if self._original is not None:
+                    torch.fx._symbolic_trace._Patcher.patch_method = self._original
+                    self._original = None
+                if self._interval is not None:
+                    sys.setswitchinterval(self._interval)
+                    self._interval = None
+
+    def _install(self) -> None:
+        patcher = getattr(getattr(torch.fx, "_symbolic_trace", None), "_Patcher", None)
+        original = getattr(patcher, "patch_method", None)
+        if original is None:  # another torch: its tracer patches differently, left as it is
+            logger.info("accel: torch.fx has no _Patcher.patch_method here; background compiles trace unguarded")
+            return
+
+        def patch_method(patcher_self, cls, name, new_fn, deduplicate=True):
+            owner, kept = threading.get_ident(), getattr(cls, name)
+
+            @functools.wraps(new_fn)
+            def in_tracing_thread(*args, **kwargs):
+                if threading.get_ident() == owner:
+                    return new_fn(*args, **kwargs)
+                return kept(*args, **kwargs)
+
+            return original(patcher_self, cls, name, in_tracing_thread, deduplicate)
+
+        self._original = original
+        patcher.patch_method = patch_method
+
+
+background_process_state = _BackgroundProcessState()
