@@ -5,7 +5,7 @@ refusals. CPU: dynamo traces for real, into a counting backend that runs the gra
 import numpy as np
 import pytest
 import torch
-from tiny import random_lora, run, tiny_sd_pipeline
+from tiny import random_lora, run, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 import accel
 from accel import AccelConfig, LCMLoRAConfig, RuntimeConfig
@@ -69,6 +69,25 @@ def test_swap_and_scale_change_compile_nothing_and_match_a_fresh_pipeline(sd_pip
     assert all(torch.equal(v, tensors[k]) for k, v in sd_pipe.unet.state_dict().items())
     assert all(isinstance(layer.scaling["style"], float) for layer in _lora_layers(sd_pipe))
     assert np.array_equal(run(sd_pipe), with_a)
+
+
+def test_sdxl_swap_compiles_nothing_and_matches_a_fresh_pipeline(tmp_path, compile_counter):
+    """SDXL: the same under the full compile of the UNet (its added conditions: pooled text, time ids)."""
+    pipe = tiny_sdxl_pipeline(tmp_path / "xl")
+    lora_a, lora_b = random_lora(pipe.unet, rank=4, seed=1), random_lora(pipe.unet, rank=8, seed=2)
+    pipe.load_lora_weights(lora_a, adapter_name="style")
+    with_a = run(pipe)
+    accel.accelerate(pipe, AccelConfig(runtime=RuntimeConfig(compile="full", lora_hotswap=True, lora_max_rank=8)))
+    np.testing.assert_allclose(run(pipe), with_a, atol=1e-5)
+    compiled = compile_counter.frame_count
+    accel.swap_lora(pipe, lora_b)
+    fresh = tiny_sdxl_pipeline(tmp_path / "fresh")
+    fresh.load_lora_weights(lora_b, adapter_name="style")
+    with_b = run(pipe)
+    np.testing.assert_allclose(with_b, run(fresh), atol=1e-5)
+    assert np.abs(with_b - with_a).max() > 1e-3 and compile_counter.frame_count == compiled
+    accel.restore(pipe)
+    assert np.array_equal(run(pipe), with_a)
 
 
 def _lora_layers(pipe):

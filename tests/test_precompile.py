@@ -38,6 +38,29 @@ class Tower(torch.nn.Module):
         return x
 
 
+class AttentionTower(torch.nn.Module):
+    """Three transformer blocks, two of them the same width, their attention pinned to one SDPA kernel (the runtime's
+    `attention=` hook on every attention module): two distinct compiled graphs that trace the pin."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers.hooks import HookRegistry
+        from diffusers.models.attention import BasicTransformerBlock
+
+        from accel.runtime.attention import _HOOK, SDPABackendHook, attention_modules
+
+        self.blocks = torch.nn.ModuleList([BasicTransformerBlock(8, 2, 4), BasicTransformerBlock(8, 2, 4)])
+        self.widen = torch.nn.Linear(8, 16)
+        self.last = BasicTransformerBlock(16, 2, 8)
+        for module in attention_modules(self):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(SDPABackendHook(("math",)), _HOOK)
+
+    def forward(self, x, temb=None):
+        for block in self.blocks:
+            x = block(x)
+        return self.last(self.widen(x))
+
+
 def test_record_calls_keeps_one_call_per_distinct_block():
     torch.manual_seed(0)
     tower = Tower()
@@ -95,18 +118,20 @@ _CHILD = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[1])
-    from test_precompile import Tower
+    from test_precompile import AttentionTower, Tower
     from accel.runtime.compile import REGIONAL_COMPILE_DEFAULTS, apply_compile, precompile_report
     from accel.runtime.precompile import Precompile, Workers, record_calls
     from torch._dynamo.utils import counters
     torch.manual_seed(0)
-    tower = Tower().eval()
-    x, temb = torch.randn(1, 8, 6, 6), torch.randn(1, 16)
+    pinned = len(sys.argv) > 3
+    tower = (AttentionTower() if pinned else Tower()).eval()
+    x, temb = (torch.randn(1, 5, 8), None) if pinned else (torch.randn(1, 8, 6, 6), torch.randn(1, 16))
+    regions = [*tower.blocks, tower.last] if pinned else list(tower.blocks)
     with torch.no_grad():
         eager = tower(x, temb)
         if sys.argv[2] == "cold":  # let the workers finish first, so that every graph the caller needs is cached
-            workers = Workers(2, ["diffusers.models.resnet"])
-            Precompile(record_calls(list(tower.blocks), lambda: tower(x, temb)), workers, dict(REGIONAL_COMPILE_DEFAULTS))
+            workers = Workers(2, ["diffusers.models.attention" if pinned else "diffusers.models.resnet"])
+            Precompile(record_calls(regions, lambda: tower(x, temb)), workers, dict(REGIONAL_COMPILE_DEFAULTS))
             workers.wait()
             assert workers.stop() == ([], 0)
         apply_compile(tower, "regional", workers=2)
@@ -116,10 +141,10 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _compile_in_fresh_process(cache: Path, mode: str) -> dict:
+def _compile_in_fresh_process(cache: Path, mode: str, pinned: bool = False) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), TORCHINDUCTOR_COMPILE_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).parent), mode], env=env,
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).parent), mode, *(["pinned"] if pinned else [])], env=env,
                           capture_output=True, text=True, timeout=600)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, done.stderr[-3000:]
@@ -137,6 +162,16 @@ def test_workers_fill_the_cache_the_caller_reads(tmp_path):
     assert list((tmp_path / "cache" / "accel-precompiled").iterdir())  # the marker of a compiled set
     warm = _compile_in_fresh_process(tmp_path / "cache", "warm")
     assert warm["report"]["skipped"] == "compiled before (warm cache)" and warm["close"]
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on CPU")
+def test_workers_compile_blocks_with_a_pinned_attention_kernel_as_the_caller_does(tmp_path):
+    """The pinned SDPA kernel's hooks (closures, which do not pickle) are taken off the workers' copies and put back
+    there: the workers' graphs are the caller's, which reads all of them from the cache."""
+    cold = _compile_in_fresh_process(tmp_path / "cache", "cold", pinned=True)
+    assert cold["close"]
+    assert cold["report"]["jobs"] == 2 and cold["report"]["workers"] == 2 and cold["report"]["failed"] == []
+    assert cold["inductor"].get("fxgraph_cache_hit", 0) >= 2 and cold["inductor"].get("fxgraph_cache_miss", 0) == 0
 
 
 @pytest.mark.parametrize("cache", [

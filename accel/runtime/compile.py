@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 from ..capture import _constant_key
 from . import process
 from .process import BACKGROUND_SWITCH_INTERVAL, background_process_state  # noqa: F401 (the tests read it here)
-from .precompile import Precompile, Workers, compiled_before, default_workers, record_calls
+from .precompile import Precompile, Workers, compiled_before, default_workers, record_calls, stateful_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +248,7 @@ def _runs_hooks(module: torch.nn.Module, hook_name: str) -> bool:
     if hook_name in names and names.index(hook_name) > 0:
         return True
     for sub in module.modules():
-        if sub is not module and (getattr(getattr(sub, "_diffusers_hook", None), "hooks", None)
-                                  or sub._forward_hooks or sub._forward_pre_hooks):
+        if sub is not module and (stateful_hooks(sub) or sub._forward_hooks or sub._forward_pre_hooks):
             return True
     return False
 
@@ -313,7 +312,9 @@ class _FirstCallTimer(ModelHook):
 
 
 def _hooked(region: torch.nn.Module) -> bool:
-    return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in region.modules())
+    """Whether a hook that may keep state runs inside the block (stateless ones, the pinned attention kernel, travel
+    to the compile workers)."""
+    return any(stateful_hooks(m) for m in region.modules())
 
 
 def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None, background: bool = False,

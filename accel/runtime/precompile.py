@@ -93,8 +93,53 @@ def record_calls(regions: list[torch.nn.Module], run) -> list[Job]:
     return list(jobs.values())
 
 
+def stateful_hooks(module: torch.nn.Module) -> list[str]:
+    """The names of the diffusers hooks on `module` that may keep state (all but those marked `stateless`)."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hooks = getattr(registry, "hooks", None) or {}
+    return [name for name, hook in hooks.items() if not getattr(hook, "stateless", False)]
+
+
+def _stateless_hooks(region: torch.nn.Module) -> list[tuple[str, str, object]]:
+    """(submodule path, hook name, a fresh copy of the hook) of every stateless hook inside the block, innermost
+    first: what a worker re-registers on its copy, whose graph then matches the caller's."""
+    found = []
+    for path, module in region.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for name in getattr(registry, "_hook_order", ()):
+            hook = registry.hooks[name]
+            if getattr(hook, "stateless", False):
+                found.append((path, name, hook.fresh()))
+    return found
+
+
+def _register(region: torch.nn.Module, hooks: list[tuple[str, str, object]]) -> None:
+    from diffusers.hooks import HookRegistry
+
+    for path, name, hook in hooks:
+        HookRegistry.check_if_exists_or_initialize(region.get_submodule(path)).register_hook(hook, name)
+
+
+def _without_hooks(region: torch.nn.Module) -> torch.nn.Module:
+    """`region` itself where no hook runs inside it, else a copy with the (stateless) hooks taken off: a hooked forward
+    is a closure, which cannot be pickled for a worker."""
+    if not any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in region.modules()):
+        return region
+    region = copy.deepcopy(region)
+    for module in region.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            for name in list(registry.hooks):
+                registry.remove_hook(name, recurse=False)
+            del module._diffusers_hook
+            if getattr(module.__dict__.get("forward"), "__func__", None) is type(module).forward:
+                del module.forward  # the class's own again
+    return region
+
+
 def _shapes_only(region: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the block whose parameters and buffers live on the meta device (no weight is copied)."""
+    """A copy of the block whose parameters and buffers live on the meta device (no weight is copied), without its
+    hooks (`_stateless_hooks` lists them for the worker)."""
     memo = {}
     for module in region.modules():
         for param in module._parameters.values():
@@ -103,7 +148,7 @@ def _shapes_only(region: torch.nn.Module) -> torch.nn.Module:
         for buffer in module._buffers.values():
             if buffer is not None:
                 memo[id(buffer)] = torch.empty_like(buffer, device="meta")
-    return copy.deepcopy(region, memo)
+    return _without_hooks(copy.deepcopy(region, memo))
 
 
 def _split(jobs: list[Job], workers: int) -> list[list[Job]]:
@@ -168,8 +213,8 @@ class Workers:
         for (index, _, process), part in zip(self.processes, [*parts, *[[]] * len(self.processes)]):
             if part:
                 path = self.folder / f"jobs-{index}.pt"
-                torch.save({"jobs": [{"region": _shapes_only(job.region), "args": job.args, "kwargs": job.kwargs}
-                                     for job in part],
+                torch.save({"jobs": [{"region": _shapes_only(job.region), "hooks": _stateless_hooks(job.region),
+                                      "args": job.args, "kwargs": job.kwargs} for job in part],
                             "compile_kwargs": compile_kwargs, "grad": torch.is_grad_enabled(),
                             "flags": _backend_flags(), "recompile_limit": torch._dynamo.config.recompile_limit,
                             "threads": torch.get_num_threads()}, path)  # CPU kernels are generated for a thread count
@@ -297,6 +342,7 @@ def compile_jobs(path: str) -> None:
         with torch.no_grad():
             for tensor in [*region.parameters(), *region.buffers()]:
                 tensor.zero_()  # values never enter a compiled graph; shapes, dtypes and strides do
+        _register(region, job.get("hooks", ()))  # the caller's stateless hooks: the same graph, the same cache entry
         region.compile(**payload["compile_kwargs"])
         region(*job["args"], **job["kwargs"])
         print(f"compiled {type(region).__name__} at {time.perf_counter() - start:.1f} s", flush=True)

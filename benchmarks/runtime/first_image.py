@@ -1,11 +1,12 @@
 """A first image before the compile ends (issue 23): `balanced` with `compile_background=True` against `balanced`.
 
     source benchmarks/device_setup.sh && python3 benchmarks/runtime/first_image.py --out $OUT/first     # H200
+    ... first_image.py --arch sdxl --cases background --seconds 20 --out $OUT/first-sdxl              # SDXL, 1024 px
     python benchmarks/runtime/first_image.py --smoke --out /tmp/first                                  # CPU
 
 Each case runs in a fresh process with its own empty TORCHINDUCTOR_CACHE_DIR (a new machine): SD1.5 architecture
-(random weights), fp16, 512 px, `preset="balanced"` (full torch.compile and CUDA graphs of denoiser, VAE decoder and
-text encoder), CFG 7.5, seed 0.
+(random weights), fp16, 512 px (`--arch sdxl`: SDXL, 1024 px), `preset="balanced"` (full torch.compile and CUDA
+graphs of denoiser, VAE decoder and text encoders), CFG 7.5, seed 0.
 
     background  the preset with `compile_background=True`: calls back to back for `--seconds` (default 90), each
                 with its start (from `accelerate()`), its latency and how many components run compiled code; the
@@ -50,7 +51,7 @@ class _Lines(logging.Handler):
         self.lines.append((round(time.perf_counter() - self.start, 3), f"{record.name}: {record.getMessage()}"))
 
 
-def child(case: str, smoke: bool, seconds: float, out: Path) -> dict:
+def child(case: str, arch: str, smoke: bool, seconds: float, out: Path) -> dict:
     import numpy as np
     import torch
 
@@ -59,7 +60,7 @@ def child(case: str, smoke: bool, seconds: float, out: Path) -> dict:
     from accel.runtime import background_compile_report
     from accel.runtime import _modules as compiled_modules
 
-    pipe, config, size = _pipeline("embedded" if smoke else "sd15", smoke)
+    pipe, config, size = _pipeline("embedded" if smoke else arch, smoke)
     if case == "background":
         config = config.replace(runtime=replace(config.runtime, compile_background=True))
     modules = compiled_modules(pipe, config.runtime.components)
@@ -77,7 +78,7 @@ def child(case: str, smoke: bool, seconds: float, out: Path) -> dict:
         return image, began - start, time.perf_counter() - began
 
     accel.accelerate(pipe, config)
-    record = {"case": case, "size": size, "steps": config.sampler.num_steps, "torch": torch.__version__,
+    record = {"case": case, "arch": arch, "size": size, "steps": config.sampler.num_steps, "torch": torch.__version__,
               "device": "cpu" if smoke else torch.cuda.get_device_name(), "accelerate_s": time.perf_counter() - start}
     first, at, latency = generate()
     record["first_image_s"] = at + latency  # from accelerate() to the first image
@@ -101,7 +102,7 @@ def child(case: str, smoke: bool, seconds: float, out: Path) -> dict:
             timeline.append({"start_s": round(at, 3), "latency_s": round(latency, 4)})
             times.append(latency)
     record.update(median_s=statistics.median(times), timeline=timeline, log=[f"{t} s {l}" for t, l in lines.lines[-40:]])
-    np.save(out / f"{case}-last.npy", image[0])
+    np.save(out / f"{arch}-{case}-last.npy", image[0])
     return record
 
 
@@ -120,7 +121,7 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
         rows.append(f"| {r['case']} | {cell(r['accelerate_s'], digits=2)} | {cell(r['first_image_s'])} | "
                     f"{cell(r.get('all_switched_s'))} | {cell(r['median_s'], 1e3)} | {len(r['timeline'])} | "
                     f"{cell(r.get('wall_s'))} |")
-    text = [f"# First image before the compile ends ({meta['mode']})", "", f"`{meta['command']}`", "",
+    text = [f"# First image before the compile ends ({meta['mode']}, {meta['arch']})", "", f"`{meta['command']}`", "",
             "Each case a fresh process on an empty inductor cache; `balanced` preset, CFG 7.5, seed 0.", "", *rows, ""]
     for r in records:
         if r.get("case") == "background" and "timeline" in r:
@@ -137,6 +138,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None, help="the background case's timeline (default: 90, "
                         "60 with --smoke)")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"))
     parser.add_argument("--smoke", action="store_true", help="the embedded model on the CPU at 32 px, no CUDA graphs")
     parser.add_argument("--child", default=None, choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,17 +147,19 @@ def main() -> int:
     seconds = args.seconds if args.seconds is not None else (60.0 if args.smoke else 90.0)
     if args.child:
         sys.path.insert(0, str(REPO))
-        print("RECORD " + json.dumps(child(args.child, args.smoke, seconds, out)), flush=True)
-        return 0
+        print("RECORD " + json.dumps(child(args.child, args.arch, args.smoke, seconds, out)), flush=True)
+        os._exit(0)  # a background compile still running (a short --seconds) is not waited for at exit
     import diffusers
     import torch
 
     meta = {"command": shlex.join(["python3", *sys.argv]), "mode": "smoke, CPU" if args.smoke else "GPU",
+            "arch": "embedded" if args.smoke else args.arch,
             "torch": torch.__version__, "diffusers": diffusers.__version__}
     records = []
     for case in args.cases.split(","):
         began = time.perf_counter()
-        child_args = ["--child", case, "--out", str(out), "--seconds", str(seconds)] + (["--smoke"] if args.smoke else [])
+        child_args = ["--child", case, "--arch", args.arch, "--out", str(out), "--seconds", str(seconds)] + (
+            ["--smoke"] if args.smoke else [])
         record = {"case": case, **fresh_process(__file__, child_args, tempfile.mkdtemp(prefix=f"inductor-{case}-"),
                                                 seconds + 600)}
         record["wall_s"] = time.perf_counter() - began

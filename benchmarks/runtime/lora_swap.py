@@ -1,9 +1,10 @@
 """A LoRA swap on an accelerated pipeline (issue 23): no second compile, next image at once.
 
     source benchmarks/device_setup.sh && python3 benchmarks/runtime/lora_swap.py --out $OUT/lora   # GPU, ~200 s
+    ... lora_swap.py --arch sdxl --budget 300 --out $OUT/lora-sdxl                                  # SDXL, 1024 px
     python3 benchmarks/runtime/lora_swap.py --smoke --out /tmp/lora                              # CPU, embedded model
 
-SD1.5 architecture with random weights, fp16, 512 px, the `balanced` preset (DPM-Solver++ 20 steps, full compile,
+SD1.5 architecture with random weights, fp16, 512 px (`--arch sdxl`: SDXL, 1024 px), the `balanced` preset (DPM-Solver++ 20 steps, full compile,
 CUDA graphs of UNet, VAE decoder and text encoder) with `RuntimeConfig(lora_hotswap=True, lora_max_rank=16)`, and two
 random LoRAs built here on the UNet's attention projections: A (rank 8, loaded before `accelerate`) and B (rank 16,
 swapped in with `accel.swap_lora`). Recorded: first call, steady state, the swap itself, the next image after it, a
@@ -42,8 +43,8 @@ SCALE = 0.7
 
 def _graphs(pipe) -> int:
     """CUDA graphs captured so far across the pipeline's modules."""
-    modules = [pipe.unet, pipe.vae.decoder, pipe.text_encoder]
-    return sum(len(hook.graphs) for m in modules if (hook := get_cuda_graph_hook(m)) is not None)
+    modules = [pipe.unet, pipe.vae.decoder, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    return sum(len(hook.graphs) for m in modules if m is not None and (hook := get_cuda_graph_hook(m)) is not None)
 
 
 def _unique_graphs() -> int:
@@ -74,6 +75,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--smoke", action="store_true", help="embedded model, 32 px, CPU, dynamo's eager backend")
+    parser.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"))
     parser.add_argument("--budget", type=float, default=200, help="seconds; the fresh-accelerate check needs what is left")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -85,7 +87,10 @@ def main() -> int:
         compile_ = torch.compile  # dynamo still traces and counts graphs; no inductor C++ build on the CPU
         torch.compile = lambda *a, **k: compile_(*a, **{**k, "backend": "eager"})
     else:
-        device, dtype, size, arch, steps = "cuda", torch.float16, 512, "sd15", {}  # the preset's 20 steps
+        from apps.bench_archs import DEFAULT_SIZE
+
+        device, dtype, arch, steps = "cuda", torch.float16, args.arch, {}  # the preset's 20 steps
+        size = DEFAULT_SIZE[arch]
     pipe = build_pipeline(arch, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     lora_a, lora_b = ({k: v.to(device, dtype) for k, v in random_lora(pipe.unet, rank, seed, std=LORA_STD).items()}
