@@ -225,3 +225,35 @@ def test_controlnet_under_cuda_graphs_matches_eager_on_gpu(tmp_path):
     np.testing.assert_allclose(again, before, atol=1e-4)
     accel.restore(pipe)
     assert np.array_equal(run(pipe, image=image), before)
+
+
+def test_compile_components_compile_some_and_graph_all(sd_pipe, monkeypatch):
+    """The text encoder and the VAE decoder get CUDA graphs (eager on the CPU) without a compile."""
+    from accel.runtime.compile import HOOK_NAME
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "eager"}))
+    before = run(sd_pipe)
+    runtime = RuntimeConfig(compile="full", cuda_graph=True, components=("denoiser", "vae", "text_encoder"),
+                            compile_components=("denoiser",))
+    accel.accelerate(sd_pipe, AccelConfig(runtime=runtime))
+    try:
+        modules = {"unet": sd_pipe.unet, "vae": sd_pipe.vae.decoder, "text_encoder": sd_pipe.text_encoder}
+        compiled = {name for name, m in modules.items()
+                    if HOOK_NAME in getattr(getattr(m, "_diffusers_hook", None), "hooks", {})}
+        assert compiled == {"unet"}
+        assert all(get_cuda_graph_hook(m) is not None for m in modules.values())
+        np.testing.assert_allclose(run(sd_pipe), before, atol=1e-5)
+    finally:
+        accel.restore(sd_pipe)
+        torch._dynamo.reset()
+    assert np.array_equal(run(sd_pipe), before)
+
+
+def test_compile_components_refusals():
+    with pytest.raises(ValueError, match="'vae', which is not in components=\\('denoiser',\\)"):
+        RuntimeConfig(compile="full", compile_components=("vae",))
+    with pytest.raises(ValueError, match="applies to compile='regional' or 'full'"):
+        RuntimeConfig(compile_components=("denoiser",))
+    with pytest.raises(ValueError, match="non-empty tuple"):
+        RuntimeConfig(compile="full", compile_components="denoiser")

@@ -90,6 +90,9 @@ class RuntimeConfig:
     components: which modules `compile` and `cuda_graph` cover: "denoiser" (the UNet or DiT transformer,
         with ControlNet; "unet" / "transformer" name it by kind), "vae" (the decoder) and "text_encoder"
         (every text encoder of the pipeline).
+    compile_components: the ones of `components` that `compile` covers (None: all of them); the others get CUDA
+        graphs alone, which capture in well under a second where a compile takes many (the text encoders run once
+        per image: their compile bought little and cost 14 s of SD1.5's cold start).
     On a DiT the attention processors are the model's own (SDPA already): "sdpa" keeps them and the pinned
     kernels run them under `sdpa_kernel`; "xformers" is for UNets.
     """
@@ -109,6 +112,7 @@ class RuntimeConfig:
     lora_hotswap: bool = False
     lora_max_rank: int | None = None
     components: tuple[str, ...] = ("denoiser",)
+    compile_components: tuple[str, ...] | None = None
 
     def __post_init__(self):
         check_choice("RuntimeConfig.attention", self.attention, ATTENTION_CHOICES)
@@ -156,6 +160,22 @@ class RuntimeConfig:
         for component in self.components:
             check_choice("RuntimeConfig.components item", component, COMPONENTS)
         object.__setattr__(self, "components", tuple(self.components))
+        if self.compile_components is not None:
+            if isinstance(self.compile_components, str) or not self.compile_components:
+                raise ValueError(f"RuntimeConfig.compile_components must be None (all components) or a non-empty tuple "
+                                 f"from components={self.components!r}, got {self.compile_components!r}")
+            outside = [c for c in self.compile_components if c not in self.components]
+            if outside:
+                raise ValueError(f"RuntimeConfig.compile_components names {outside[0]!r}, which is not in "
+                                 f"components={self.components!r}: compile covers some of the components")
+            if self.compile is None:
+                raise ValueError("RuntimeConfig.compile_components applies to compile='regional' or 'full'; compile "
+                                 "is None")
+            object.__setattr__(self, "compile_components", tuple(self.compile_components))
+
+    @property
+    def compiled_components(self) -> tuple[str, ...]:
+        return self.components if self.compile_components is None else self.compile_components
 
     @property
     def covers_denoiser(self) -> bool:
@@ -293,7 +313,7 @@ def _compile(pipe, config: RuntimeConfig, session) -> tuple[list[torch.nn.Module
     options = {"workers": config.compile_workers} if config.compile == "regional" else {}
     if config.compile_background:
         options["background"] = True
-    modules = _on_each(_modules(pipe, config.components), lambda m: apply_compile(m, config.compile, **options),
+    modules = _on_each(_modules(pipe, config.compiled_components), lambda m: apply_compile(m, config.compile, **options),
                        remove_compile)
     if config.compile_background:
         # The background compiles start when the first pipeline call ends: a thread compiling beside the first

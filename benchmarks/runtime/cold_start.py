@@ -42,7 +42,7 @@ SETUP_GUESS = 30.0  # imports, building the pipeline, the calls after the first
 ARTIFACTS_SHARE = 0.5  # of the cold first call, guessed for `artifacts` (dynamo still traces, graphs are captured)
 
 
-def _pipeline(arch: str, smoke: bool):
+def _pipeline(arch: str, smoke: bool, compile_components: str | None = None):
     import torch
 
     import accel
@@ -52,11 +52,15 @@ def _pipeline(arch: str, smoke: bool):
     pipe = build_pipeline(arch, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     config = accel.resolve_config(preset="balanced", pipe=pipe)
+    if compile_components:  # "all": every component the preset graphs; else a comma-separated list of them
+        chosen = None if compile_components == "all" else tuple(compile_components.split(","))
+        config = config.replace(runtime=replace(config.runtime, compile_components=chosen))
     if smoke:
         # A CPU-capable runtime: graphs need CUDA. The denoiser alone, since on a CPU every case compiles inductor's
         # C++ kernels from source (the mega-cache holds their source, not the built libraries: on a GPU it bundles
         # the Triton binaries), a minute per component; one thread, as a shared CPU's OpenMP spin-waits swamp timings.
-        config = config.replace(runtime=replace(config.runtime, cuda_graph=False, components=("denoiser",)))
+        config = config.replace(runtime=replace(config.runtime, cuda_graph=False, components=("denoiser",),
+                                                compile_components=None))
         torch.set_num_threads(1)
     return pipe, config, DEFAULT_SIZE[arch]
 
@@ -78,7 +82,7 @@ def _counters() -> dict:
     return {group: dict(counters[group]) for group in ("stats", "inductor", "aot_autograd") if counters[group]}
 
 
-def child(case: str, arch: str, smoke: bool, artifacts: str, out: Path) -> dict:
+def child(case: str, arch: str, smoke: bool, artifacts: str, out: Path, compile_components: str | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -88,9 +92,10 @@ def child(case: str, arch: str, smoke: bool, artifacts: str, out: Path) -> dict:
     lines = _Lines()
     logging.getLogger("accel").addHandler(lines)
     logging.getLogger("accel").setLevel(logging.INFO)
-    pipe, config, size = _pipeline(arch, smoke)
+    pipe, config, size = _pipeline(arch, smoke, compile_components)
     call = {"prompt": PROMPT, "guidance_scale": GUIDANCE}
     record = {"case": case, "arch": arch, "size": size, "steps": config.sampler.num_steps, "torch": torch.__version__,
+              "compiled": list(config.runtime.compiled_components), "graphed": list(config.runtime.components),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not smoke else "cpu"}
     if case == "precompile":
         from apps.cli import precompile
@@ -161,9 +166,9 @@ def _loaded(record: dict) -> bool | None:
 
 def write_report(out: Path, records: list[dict], meta: dict) -> None:
     (out / "cold_start.json").write_text(json.dumps({**meta, "records": records}, indent=1))
-    rows = ["| arch | case | accelerate() s | first call s | second call s | steady median ms | precompile s | "
+    rows = ["| arch | case | compiled | accelerate() s | first call s | second call s | steady median ms | precompile s | "
             "artifacts MB | artifacts loaded | inductor compilations (FX cache misses) | FX cache hits | "
-            "dynamo graphs | wall s |", "| --- " * 13 + "|"]
+            "dynamo graphs | wall s |", "| --- " * 14 + "|"]
 
     def cell(value, scale=1.0, digits=1):
         return "-" if value is None else f"{value * scale:.{digits}f}"
@@ -171,12 +176,13 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
     for r in records:
         if "error" in r:
             reason = (r["error"].strip().splitlines() or ["failed without a message"])[-1][:160]
-            rows.append(f"| {r['arch']} | {r['case']} | {reason} |" + " |" * 11)
+            rows.append(f"| {r['arch']} | {r['case']} | - | {reason} |" + " |" * 11)
             continue
         inductor, stats = r["counters"].get("inductor", {}), r["counters"].get("stats", {})
         loaded = _loaded(r)
         rows.append(" | ".join([
-            f"| {r['arch']}", r["case"], cell(r.get("accelerate_s"), digits=2), cell(r.get("first_call_s")),
+            f"| {r['arch']}", r["case"], "+".join(r.get("compiled", [])) or "-", cell(r.get("accelerate_s"), digits=2),
+            cell(r.get("first_call_s")),
             cell(r.get("second_call_s"), digits=2), cell(r.get("median_s"), 1e3), cell(r.get("precompile_s")),
             cell(r.get("artifact_bytes"), 1e-6), "-" if loaded is None else ("yes" if loaded else "no"),
             str(inductor.get("fxgraph_cache_miss", 0)), str(inductor.get("fxgraph_cache_hit", 0)),
@@ -208,6 +214,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="the embedded model on the CPU at 32 px, no CUDA graphs")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, in this order (default: all); "
                         "without cold, the artifacts' image has no PSNR against a cold one")
+    parser.add_argument("--compile-components", default=None, help="the components compiled, comma-separated from "
+                        "the preset's (denoiser, vae, text_encoder), or 'all' (default: the preset's choice)")
     parser.add_argument("--child", default=None, choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
@@ -215,7 +223,8 @@ def main() -> int:
     archs = ["embedded"] if args.smoke else args.arch.split(",")
     if args.child:
         sys.path.insert(0, str(REPO))
-        print("RECORD " + json.dumps(child(args.child, archs[0], args.smoke, args.artifacts, out)), flush=True)
+        print("RECORD " + json.dumps(child(args.child, archs[0], args.smoke, args.artifacts, out,
+                                           args.compile_components)), flush=True)
         return 0
     import diffusers
     import torch
@@ -233,6 +242,8 @@ def main() -> int:
             else:
                 began = time.perf_counter()
                 child_args = ["--child", case, "--arch", arch, "--out", str(out), "--artifacts", str(artifacts / arch)]
+                if args.compile_components:
+                    child_args += ["--compile-components", args.compile_components]
                 record = fresh_process(__file__, child_args + (["--smoke"] if args.smoke else []),
                                        tempfile.mkdtemp(prefix=f"inductor-{case}-"), left)
                 record["wall_s"] = time.perf_counter() - began
