@@ -35,6 +35,22 @@ def test_compiling_preset_leaves_compile_out_on_cpu_with_one_note(saved_pipe, tm
     assert err.count("torch.compile and CUDA graphs need a CUDA GPU; this runs on cpu, so they were left out (preset 'fast')") == 1
 
 
+def test_one_call_leaves_the_compile_out_and_keeps_the_rest():
+    """`accel generate` makes one call: the compile, which only a later call would use, is left out with a note; the
+    sampler, attention and CUDA graphs stay. `--compile` keeps it (on a GPU)."""
+    import accel
+    from apps.loading import without_compile
+
+    balanced = accel.get_preset("balanced")
+    config, note = without_compile(balanced)
+    assert "torch.compile would cost more than it saves" in note
+    assert config.runtime.compile is None and config.runtime.compile_components is None
+    assert config.runtime.cuda_graph and config.runtime.attention == balanced.runtime.attention
+    assert config.sampler == balanced.sampler
+    quality = accel.get_preset("quality")
+    assert without_compile(quality) == (quality, None)
+
+
 def test_generate_several_images(saved_pipe, tmp_path):
     out = tmp_path / "img.png"
     main(["generate", "--model", str(saved_pipe), "--prompt", "x", "--steps", "1", "--num-images", "2", "--out", str(out)])
