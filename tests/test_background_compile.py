@@ -6,6 +6,7 @@ that fails."""
 import logging
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -304,3 +305,37 @@ def test_no_switch_while_another_component_compiles(caplog):
     torch.testing.assert_close(eager, first(x))
     remove_compile(first)
     remove_compile(second)
+
+
+_EXIT_CHILD = """
+import atexit, sys, tempfile, time
+from pathlib import Path
+sys.path[:0] = sys.argv[1:3]
+from tiny import run, tiny_sd_pipeline
+import accel
+from accel.runtime import background_compile_report
+pipe = tiny_sd_pipeline(Path(tempfile.mkdtemp()))
+accel.accelerate(pipe, accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full", compile_background=True)))
+# atexit runs the last registered first: registered before the compile starts, this runs after accel's handler
+atexit.register(lambda: print("AT EXIT", background_compile_report(pipe.unet)["running"], flush=True))
+run(pipe)  # eager; the compile starts when the call ends
+time.sleep(0.5)
+print("RUNNING", background_compile_report(pipe.unet)["running"], flush=True)
+"""
+
+
+def test_a_process_exits_cleanly_while_a_background_compile_runs(tmp_path):
+    """A script that makes one call and ends: the compile still running is interrupted and unwinds at exit, so the
+    process ends at once and quietly, not after the compile, and not with a C++ 'terminate called' on the way out."""
+    import subprocess
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _EXIT_CHILD, str(tests.parent), str(tests)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RUNNING True" in done.stdout  # it did exit mid-compile
+    assert "AT EXIT False" in done.stdout  # and the compile was over before the interpreter went down
+    assert "terminate called" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert time.perf_counter() - began < 120

@@ -10,11 +10,14 @@ to the compiled code once it is built (`BackgroundCompile`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import inspect
 import logging
 import threading
 import time
+import weakref
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -44,6 +47,31 @@ REGIONAL_COMPILE_DEFAULTS = {"dynamic": False}
 
 # How long `restore` waits for a background compile before leaving its thread to finish on its own.
 RESTORE_JOIN_SECONDS = 30.0
+# At interpreter exit, how long a background compile that is still running gets to unwind once interrupted.
+EXIT_JOIN_SECONDS = 10.0
+_RUNNING: "weakref.WeakSet[BackgroundCompile]" = weakref.WeakSet()
+_exit_handler_registered = False
+
+
+class _Interrupted(BaseException):
+    """Raised inside a background compile's thread at interpreter exit (not an Exception: nothing in dynamo or
+    inductor catches it on the way out)."""
+
+
+def _interrupt_at_exit() -> None:
+    """A compile thread still running when the interpreter shuts down took the process down with it ("terminate
+    called without an active exception", a script that made one call with `compile_background`): interrupt each one
+    (an asynchronous exception, delivered at its next Python bytecode) and wait for it to unwind."""
+    for background in list(_RUNNING):
+        thread = background.thread
+        if thread is None or not thread.is_alive():
+            continue
+        background.detached = True
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Interrupted))
+        thread.join(EXIT_JOIN_SECONDS)
+        if thread.is_alive():
+            logger.warning("accel: the background compile of %s did not stop within %.0f s of exit", background.name,
+                           EXIT_JOIN_SECONDS)
 
 
 
@@ -181,6 +209,11 @@ class BackgroundCompile:
         modes = (torch.is_inference_mode_enabled(), device_type, torch.is_autocast_enabled(device_type),
                  torch.get_autocast_dtype(device_type))
         self.states[key] = "compiling"
+        global _exit_handler_registered
+        if not _exit_handler_registered:
+            atexit.register(_interrupt_at_exit)
+            _exit_handler_registered = True
+        _RUNNING.add(self)
         background_process_state.acquire()
         self.thread = threading.Thread(target=self._compile, args=(key, compiled, copies, device, modes),
                                        name=f"accel-compile-{self.name}", daemon=True)
@@ -206,6 +239,8 @@ class BackgroundCompile:
                 if device is not None:
                     torch.cuda.synchronize(device)
             state = "compiled"
+        except _Interrupted:  # the interpreter is exiting
+            pass
         except Exception as err:  # compile time only: the calls keep running the forward eagerly
             if not self.detached:
                 logger.warning("accel: the background compile of %s failed (%s: %s); its calls keep running eagerly",
