@@ -53,7 +53,7 @@ class AttentionTower(torch.nn.Module):
         self.widen = torch.nn.Linear(8, 16)
         self.last = BasicTransformerBlock(16, 2, 8)
         for module in attention_modules(self):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(SDPABackendHook(("math",)), _HOOK)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(SDPABackendHook("math"), _HOOK)
 
     def forward(self, x, temb=None):
         for block in self.blocks:

@@ -12,7 +12,7 @@ from torch.utils import _pytree as pytree
 import accel
 from accel import AccelConfig, RuntimeConfig
 from accel.runtime import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
-from accel.runtime.attention import attention_modules, pinned_backends, sdpa_backends
+from accel.runtime.attention import attention_modules, pinned_backend
 from accel.runtime.cuda_graph import signature_key
 
 
@@ -58,18 +58,6 @@ def test_cuda_graph_twice_raises(sd_pipe):
         apply_cuda_graph(sd_pipe.unet)
 
 
-def test_auto_attention_prefers_cudnn_on_hopper_only(monkeypatch):
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert sdpa_backends("auto", cuda) == ("cudnn", "flash", "efficient", "math")
-    assert sdpa_backends("auto", torch.device("cpu")) is None  # PyTorch's own choice
-    assert sdpa_backends("flash", torch.device("cpu")) == ("flash",)
-    assert sdpa_backends("sdpa", cuda) is None
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert sdpa_backends("auto", cuda) is None
-
-
 def test_pinned_kernel_is_traced_into_the_compiled_graph(sd_pipe, monkeypatch):
     """Entered inside each attention module, the pin is part of the graph dynamo hands inductor (and so of its cache
     key): a graph compiled for another kernel cannot come back from a warm cache."""
@@ -99,7 +87,7 @@ def test_sdpa_backend_pin_round_trip(sd_pipe):
     accel.accelerate(sd_pipe, AccelConfig(runtime=RuntimeConfig(attention="math", channels_last=True)))
     attentions = attention_modules(sd_pipe.unet)
     assert attentions and all("accel.sdpa_backend" in m._diffusers_hook.hooks for m in attentions)
-    assert pinned_backends(sd_pipe.unet) == ("math",)
+    assert pinned_backend(sd_pipe.unet) == "math"
     assert sd_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_allclose(run(sd_pipe), before, atol=1e-5)
     accel.restore(sd_pipe)

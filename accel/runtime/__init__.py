@@ -57,10 +57,8 @@ __all__ = [
 class RuntimeConfig:
     """How the denoiser runs. The defaults change nothing.
 
-    attention: "default" (as loaded), "sdpa" (PyTorch picks the kernel), "auto" (SDPA with cuDNN's fused kernel
-        first on GPUs of compute capability 9.0 and newer, where it measured 1.4-1.9x faster than flash on the H200;
-        elsewhere as "sdpa"), "flash", "efficient", "math", "cudnn" (SDPA pinned to one kernel) or "xformers".
-        A pinned kernel is entered in every attention module, so compiled graphs record it.
+    attention: "default" (as loaded), "sdpa" (PyTorch picks the kernel), "flash", "efficient", "math", "cudnn" (SDPA
+        pinned to one kernel, entered in every attention module so that compiled graphs record it) or "xformers".
     fuse_qkv: fuse the q/k/v projections of every attention of the denoiser into one matmul (diffusers'
         `fuse_qkv_projections`, which UNets and the PixArt, SD3 and Flux transformers have); needs SDPA attention.
     channels_last: NHWC memory format for the denoiser's convolutions (and ControlNet's).

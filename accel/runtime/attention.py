@@ -11,49 +11,33 @@ SDPA_BACKENDS = {
     "math": "MATH",
     "cudnn": "CUDNN_ATTENTION",
 }
-ATTENTION_CHOICES = ("default", "sdpa", "auto", "xformers", *SDPA_BACKENDS)
-# "auto" on GPUs of compute capability 9.0 and newer: cuDNN's fused attention first, then PyTorch's own order for
-# whatever cuDNN does not take. On the H200 (torch 2.11, bf16) cuDNN ran the attention of Flux-dev 1.86x, SD3-medium
-# 1.39x, SDXL 1.54x and SD1.5 1.55x faster than the flash kernel PyTorch picks by itself
-# (benchmarks/results/runtime/sdpa-backends/). Older GPUs keep PyTorch's order (not measured here).
-AUTO_ORDER = ("cudnn", "flash", "efficient", "math")
-AUTO_MIN_CAPABILITY = (9, 0)
+ATTENTION_CHOICES = ("default", "sdpa", "xformers", *SDPA_BACKENDS)
 
 _HOOK = "accel.sdpa_backend"
 
 
 class SDPABackendHook(ModelHook):
-    """Run an attention module's forward under `torch.nn.attention.sdpa_kernel`: one kernel pinned, or (several) an
-    order of preference. Registered on every attention module rather than around the whole model, so that compiled
-    code traces the choice into its graph (dynamo records `sdpa_kernel` entered inside a compiled region, and the graph
-    and its cache key then name the kernel; entered outside, the kernel in use at compile time is baked in and a warm
-    inductor cache hands back a graph built for another kernel). Stateless: compile workers re-create it."""
+    """Run an attention module's forward under `torch.nn.attention.sdpa_kernel(backend)`. Registered on every
+    attention module rather than around the whole model, so that compiled code traces the choice into its graph
+    (dynamo records `sdpa_kernel` entered inside a compiled region, and the graph and its cache key then name the
+    kernel; entered outside, the kernel in use at compile time is baked in and a warm inductor cache hands back a
+    graph built for another kernel: benchmarks/results/runtime/sdpa-backends/). Stateless: compile workers re-create
+    it on their copies of the blocks."""
 
     stateless = True
 
-    def __init__(self, backends: tuple[str, ...]):
+    def __init__(self, backend: str):
         super().__init__()
-        self.backends = tuple(backends)
+        self.backend = backend
 
     def fresh(self) -> "SDPABackendHook":
-        return SDPABackendHook(self.backends)
+        return SDPABackendHook(self.backend)
 
     def new_forward(self, module, *args, **kwargs):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        kernels = [getattr(SDPBackend, SDPA_BACKENDS[name]) for name in self.backends]
-        with sdpa_kernel(kernels, set_priority=len(kernels) > 1):
+        with sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[self.backend])):
             return self.fn_ref.original_forward(*args, **kwargs)
-
-
-def sdpa_backends(attention: str, device: torch.device) -> tuple[str, ...] | None:
-    """The SDPA kernels `attention` pins on `device` (in order of preference), or None: PyTorch's own choice."""
-    if attention in SDPA_BACKENDS:
-        return (attention,)
-    if attention == "auto" and device.type == "cuda" and torch.backends.cudnn.is_available():
-        if torch.cuda.get_device_capability(device) >= AUTO_MIN_CAPABILITY:
-            return AUTO_ORDER
-    return None
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -83,21 +67,19 @@ def apply_attention(unet: torch.nn.Module, attention: str, processors: bool = Tr
         unet.set_attn_processor(_processor_for(attention))
     elif attention == "xformers":
         raise ValueError(f"RuntimeConfig(attention='xformers') sets UNet attention processors; {type(unet).__name__} "
-                         f"keeps its own (SDPA): use attention='sdpa', 'auto', 'flash', 'efficient', 'cudnn' or 'math'")
-    device = next((p.device for p in unet.parameters()), torch.device("cpu"))
-    backends = sdpa_backends(attention, device)
-    if backends is not None:
+                         f"keeps its own (SDPA): use attention='sdpa', 'flash', 'efficient', 'cudnn' or 'math'")
+    if attention in SDPA_BACKENDS:
         for module in attention_modules(unet):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(SDPABackendHook(backends), _HOOK)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(SDPABackendHook(attention), _HOOK)
     return saved
 
 
-def pinned_backends(unet: torch.nn.Module) -> tuple[str, ...] | None:
-    """The SDPA kernels `apply_attention` pinned on `unet`'s attention (None: none pinned)."""
+def pinned_backend(unet: torch.nn.Module) -> str | None:
+    """The SDPA kernel `apply_attention` pinned on `unet`'s attention (None: none pinned)."""
     for module in attention_modules(unet):
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None and _HOOK in registry.hooks:
-            return registry.get_hook(_HOOK).backends
+            return registry.get_hook(_HOOK).backend
     return None
 
 

@@ -3,7 +3,7 @@
     source benchmarks/device_setup.sh && python3 benchmarks/runtime/sdpa_backends.py --out $OUT/sdpa    # GPU
     python3 benchmarks/runtime/sdpa_backends.py --smoke --out /tmp/sdpa                              # CPU
 
-1. Each of PyTorch's SDPA kernels (flash, efficient, cudnn) at one attention call of FLUX.1-dev (1024 px: 4,608
+1. PyTorch's own pick (default) and each of its SDPA kernels (flash, efficient, cudnn) at one attention call of FLUX.1-dev (1024 px: 4,608
    tokens, 24 heads of 128), SD3-medium (CFG batch 2, 4,429 tokens, 24 heads of 64), SDXL's and SD1.5's largest
    self-attention: median of 20 CUDA-event-timed calls after 3 warm-up calls, TFLOP/s, largest difference to the
    math kernel in float32.
@@ -18,6 +18,7 @@ Writes sdpa_backends.json to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,7 +36,7 @@ SHAPES = {
     "sdxl 1024 px, CFG, first self-attention": (2, 10, 4096, 4096, 64),
     "sd15 512 px, CFG, first self-attention": (2, 8, 4096, 4096, 40),
 }
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
@@ -75,9 +76,11 @@ def kernels(device: str, dtype, smoke: bool) -> list[dict]:
         for backend, kind in BACKENDS.items():
             row = {"shape": name, "dims": [b, h, n, m, d], "backend": backend}
             try:
-                with sdpa_kernel(kind):
+                with sdpa_kernel(kind) if kind is not None else contextlib.nullcontext():  # default: PyTorch's pick
                     out = F.scaled_dot_product_attention(q, k, v)
                     seconds = _time(lambda: F.scaled_dot_product_attention(q, k, v), device)
+                    if device == "cuda":
+                        row["kernels"] = _kernel_names(lambda: F.scaled_dot_product_attention(q, k, v))
                 row.update(ms=seconds * 1e3, tflops=flop / seconds / 1e12,
                            max_abs_diff_to_math_fp32=float((out.float() - reference).abs().max()))
             except RuntimeError as error:  # the kernel does not take this shape / dtype / device
@@ -122,12 +125,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "out")))
     parser.add_argument("--smoke", action="store_true", help="CPU, 64 tokens, float32, no compile check")
+    parser.add_argument("--no-compile-check", action="store_true", help="the kernel timings alone")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "dtype": str(dtype), "kernels": kernels(device, dtype, args.smoke)}
-    if device == "cuda":
+    if device == "cuda" and not args.no_compile_check:
         report["pin_under_compile"] = pin_under_compile(device, dtype)
     (args.out / "sdpa_backends.json").write_text(json.dumps(report, indent=1))
     return 0
