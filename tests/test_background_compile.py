@@ -157,8 +157,12 @@ def test_pipeline_switches_with_outputs_equal(sd_pipe, monkeypatch, caplog):
     gate, backend = threading.Event(), None
     real_compile = torch.compile
 
+    wrapped_in_caller = []
+
     def compile_with_backend(fn, **kwargs):
         nonlocal backend
+        # Making the wrapper imports dynamo and inductor: the compile thread does it, not the calls
+        wrapped_in_caller.append(threading.current_thread() is threading.main_thread())
         backend = backend or Backend(gate)
         return real_compile(fn, backend=backend)
 
@@ -185,6 +189,7 @@ def test_pipeline_switches_with_outputs_equal(sd_pipe, monkeypatch, caplog):
         after = run(sd_pipe)
         assert backend.compiles == compiles and backend.runs > runs
     assert sum("switches to its compiled code" in r.message for r in caplog.records) == 3
+    assert wrapped_in_caller == [False, False, False]
     accel.restore(sd_pipe)
     np.testing.assert_array_equal(first, baseline)
     np.testing.assert_allclose(after, baseline, atol=1e-5)
