@@ -20,6 +20,12 @@ the model or preset, so use one output folder per job. Rank 0 merges the shards 
 The exit status is 1 when any item of the run failed (after all the others are done), else 0.
 Across several nodes, `--out` must be a folder that every node sees (a shared filesystem).
 
+A preset with torch.compile compiles once for every rank: its portable compile artifacts
+(`RuntimeConfig.compile_cache`) go to `OUT/.compile-artifacts`. With several processes, rank 0
+accelerates first and makes one batch of every distinct shape among the pending batches (the
+images dropped), so its compile saves them; the other ranks wait for it, then load them instead of
+compiling; a re-run of the job loads them too.
+
     accel batch prompts.txt --model path/to/pipeline --out images/ --batch-size 4 --preset fast
     torchrun --nproc_per_node 8 -m apps.cli batch prompts.jsonl --model ... --out images/
     accelerate launch --num_processes 8 -m apps.cli batch prompts.csv --model ... --out images/
@@ -390,6 +396,32 @@ def _call(pipe, batch: list[Item]):
     return images
 
 
+ARTIFACTS = ".compile-artifacts"
+
+
+def shared_artifacts(config, out_dir: Path):
+    """`config` with its compile artifacts kept in `out_dir` (None-safe; unchanged where nothing compiles, or where
+    the config names its own folder)."""
+    from dataclasses import replace
+
+    runtime = getattr(config, "runtime", None)
+    if runtime is None or runtime.compile is None or runtime.compile_cache is not None or runtime.compile_background:
+        return config
+    return config.replace(runtime=replace(runtime, compile_cache=str(out_dir / ARTIFACTS)))
+
+
+def shape_batches(batch_list: list[list[Item]]) -> list[list[Item]]:
+    """One batch of each distinct compiled shape (height, width, batch size, guidance on or off) among `batch_list`."""
+    seen, picked = set(), []
+    for batch in batch_list:
+        first = batch[0]
+        shape = (first.height, first.width, len(batch), first.guidance > 1)
+        if shape not in seen:
+            seen.add(shape)
+            picked.append(batch)
+    return picked
+
+
 def _free_memory() -> None:
     import torch
 
@@ -549,7 +581,22 @@ def run(args) -> int:
         except SettingError as err:
             raise SystemExit(f"error: {err}") from None
         if args.preset:
-            accel.accelerate(pipe, preset_config(args.preset, pipe, say=main))
+            config = shared_artifacts(preset_config(args.preset, pipe, say=main), out_dir)
+            shared = world_size > 1 and config.runtime is not None and config.runtime.compile_cache is not None
+            if shared and not main:
+                state.wait_for_everyone()  # rank 0 compiles and saves the artifacts first
+            accel.accelerate(pipe, config)
+            if shared and main:
+                pending_batches = [b for b in batches(items, args.batch_size) if any(i.index not in done for i in b)]
+                try:
+                    for batch in shape_batches(pending_batches):
+                        _call(pipe, batch)  # compiles this shape and saves its artifacts at the end of the call
+                except Exception as err:  # the other ranks then compile what is missing themselves
+                    print(f"batch: compiling ahead of the other ranks failed ({type(err).__name__}: {err}); each "
+                          "rank compiles what it needs", file=sys.stderr)
+                    _free_memory()
+                finally:
+                    state.wait_for_everyone()
         # The bar counts every rank's items by reading the shards they append to.
         bar = tqdm(total=len(pending), desc="batch", unit="img", disable=not main or args.no_progress)
         tail = ShardTail(out_dir, sizes)

@@ -327,3 +327,86 @@ def test_seeds_follow_the_item_not_the_batch(tmp_path):
     assert [i.seed for i in items] == [100, 101, 42, 103]
     assert [i.line for i in items] == [1, 2, 3, 4]
     assert [[i.index for i in b] for b in batches(items, 2)] == [[0, 2], [3], [1]]
+
+
+def test_shape_batches_picks_one_batch_of_each_compiled_shape(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"},  # batch of 2, then a batch of 1 (a new batch size)
+        {"prompt": "d", "height": 64}, {"prompt": "e", "guidance": 1.0}]) + "\n")
+    items = read_prompts(prompts, seed=0, guidance=7.5, height=32, width=32)
+    picked = batch_generate.shape_batches(batches(items, 2))
+    shapes = [(b[0].height, len(b), b[0].guidance > 1) for b in picked]
+    assert sorted(shapes) == sorted({(32, 2, True), (32, 1, True), (64, 1, True), (32, 1, False)})
+
+
+def test_compiling_preset_keeps_its_artifacts_in_the_output_folder(saved_pipe, tmp_path, monkeypatch):
+    """The artifacts go to OUT/.compile-artifacts, one set per shape, and a re-run loads them (torch.compile and the
+    artifact calls stubbed: on a CPU the batch leaves compilation out, and the round trip is tests/test_compile_artifacts'
+    job)."""
+    import torch
+
+    import accel
+    import apps.loading
+
+    saves, loads = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: saves.append(1) or (b"compiled", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loads.append(data) or "info")
+    monkeypatch.setattr(apps.loading, "preset_config",
+                        lambda preset, pipe, say=True: accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full")))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\na ship\n")
+    out = tmp_path / "out"
+    assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 2, "--preset", "balanced", *TINY) == 0
+    assert len(saves) == 2 and loads == []  # batch sizes 2 and 1: two shapes
+    assert len(list((out / batch_generate.ARTIFACTS).glob("*.bin"))) == 2
+    for image in out.glob("*.png"):
+        image.unlink()  # the re-run makes them again, loading what the first run saved
+    assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 2, "--preset", "balanced", *TINY) == 0
+    assert len(loads) == 2 and len(saves) == 2
+    assert batch_generate.shared_artifacts(None, out) is None
+    kept = accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full", compile_cache="/elsewhere"))
+    assert batch_generate.shared_artifacts(kept, out) == kept
+
+
+_PATCHES = '''
+import os, torch
+import accel, apps.loading
+rank = os.environ.get("RANK", "0")
+log = os.environ["ACCEL_TEST_LOG"]
+
+def _note(what):
+    with open(log, "a") as f:
+        f.write(f"{rank} {what}\\n")
+
+torch.compile = lambda fn, **kwargs: fn
+torch.compiler.save_cache_artifacts = lambda: _note("save") or (b"compiled", None)
+torch.compiler.load_cache_artifacts = lambda data: _note("load") or "info"
+apps.loading.preset_config = lambda preset, pipe, say=True: accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full"))
+'''
+
+
+def test_two_processes_share_one_artifact_set(saved_pipe, tmp_path):
+    """Rank 0 compiles every pending shape and saves; rank 1 waits for it, then loads: nothing saved twice, no hang.
+    (torch.compile and the artifact calls stubbed by a module the launcher imports in both processes.)"""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "accel_test_patches.py").write_text(_PATCHES)
+    launcher = tmp_path / "launch.py"
+    launcher.write_text("import accel_test_patches, sys\nfrom apps.cli import main\nsys.exit(main())\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\na ship\na tree\na horse\n")
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(launcher), "batch", str(prompts), "--model", str(saved_pipe), "--out", str(out), "--batch-size", "2",
+           "--preset", "balanced", *TINY]
+    env = dict(subprocess_env(), PYTHONPATH=os.pathsep.join([str(site), str(REPO)]), ACCEL_TEST_LOG=str(log))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = log.read_text().split("\n")
+    # Batches (2, 2, 1) dealt to ranks 0, 1, 0: rank 0 saves sizes 2 and 1 ahead; rank 1 loads size 2
+    assert sorted(e for e in events if e.startswith("0")) == ["0 save", "0 save"]
+    assert [e for e in events if e.startswith("1")] == ["1 load"]
+    assert len(list((out / batch_generate.ARTIFACTS).glob("*.bin"))) == 2
+    assert all(r["status"] == "ok" for r in manifest(out)) and len(manifest(out)) == 5
