@@ -4,6 +4,7 @@ traced and counts, one that waits for the test's say-so (so a call provably retu
 that fails."""
 
 import logging
+import shutil
 import sys
 import threading
 import time
@@ -344,3 +345,58 @@ def test_a_process_exits_cleanly_while_a_background_compile_runs(tmp_path):
     assert "AT EXIT False" in done.stdout  # and the compile was over before the interpreter went down
     assert "terminate called" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert time.perf_counter() - began < 120
+
+
+_WORKER_CHILD = """
+import json, sys, tempfile, time
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+sys.path[:0] = sys.argv[1:3]
+from tiny import run, tiny_sd_pipeline
+import accel
+from accel.runtime import background_compile_report
+from torch._dynamo.utils import counters
+pipe = tiny_sd_pipeline(Path(tempfile.mkdtemp()))
+baseline = run(pipe)
+runtime = accel.RuntimeConfig(compile="full", compile_background=True, compile_workers=1)
+accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
+first = run(pipe)
+began = time.perf_counter()
+while background_compile_report(pipe.unet)["running"] and time.perf_counter() - began < 500:
+    run(pipe)
+after = run(pipe)
+print("RESULT " + json.dumps({"report": background_compile_report(pipe.unet), "inductor": dict(counters["inductor"]),
+                              "first_equal": bool((first == baseline).all()),
+                              "close": bool(abs(after - baseline).max() < 1e-4)}))
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on CPU")
+def test_a_worker_process_compiles_and_the_thread_reads_its_cache(tmp_path):
+    """`compile_workers=1`: a worker process compiles the UNet's forward into the shared inductor cache (the calls
+    meanwhile are not held up by a compiling thread's Python), then the thread's own compile finds every graph there:
+    an FX graph cache hit, no inductor compile in this process, the compiled output as the eager one."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), TORCHINDUCTOR_COMPILE_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _WORKER_CHILD, str(tests.parent), str(tests)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    assert line, done.stderr[-3000:]
+    result = json.loads(line[7:])
+    assert result["report"]["compiled"] == 1 and result["report"]["workers"][0]["failed"] is False
+    assert result["inductor"].get("fxgraph_cache_hit", 0) >= 1 and result["inductor"].get("fxgraph_cache_miss", 0) == 0
+    assert result["first_equal"] and result["close"]
+
+
+def test_compile_workers_with_background_is_zero_or_one():
+    assert accel.RuntimeConfig(compile="full", compile_background=True, compile_workers=1).compile_workers == 1
+    with pytest.raises(ValueError, match="0 or 1"):
+        accel.RuntimeConfig(compile="full", compile_background=True, compile_workers=2)
+    with pytest.raises(ValueError, match="compile_workers applies to compile='regional', or to 'full' with"):
+        accel.RuntimeConfig(compile="full", compile_workers=1)

@@ -72,7 +72,9 @@ class RuntimeConfig:
     quantize_convs: also quantize the 1x1 convolutions (as matmuls over the pixels).
     compile: None, "regional" (repeated blocks, short compile) or "full".
     compile_workers: with "regional", how many worker processes compile the distinct blocks alongside
-        the first call (None: half the host's cores, at most 8; 0: all in this process).
+        the first call (None: half the host's cores, at most 8; 0: all in this process). With "full" and
+        `compile_background`, whether a worker process compiles each component first, its thread here then reading
+        the worker's cache entries (None: on a CUDA GPU; 0: the thread compiles it all; 1: always).
     compile_background: with "full", the first call of each new input signature starts its compile in a thread and
         runs eagerly, as do the calls after it, until the compiled code is built; the next call then runs it (and CUDA
         graphs capture then: none is captured while a background compile runs). A first image comes at the eager
@@ -124,9 +126,12 @@ class RuntimeConfig:
             if isinstance(self.compile_workers, bool) or not isinstance(self.compile_workers, int) or self.compile_workers < 0:
                 raise ValueError(f"RuntimeConfig.compile_workers must be None (automatic) or an integer >= 0, "
                                  f"got {self.compile_workers!r}")
-            if self.compile != "regional":
-                raise ValueError(f"RuntimeConfig.compile_workers applies to compile='regional' only; "
-                                 f"compile is {self.compile!r}")
+            if self.compile != "regional" and not self.compile_background:
+                raise ValueError(f"RuntimeConfig.compile_workers applies to compile='regional', or to 'full' with "
+                                 f"compile_background=True; compile is {self.compile!r}")
+            if self.compile_background and self.compile_workers > 1:
+                raise ValueError(f"RuntimeConfig.compile_workers with compile_background is 0 or 1 (one worker per "
+                                 f"component), got {self.compile_workers}")
         if self.compile_background:
             if self.compile != "full":
                 raise ValueError(f"RuntimeConfig.compile_background applies to compile='full'; compile is {self.compile!r}")
@@ -308,7 +313,7 @@ def set_lora_scale(pipe, scale: float, *, adapter_name: str | None = None) -> No
 
 def _compile(pipe, config: RuntimeConfig, session) -> tuple[list[torch.nn.Module], Callable | None]:
     """The compiled modules, and the session's call-end listener that starts their background compiles (or None)."""
-    options = {"workers": config.compile_workers} if config.compile == "regional" else {}
+    options = {"workers": config.compile_workers} if config.compile == "regional" or config.compile_background else {}
     if config.compile_background:
         options["background"] = True
     modules = _on_each(_modules(pipe, config.compiled_components), lambda m: apply_compile(m, config.compile, **options),

@@ -16,6 +16,7 @@ A marker in the inductor cache remembers a compiled block set, so a warm start s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -120,26 +121,10 @@ def _register(region: torch.nn.Module, hooks: list[tuple[str, str, object]]) -> 
         HookRegistry.check_if_exists_or_initialize(region.get_submodule(path)).register_hook(hook, name)
 
 
-def _without_hooks(region: torch.nn.Module) -> torch.nn.Module:
-    """`region` itself where no hook runs inside it, else a copy with the (stateless) hooks taken off: a hooked forward
-    is a closure, which cannot be pickled for a worker."""
-    if not any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in region.modules()):
-        return region
-    region = copy.deepcopy(region)
-    for module in region.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            for name in list(registry.hooks):
-                registry.remove_hook(name, recurse=False)
-            del module._diffusers_hook
-            if getattr(module.__dict__.get("forward"), "__func__", None) is type(module).forward:
-                del module.forward  # the class's own again
-    return region
-
-
 def _shapes_only(region: torch.nn.Module) -> torch.nn.Module:
     """A copy of the block whose parameters and buffers live on the meta device (no weight is copied), without its
-    hooks (`_stateless_hooks` lists them for the worker)."""
+    diffusers hooks (`_stateless_hooks` lists the ones a worker puts back): hooks hold what cannot be copied or
+    pickled (a hooked forward is a closure; a background compile's hook holds its worker process)."""
     memo = {}
     for module in region.modules():
         for param in module._parameters.values():
@@ -148,7 +133,16 @@ def _shapes_only(region: torch.nn.Module) -> torch.nn.Module:
         for buffer in module._buffers.values():
             if buffer is not None:
                 memo[id(buffer)] = torch.empty_like(buffer, device="meta")
-    return _without_hooks(copy.deepcopy(region, memo))
+        if "_diffusers_hook" in module.__dict__:
+            memo[id(module.__dict__["_diffusers_hook"])] = None
+            if "forward" in module.__dict__:
+                memo[id(module.__dict__["forward"])] = None
+    copied = copy.deepcopy(region, memo)
+    for module in copied.modules():
+        if "_diffusers_hook" in module.__dict__:
+            del module._diffusers_hook
+            module.__dict__.pop("forward", None)  # the class's own forward again
+    return copied
 
 
 def _split(jobs: list[Job], workers: int) -> list[list[Job]]:
@@ -208,13 +202,18 @@ class Workers:
             self.stop()  # the ones that did start
             raise
 
-    def submit(self, parts: list[list[Job]], compile_kwargs: dict) -> None:
-        """Hand each worker its blocks (a worker without any exits)."""
+    def submit(self, parts: list[list[Job]], compile_kwargs: dict, target: str = "module",
+               inference: bool = False) -> None:
+        """Hand each worker its blocks (a worker without any exits). `target`: "module" compiles each block as
+        `nn.Module.compile` does (regional compilation), "forward" compiles its `forward` as `torch.compile(forward)`
+        (a full compile's hook does): the graphs, and so the cache entries, must be the caller's. `inference`: the
+        caller's calls run under inference mode."""
         for (index, _, process), part in zip(self.processes, [*parts, *[[]] * len(self.processes)]):
             if part:
                 path = self.folder / f"jobs-{index}.pt"
                 torch.save({"jobs": [{"region": _shapes_only(job.region), "hooks": _stateless_hooks(job.region),
                                       "args": job.args, "kwargs": job.kwargs} for job in part],
+                            "target": target, "inference": inference,
                             "compile_kwargs": compile_kwargs, "grad": torch.is_grad_enabled(),
                             "flags": _backend_flags(), "recompile_limit": torch._dynamo.config.recompile_limit,
                             "threads": torch.get_num_threads()}, path)  # CPU kernels are generated for a thread count
@@ -343,8 +342,12 @@ def compile_jobs(path: str) -> None:
             for tensor in [*region.parameters(), *region.buffers()]:
                 tensor.zero_()  # values never enter a compiled graph; shapes, dtypes and strides do
         _register(region, job.get("hooks", ()))  # the caller's stateless hooks: the same graph, the same cache entry
-        region.compile(**payload["compile_kwargs"])
-        region(*job["args"], **job["kwargs"])
+        with torch.inference_mode() if payload.get("inference") else contextlib.nullcontext():
+            if payload.get("target", "module") == "forward":
+                torch.compile(region.forward, **payload["compile_kwargs"])(*job["args"], **job["kwargs"])
+            else:
+                region.compile(**payload["compile_kwargs"])
+                region(*job["args"], **job["kwargs"])
         print(f"compiled {type(region).__name__} at {time.perf_counter() - start:.1f} s", flush=True)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -53,7 +53,7 @@ class _Lines(logging.Handler):
         self.lines.append((round(time.perf_counter() - self.start, 3), f"{record.name}: {record.getMessage()}"))
 
 
-def child(case: str, arch: str, smoke: bool, seconds: float, out: Path) -> dict:
+def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers: int | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -64,7 +64,7 @@ def child(case: str, arch: str, smoke: bool, seconds: float, out: Path) -> dict:
 
     pipe, config, size = _pipeline("embedded" if smoke else arch, smoke)
     if case == "background":
-        config = config.replace(runtime=replace(config.runtime, compile_background=True))
+        config = config.replace(runtime=replace(config.runtime, compile_background=True, compile_workers=workers))
     if case == "eager":
         config = accel.AccelConfig(sampler=config.sampler)
     modules = compiled_modules(pipe, config.runtime.compiled_components) if config.runtime is not None else []
@@ -143,6 +143,8 @@ def main() -> int:
                         "60 with --smoke)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"))
+    parser.add_argument("--compile-workers", type=int, default=None, help="the background case's compile_workers "
+                        "(default: None, a worker process per component on a GPU; 0: the thread compiles it all)")
     parser.add_argument("--smoke", action="store_true", help="the embedded model on the CPU at 32 px, no CUDA graphs")
     parser.add_argument("--child", default=None, choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,7 +153,8 @@ def main() -> int:
     seconds = args.seconds if args.seconds is not None else (60.0 if args.smoke else 90.0)
     if args.child:
         sys.path.insert(0, str(REPO))
-        print("RECORD " + json.dumps(child(args.child, args.arch, args.smoke, seconds, out)), flush=True)
+        print("RECORD " + json.dumps(child(args.child, args.arch, args.smoke, seconds, out, args.compile_workers)),
+              flush=True)
         os._exit(0)  # a background compile still running (a short --seconds) is not waited for at exit
     import diffusers
     import torch
@@ -163,7 +166,8 @@ def main() -> int:
     for case in args.cases.split(","):
         began = time.perf_counter()
         child_args = ["--child", case, "--arch", args.arch, "--out", str(out), "--seconds", str(seconds)] + (
-            ["--smoke"] if args.smoke else [])
+            ["--smoke"] if args.smoke else []) + (
+            ["--compile-workers", str(args.compile_workers)] if args.compile_workers is not None else [])
         record = {"case": case, **fresh_process(__file__, child_args, tempfile.mkdtemp(prefix=f"inductor-{case}-"),
                                                 seconds + 600)}
         record["wall_s"] = time.perf_counter() - began
