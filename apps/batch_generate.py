@@ -611,6 +611,8 @@ def run(args) -> int:
                              settings={"model": args.model, "preset": args.preset}, done=done)
         finally:
             writer.close()
+            if accel.is_accelerated(pipe):
+                accel.restore(pipe)  # the process settings a compile changed go back (a caller in this process)
         state.wait_for_everyone()
         on_batch()
         bar.close()

@@ -358,7 +358,9 @@ def test_compiling_preset_keeps_its_artifacts_in_the_output_folder(saved_pipe, t
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na blue dog\na ship\n")
     out = tmp_path / "out"
+    limit = torch._dynamo.config.recompile_limit
     assert batch(prompts, "--model", saved_pipe, "--out", out, "--batch-size", 2, "--preset", "balanced", *TINY) == 0
+    assert torch._dynamo.config.recompile_limit == limit  # restored at the end: the compile's settings went back
     assert len(saves) == 2 and loads == []  # batch sizes 2 and 1: two shapes
     assert len(list((out / batch_generate.ARTIFACTS).glob("*.bin"))) == 2
     for image in out.glob("*.png"):
