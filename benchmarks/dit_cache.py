@@ -50,7 +50,7 @@ SMOKE = dict(FLUX_DEV, in_channels=16, num_layers=2, num_single_layers=10, atten
 # The most first / last blocks a contender keeps running: the counted block lies between them.
 FIRST, LAST = 8, 2
 # Full step every N steps, after a warm-up W with (W + 1) % N == 0 (diffusers' TaylorSeer rule matches ours then).
-SCHEDULES = {2: 3, 3: 2}
+SCHEDULES = {2: 3, 3: 2, 4: 3}
 
 
 def full_steps(steps: int, interval: int, warmup: int) -> list[int]:

@@ -7,7 +7,7 @@ card's defaults (28 steps, guidance 5) under each contender in turn, enabled, ru
 - uncached, the reference for PSNR / SSIM (same prompts and seeds), and again last: its images must equal the
   first run's, or a contender left something behind;
 - this suite's block cache (`accel.accelerate(pipe, AccelConfig(cache=BlockCacheConfig(...)))`, then
-  `accel.restore`): fixed schedules (a full step every 2 or 3 steps after a warm-up, `dit_cache.SCHEDULES`),
+  `accel.restore`): fixed schedules (a full step every 2, 3 or 4 steps after a warm-up, `dit_cache.SCHEDULES`),
   plain, with TaylorSeer's first-order forecast, and with DBCache's last block; the adaptive default
   (`BlockCacheConfig()`, threshold 0.1) and DBCache's adaptive default (threshold 0.08, 8 warm-up steps);
 - Cache-DiT (skipped with the reason if it does not import): its default `cache_dit.enable_cache(pipe)`, which
