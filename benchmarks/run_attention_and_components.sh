@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call (about 9.5 minutes), each part in its own process with its own timeout, in order of need:
 #   1. FLUX.1-dev architecture, 1024 px, 28 steps (flux_runtime.py): stock, the runtime with PyTorch's own attention
-#      kernel and with cuDNN's pinned inside every attention module, FP8, FP8 + fixed cache, preset balanced ("auto").
+#      kernel and with cuDNN's pinned inside every attention module, FP8, FP8 + fixed cache, preset balanced (which, at the run,
+#      used attention="auto", since dropped).
 #   2. SD1.5 `balanced`, cold, compiling every component, then compiling denoiser and VAE decoder only (the text
 #      encoder on CUDA graphs alone): cold, precompile, artifacts (cold_start.py): the 5% rule and the artifacts' first
 #      call.
