@@ -561,7 +561,8 @@ def run(args) -> int:
     # Batches are formed from every item, whatever the world size and whatever is done, and dealt out whole
     # (strided: equal shares of mixed settings): an item is always made in the same batch, with the same shapes
     # and so the same arithmetic. A batch's items already done are made again, not written.
-    mine = [b for b in batches(items, args.batch_size) if any(item.index not in done for item in b)][rank::world_size]
+    pending_batches = [b for b in batches(items, args.batch_size) if any(item.index not in done for item in b)]
+    mine = pending_batches[rank::world_size]
     stats = {"rank": rank, "ok": 0, "error": 0, "seconds": 0.0}
     start = time.perf_counter()
     if pending:
@@ -587,7 +588,6 @@ def run(args) -> int:
                 state.wait_for_everyone()  # rank 0 compiles and saves the artifacts first
             accel.accelerate(pipe, config)
             if shared and main:
-                pending_batches = [b for b in batches(items, args.batch_size) if any(i.index not in done for i in b)]
                 try:
                     for batch in shape_batches(pending_batches):
                         _call(pipe, batch)  # compiles this shape and saves its artifacts at the end of the call

@@ -51,15 +51,12 @@ def load_pipeline(model: str | os.PathLike | None, *, device: str = "auto", dtyp
 def without_gpu_only_runtime(config, device):
     """`config` without torch.compile and CUDA graphs unless `device` is a CUDA GPU, and a note saying so (None
     when nothing was left out): on a CPU, compiling costs a minute where an image takes a second."""
-    from dataclasses import replace
-
     from accel import RuntimeConfig
 
     runtime, device = config.runtime, torch.device(device)
     if runtime is None or device.type == "cuda" or not (runtime.compile or runtime.cuda_graph):
         return config, None
-    runtime = replace(runtime, compile=None, compile_components=None, compile_background=False, compile_cache=None,
-                      compile_workers=None, cuda_graph=False)
+    runtime = runtime.without_compile(cuda_graph=False)
     return config.replace(runtime=None if runtime == RuntimeConfig() else runtime), GPU_ONLY_NOTE.format(device=device.type)
 
 
@@ -70,15 +67,12 @@ ONE_CALL_NOTE = ("one call: torch.compile would cost more than it saves, so the 
 def without_compile(config):
     """`config` without torch.compile, and a note saying so (None when it had none): for a process that makes one
     call, where a compile only delays the image it is for. CUDA graphs stay: they capture in well under a second."""
-    from dataclasses import replace
-
     from accel import RuntimeConfig
 
     runtime = config.runtime
     if runtime is None or runtime.compile is None:
         return config, None
-    runtime = replace(runtime, compile=None, compile_components=None, compile_background=False, compile_cache=None,
-                      compile_workers=None)
+    runtime = runtime.without_compile()
     return config.replace(runtime=None if runtime == RuntimeConfig() else runtime), ONE_CALL_NOTE
 
 
@@ -91,4 +85,3 @@ def preset_config(preset: str | None, pipe, *, say: bool = True):
     if note is not None and say:
         print(f"note: {note} (preset {preset!r})", file=sys.stderr)
     return config
-

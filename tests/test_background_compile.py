@@ -316,14 +316,14 @@ def test_no_switch_while_another_component_compiles(caplog):
 _EXIT_CHILD = """
 import atexit, sys, tempfile, time
 from pathlib import Path
+# atexit runs the last registered first: registered before accel is imported, this runs after accel's handler
+atexit.register(lambda: print("AT EXIT", background_compile_report(pipe.unet)["running"], flush=True))
 sys.path[:0] = sys.argv[1:3]
 from tiny import run, tiny_sd_pipeline
 import accel
 from accel.runtime import background_compile_report
 pipe = tiny_sd_pipeline(Path(tempfile.mkdtemp()))
 accel.accelerate(pipe, accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full", compile_background=True)))
-# atexit runs the last registered first: registered before the compile starts, this runs after accel's handler
-atexit.register(lambda: print("AT EXIT", background_compile_report(pipe.unet)["running"], flush=True))
 run(pipe)  # eager; the compile starts when the call ends
 time.sleep(0.5)
 print("RUNNING", background_compile_report(pipe.unet)["running"], flush=True)

@@ -8,6 +8,7 @@ CUDA graphs capture the transformer's calls, keyed on the session's plan of each
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -179,6 +180,12 @@ class RuntimeConfig:
     @property
     def compiled_components(self) -> tuple[str, ...]:
         return self.components if self.compile_components is None else self.compile_components
+
+    def without_compile(self, cuda_graph: bool | None = None) -> "RuntimeConfig":
+        """This config without torch.compile and the settings that go with it (`cuda_graph`: also set that)."""
+        return dataclasses.replace(self, compile=None, compile_components=None, compile_background=False,
+                                   compile_cache=None, compile_workers=None,
+                                   cuda_graph=self.cuda_graph if cuda_graph is None else cuda_graph)
 
     @property
     def covers_denoiser(self) -> bool:

@@ -74,15 +74,6 @@ def apply_attention(unet: torch.nn.Module, attention: str, processors: bool = Tr
     return saved
 
 
-def pinned_backend(unet: torch.nn.Module) -> str | None:
-    """The SDPA kernel `apply_attention` pinned on `unet`'s attention (None: none pinned)."""
-    for module in attention_modules(unet):
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None and _HOOK in registry.hooks:
-            return registry.get_hook(_HOOK).backend
-    return None
-
-
 def remove_attention(unet: torch.nn.Module, saved: dict) -> None:
     for module in attention_modules(unet):
         registry = getattr(module, "_diffusers_hook", None)

@@ -51,7 +51,6 @@ WORKER_TIMEOUT_SECONDS = 900.0  # a background compile's worker process; past th
 # At interpreter exit, how long a background compile that is still running gets to unwind once interrupted.
 EXIT_JOIN_SECONDS = 10.0
 _RUNNING: "weakref.WeakSet[BackgroundCompile]" = weakref.WeakSet()
-_exit_handler_registered = False
 
 
 class _Interrupted(BaseException):
@@ -73,6 +72,9 @@ def _interrupt_at_exit() -> None:
         if thread.is_alive():
             logger.warning("accel: the background compile of %s did not stop within %.0f s of exit", background.name,
                            EXIT_JOIN_SECONDS)
+
+
+atexit.register(_interrupt_at_exit)  # with no background compile running, it does nothing
 
 
 
@@ -99,10 +101,9 @@ class CompileHook(ModelHook):
             if not self.background.use_compiled(self._run_compiled, args, kwargs):
                 return self.fn_ref.original_forward(*args, **kwargs)
             return self._run_compiled(*args, **kwargs)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn_ref.original_forward, **self.compile_kwargs)
+        if self.first_call_seconds is None:
             start = time.perf_counter()
-            out = self.compiled(*args, **kwargs)
+            out = self._run_compiled(*args, **kwargs)
             self.first_call_seconds = time.perf_counter() - start
             logger.info("accel: first compiled call took %.1f s", self.first_call_seconds)
             return out
@@ -222,10 +223,6 @@ class BackgroundCompile:
         modes = (torch.is_inference_mode_enabled(), device_type, torch.is_autocast_enabled(device_type),
                  torch.get_autocast_dtype(device_type))
         self.states[key] = "compiling"
-        global _exit_handler_registered
-        if not _exit_handler_registered:
-            atexit.register(_interrupt_at_exit)
-            _exit_handler_registered = True
         _RUNNING.add(self)
         background_process_state.acquire()
         self.thread = threading.Thread(target=self._compile, args=(key, compiled, copies, device, modes),
