@@ -53,7 +53,8 @@ class _Lines(logging.Handler):
         self.lines.append((round(time.perf_counter() - self.start, 3), f"{record.name}: {record.getMessage()}"))
 
 
-def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers: int | None = None) -> dict:
+def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers: int | None = None,
+          channels_last: bool | None = None, profile: bool = False) -> dict:
     import numpy as np
     import torch
 
@@ -66,7 +67,10 @@ def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers:
     if case == "background":
         config = config.replace(runtime=replace(config.runtime, compile_background=True, compile_workers=workers))
     if case == "eager":
-        config = accel.AccelConfig(sampler=config.sampler)
+        config = accel.AccelConfig(sampler=config.sampler, runtime=accel.RuntimeConfig(channels_last=True)
+                                   if channels_last else None)
+    elif channels_last is not None:
+        config = config.replace(runtime=replace(config.runtime, channels_last=channels_last))
     modules = compiled_modules(pipe, config.runtime.compiled_components) if config.runtime is not None else []
     start = time.perf_counter()
     lines = _Lines(start)
@@ -83,10 +87,23 @@ def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers:
 
     accel.accelerate(pipe, config)
     record = {"case": case, "arch": arch, "size": size, "steps": config.sampler.num_steps, "torch": torch.__version__,
-              "device": "cpu" if smoke else torch.cuda.get_device_name(), "accelerate_s": time.perf_counter() - start}
-    first, at, latency = generate()
+              "device": "cpu" if smoke else torch.cuda.get_device_name(), "accelerate_s": time.perf_counter() - start,
+              "channels_last": config.runtime is not None and config.runtime.channels_last}
+    if profile:  # where the first call's time goes: Python functions and the torch ops they call, by own time
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        first, at, latency = profiler.runcall(generate)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        record["first_call_profile"] = text.getvalue().splitlines()[-40:]
+    else:
+        first, at, latency = generate()
     record["first_image_s"] = at + latency  # from accelerate() to the first image
     timeline = [{"start_s": round(at, 3), "latency_s": round(latency, 4)}]
+    image = first
     if case == "background":
         while time.perf_counter() - start < seconds:
             reports = [background_compile_report(m) or {} for m in modules]
@@ -116,13 +133,14 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
     def cell(value, scale=1.0, digits=1):
         return "-" if value is None else f"{value * scale:.{digits}f}"
 
-    rows = ["| case | accelerate() s | first image s | all switched s | steady median ms | calls | wall s |",
-            "| --- " * 7 + "|"]
+    rows = ["| case | channels-last | accelerate() s | first image s | all switched s | steady median ms | calls | wall s |",
+            "| --- " * 8 + "|"]
     for r in records:
         if "error" in r:
-            rows.append(f"| {r['case']} | {(r['error'].strip().splitlines() or ['failed'])[-1][:160]} |" + " |" * 5)
+            rows.append(f"| {r['case']} | {(r['error'].strip().splitlines() or ['failed'])[-1][:160]} |" + " |" * 6)
             continue
-        rows.append(f"| {r['case']} | {cell(r['accelerate_s'], digits=2)} | {cell(r['first_image_s'])} | "
+        rows.append(f"| {r['case']} | {'yes' if r.get('channels_last') else 'no'} | {cell(r['accelerate_s'], digits=2)} | "
+                    f"{cell(r['first_image_s'])} | "
                     f"{cell(r.get('all_switched_s'))} | {cell(r['median_s'], 1e3)} | {len(r['timeline'])} | "
                     f"{cell(r.get('wall_s'))} |")
     text = [f"# First image before the compile ends ({meta['mode']}, {meta['arch']})", "", f"`{meta['command']}`", "",
@@ -133,6 +151,9 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
                         f"{r['psnr_first_vs_last_db']:.2f} dB; failures: {r['failed'] or 'none'}")
             text.append("- timeline (start s: latency ms): " + ", ".join(
                 f"{t['start_s']:.1f}: {t['latency_s'] * 1e3:.0f}" for t in r["timeline"]))
+        if r.get("first_call_profile"):
+            text += [f"", f"First call of {r['case']}, cProfile by own time:", "", "```",
+                     *r["first_call_profile"], "```"]
     (out / "first_image.md").write_text("\n".join(text) + "\n")
 
 
@@ -145,6 +166,11 @@ def main() -> int:
     parser.add_argument("--arch", default="sd15", choices=("sd15", "sdxl"))
     parser.add_argument("--compile-workers", type=int, default=None, help="the background case's compile_workers "
                         "(default: None, a worker process per component on a GPU; 0: the thread compiles it all)")
+    parser.add_argument("--channels-last", default="preset", choices=("preset", "on", "off"),
+                        help="the runtime's channels_last in every case (preset: as the preset has it; the eager case: "
+                        "'on' adds RuntimeConfig(channels_last=True) alone, to time NHWC eager convolutions' first call)")
+    parser.add_argument("--profile-first", action="store_true", help="cProfile the first call (its 30 functions of "
+                        "most own time go into the report; the profiler slows Python)")
     parser.add_argument("--smoke", action="store_true", help="the embedded model on the CPU at 32 px, no CUDA graphs")
     parser.add_argument("--child", default=None, choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,8 +179,9 @@ def main() -> int:
     seconds = args.seconds if args.seconds is not None else (60.0 if args.smoke else 90.0)
     if args.child:
         sys.path.insert(0, str(REPO))
-        print("RECORD " + json.dumps(child(args.child, args.arch, args.smoke, seconds, out, args.compile_workers)),
-              flush=True)
+        channels_last = {"preset": None, "on": True, "off": False}[args.channels_last]
+        print("RECORD " + json.dumps(child(args.child, args.arch, args.smoke, seconds, out, args.compile_workers,
+                                           channels_last, args.profile_first)), flush=True)
         os._exit(0)  # a background compile still running (a short --seconds) is not waited for at exit
     import diffusers
     import torch
@@ -167,7 +194,8 @@ def main() -> int:
         began = time.perf_counter()
         child_args = ["--child", case, "--arch", args.arch, "--out", str(out), "--seconds", str(seconds)] + (
             ["--smoke"] if args.smoke else []) + (
-            ["--compile-workers", str(args.compile_workers)] if args.compile_workers is not None else [])
+            ["--compile-workers", str(args.compile_workers)] if args.compile_workers is not None else []) + (
+            ["--channels-last", args.channels_last]) + (["--profile-first"] if args.profile_first else [])
         record = {"case": case, **fresh_process(__file__, child_args, tempfile.mkdtemp(prefix=f"inductor-{case}-"),
                                                 seconds + 600)}
         record["wall_s"] = time.perf_counter() - began
