@@ -83,6 +83,30 @@ def test_shapes_only_copy_holds_no_weights_and_leaves_the_block_alone():
     assert all(torch.equal(v, before[k]) and v.device.type == "cpu" for k, v in block.state_dict().items())
 
 
+def test_shapes_only_leaves_out_the_blocks_own_torch_hooks_when_asked():
+    """A forward's compile (a background compile's worker) copies the module without the torch hooks on the module
+    itself: they run around `forward`, and an accelerated denoiser's (the session's call planner) reach what does not
+    pickle."""
+    import io
+    from types import MappingProxyType
+
+    class Planner:
+        options = None
+
+        def hook(self, module, args):
+            return None
+
+    planner = Planner()
+    planner.options = MappingProxyType({})  # what a SamplerConfig holds
+    block = ResnetBlock2D(in_channels=8, out_channels=4, temb_channels=16, groups=4)
+    block.register_forward_pre_hook(planner.hook)
+    with pytest.raises(TypeError, match="mappingproxy"):
+        _shapes_only(block)  # a module's compile (regional) traces its hooks: they travel with it
+    copy = _shapes_only(block, own_hooks=False)
+    torch.save(copy, io.BytesIO())
+    assert not copy._forward_pre_hooks and len(block._forward_pre_hooks) == 1
+
+
 def test_split_deals_from_the_last_block_called():
     jobs = [Job(torch.nn.Identity(), (index,), {}) for index in range(5)]
     assert [[j.args[0] for j in part] for part in _split(jobs, 2)] == [[4, 2, 0], [3, 1]]

@@ -121,11 +121,21 @@ def _register(region: torch.nn.Module, hooks: list[tuple[str, str, object]]) -> 
         HookRegistry.check_if_exists_or_initialize(region.get_submodule(path)).register_hook(hook, name)
 
 
-def _shapes_only(region: torch.nn.Module) -> torch.nn.Module:
+def _shapes_only(region: torch.nn.Module, own_hooks: bool = True) -> torch.nn.Module:
     """A copy of the block whose parameters and buffers live on the meta device (no weight is copied), without its
     diffusers hooks (`_stateless_hooks` lists the ones a worker puts back): hooks hold what cannot be copied or
-    pickled (a hooked forward is a closure; a background compile's hook holds its worker process)."""
+    pickled (a hooked forward is a closure; a background compile's hook holds its worker process). Without
+    `own_hooks`, also without the torch forward hooks on `region` itself, which run around its `forward`, not in a
+    compiled `forward`'s graph: on an accelerated pipeline's denoiser, the session's call planner (its pre-hook
+    reaches the session and its config, which pickles no further: H200, every background compile worker of a preset's
+    UNet failed so, and its thread compiled it all beside the calls)."""
     memo = {}
+    if not own_hooks:
+        for name in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                     "_forward_pre_hooks_with_kwargs"):
+            hooks = region.__dict__.get(name)
+            if hooks is not None:
+                memo[id(hooks)] = type(hooks)()
     for module in region.modules():
         for param in module._parameters.values():
             if param is not None:
@@ -211,7 +221,9 @@ class Workers:
         for (index, _, process), part in zip(self.processes, [*parts, *[[]] * len(self.processes)]):
             if part:
                 path = self.folder / f"jobs-{index}.pt"
-                torch.save({"jobs": [{"region": _shapes_only(job.region), "hooks": _stateless_hooks(job.region),
+                # A forward's graph holds none of the region's own torch hooks (a module's compile holds them all).
+                torch.save({"jobs": [{"region": _shapes_only(job.region, own_hooks=target != "forward"),
+                                      "hooks": _stateless_hooks(job.region),
                                       "args": job.args, "kwargs": job.kwargs} for job in part],
                             "target": target, "inference": inference,
                             "compile_kwargs": compile_kwargs, "grad": torch.is_grad_enabled(),
