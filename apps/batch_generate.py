@@ -400,8 +400,9 @@ ARTIFACTS = ".compile-artifacts"
 
 
 def shared_artifacts(config, out_dir: Path):
-    """`config` with its compile artifacts kept in `out_dir` (None-safe; unchanged where nothing compiles, or where
-    the config names its own folder)."""
+    """`config` with its compile artifacts kept in `out_dir` (None-safe; unchanged where nothing compiles, where the
+    config names its own folder, or where it compiles in the background: its artifacts are saved only once that
+    compile is over, after the call rank 0 makes for the other ranks to load from)."""
     from dataclasses import replace
 
     runtime = getattr(config, "runtime", None)

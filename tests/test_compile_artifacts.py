@@ -156,11 +156,11 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _fresh_process(tmp_path: Path, name: str) -> dict:
+def _fresh_process(tmp_path: Path, name: str, child: str = _CHILD) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{name}"), TORCHINDUCTOR_COMPILE_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
     (tmp_path / name).mkdir()
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(Path(__file__).parent), str(tmp_path / "artifacts"),
+    done = subprocess.run([sys.executable, "-c", child, str(Path(__file__).parent), str(tmp_path / "artifacts"),
                            str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=900)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, done.stderr[-3000:]
@@ -177,6 +177,54 @@ def test_artifacts_fill_an_empty_inductor_cache(tmp_path):
     assert "no matching artifacts: none saved in" in first["log"] and "saved compile artifacts to" in first["log"]
     second = _fresh_process(tmp_path, "second")
     assert second["close"] and "loaded compile artifacts from" in second["log"], second["log"][-2000:]
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
+
+
+_BACKGROUND_CHILD = textwrap.dedent("""
+    import json, logging, sys, time, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    logging.basicConfig(level=logging.INFO)
+    import accel
+    from accel.runtime import background_compile_report, compile_cache_report
+    from tiny import tiny_sd_pipeline, run
+    from torch._dynamo.utils import counters
+    from pathlib import Path
+    pipe = tiny_sd_pipeline(Path(sys.argv[3]))
+    eager = run(pipe, steps=1, height=32, width=32)
+    runtime = accel.RuntimeConfig(compile="full", compile_background=True, compile_workers=1, compile_cache=sys.argv[2])
+    accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
+    first = run(pipe, steps=1, height=32, width=32)
+    after_first = compile_cache_report(pipe)
+    began = time.perf_counter()
+    while background_compile_report(pipe.unet)["running"] and time.perf_counter() - began < 600:
+        run(pipe, steps=1, height=32, width=32)
+    out = run(pipe, steps=1, height=32, width=32)  # the first call after the compile: the save
+    print("RESULT " + json.dumps({"inductor": dict(counters["inductor"]), "after_first": after_first,
+                                  "report": compile_cache_report(pipe),
+                                  "compiled": background_compile_report(pipe.unet)["compiled"],
+                                  "workers": background_compile_report(pipe.unet)["workers"],
+                                  "first_equal": bool((first == eager).all()),
+                                  "close": bool(abs(out - eager).max() < 1e-4)}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on CPU")
+def test_a_background_compile_loads_artifacts_and_saves_its_own_once_over(tmp_path):
+    """`compile_background` with `compile_cache` (and a compile worker): a process saves nothing at the end of its
+    first (eager) call, while the compile runs, and saves once it is over, the worker's graphs included (the thread
+    read them from the cache); a second process on an empty inductor cache loads them at its first call and its
+    background compile reads them in its thread, without a worker: graph cache hits, nothing generated anew."""
+    first = _fresh_process(tmp_path, "first", _BACKGROUND_CHILD)
+    assert first["first_equal"] and first["close"] and first["compiled"] == 1, first["log"][-2000:]
+    assert first["after_first"] == {"loaded": [], "saved": []}
+    assert len(first["report"]["saved"]) == 1 and first["workers"][0]["failed"] is False
+    assert "saved once the background compile is over" in first["log"]
+    second = _fresh_process(tmp_path, "second", _BACKGROUND_CHILD)
+    assert second["first_equal"] and second["close"] and second["compiled"] == 1, second["log"][-2000:]
+    assert len(second["after_first"]["loaded"]) == 1 and second["report"]["saved"] == [] and second["workers"] == []
+    assert "from the artifacts just loaded, without a worker" in second["log"]
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
 
 

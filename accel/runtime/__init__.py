@@ -80,6 +80,8 @@ class RuntimeConfig:
         runs eagerly, as do the calls after it, until the compiled code is built; the next call then runs it (and CUDA
         graphs capture then: none is captured while a background compile runs). A first image comes at the eager
         speed instead of after the whole compile. A module with another technique's hooks inside compiles in the call.
+        With `compile_cache`, matching artifacts load at the first call as without it (the background compile then
+        reads them), and what a background compile built is saved at the end of the first call after it is over.
     compile_cache: a folder of portable compile artifacts (`accel.runtime.artifacts`, written by `accel precompile`
         or by an earlier process): each call with new shapes first loads the artifacts saved for this model, config,
         shapes, torch and device, and where none match saves them once it has compiled. None: not used.
@@ -136,9 +138,6 @@ class RuntimeConfig:
         if self.compile_background:
             if self.compile != "full":
                 raise ValueError(f"RuntimeConfig.compile_background applies to compile='full'; compile is {self.compile!r}")
-            if self.compile_cache is not None:
-                raise ValueError("RuntimeConfig.compile_background and compile_cache do not go together yet: artifacts "
-                                 "are saved at the end of the first call, before a background compile has ended")
         if self.lora_max_rank is not None:
             if isinstance(self.lora_max_rank, bool) or not isinstance(self.lora_max_rank, int) or self.lora_max_rank < 1:
                 raise ValueError(f"RuntimeConfig.lora_max_rank must be None (the loaded LoRA's rank) or a positive integer, "
@@ -388,7 +387,8 @@ RUNTIME_STEPS = (
     RuntimeStep("quantize", lambda c: c.quantize is not None, _quantize, lambda pipe, layers: layers.remove()),
     RuntimeStep("compile", lambda c: c.compile is not None, _compile, _uncompile),
     # After compile (whose process settings name the inductor cache the artifacts load into), before any call.
-    RuntimeStep("compile_cache", lambda c: c.compile_cache is not None, ArtifactCache,
+    RuntimeStep("compile_cache", lambda c: c.compile_cache is not None,
+                lambda pipe, c, s: ArtifactCache(pipe, c, s, _modules(pipe, c.compiled_components)),
                 lambda pipe, cache: cache.remove()),
     RuntimeStep("cuda_graph", lambda c: c.cuda_graph, _capture_graphs, _release_graphs),
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..pipelines import denoiser
+from .compile import compile_pending, mark_artifacts_loaded
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +144,17 @@ def load_artifacts(fields: dict, directory) -> bool:
 
 class ArtifactCache:
     """`RuntimeConfig(compile_cache=...)` on an accelerated pipeline: at the start of each call with shapes not seen
-    before, load the matching artifacts; at the end of such a call, completed and compiled without them, save."""
+    before, load the matching artifacts; at the end of such a call, completed and compiled without them, save. Where
+    `compiled` (the modules the runtime compiles) compile in the background, the save waits for the end of the first
+    call after their compiles are over; a pipeline restored before that saves nothing."""
 
-    def __init__(self, pipe, config, session):
+    def __init__(self, pipe, config, session, compiled=()):
         self.pipe, self.config, self.session = pipe, config, session
         self.directory = Path(config.compile_cache)
+        self.compiled = list(compiled)
         self.seen: set[str] = set()
         self.pending: dict | None = None  # the key of this call's shapes, to save at its end
+        self.unsaved: list[dict] = []  # keys whose compiles still run in the background
         self.saved: list[Path] = []
         self.loaded: list[str] = []  # the files loaded
         session.add_call_listener(self.begin)
@@ -164,16 +169,29 @@ class ArtifactCache:
         self.seen.add(digest)
         if load_artifacts(fields, self.directory):
             self.loaded.append(str(_paths(self.directory, fields)[0]))
+            for module in self.compiled:
+                mark_artifacts_loaded(module)
         else:
             self.pending = fields
 
     def end(self, session, completed: bool) -> None:
+        compiling = any(compile_pending(module) for module in self.compiled)
+        if self.unsaved and not compiling:
+            unsaved, self.unsaved = self.unsaved, []
+            for fields in unsaved:
+                self._save(fields)
         fields, self.pending = self.pending, None
         if fields is None:
             return
         if not completed:
             self.seen.discard(key_digest(fields))  # a failed call compiled part: the next one tries again
-            return
+        elif compiling:
+            self.unsaved.append(fields)
+            logger.info("accel: compile artifacts will be saved once the background compile is over")
+        else:
+            self._save(fields)
+
+    def _save(self, fields: dict) -> None:
         path = save_artifacts(fields, self.directory)
         if path is not None:
             self.saved.append(path)

@@ -143,6 +143,9 @@ class BackgroundCompile:
         self.switched: set[tuple] = set()
         self.thread: threading.Thread | None = None
         self.detached = False
+        # Set where portable artifacts for the next compile were just loaded (`mark_artifacts_loaded`): the thread
+        # reads them itself; a worker would start, trace and read them first, for nothing.
+        self.artifacts_loaded = False
         # With `defer()` (a pipeline's session does it), compiles wait for `start_deferred()` at the end of the
         # pipeline call: the first image runs eagerly without a compiling thread beside it.
         self.deferred = False
@@ -225,7 +228,10 @@ class BackgroundCompile:
         self.states[key] = "compiling"
         _RUNNING.add(self)
         background_process_state.acquire()
-        self.thread = threading.Thread(target=self._compile, args=(key, compiled, copies, device, modes),
+        worker, self.artifacts_loaded = not self.artifacts_loaded, False
+        if not worker:
+            logger.info("accel: %s compiles in its thread from the artifacts just loaded, without a worker", self.name)
+        self.thread = threading.Thread(target=self._compile, args=(key, compiled, copies, device, modes, worker),
                                        name=f"accel-compile-{self.name}", daemon=True)
         try:
             self.thread.start()
@@ -234,7 +240,7 @@ class BackgroundCompile:
             background_process_state.release()
             raise
 
-    def _compile(self, key, compiled, copies, device, modes) -> None:
+    def _compile(self, key, compiled, copies, device, modes, worker: bool = True) -> None:
         start = time.perf_counter()
         state = "failed"
         inference, device_type, autocast, autocast_dtype = modes
@@ -245,7 +251,7 @@ class BackgroundCompile:
                 modes.enter_context(torch.autocast(device_type, autocast_dtype, enabled=autocast))
                 if device is not None:
                     modes.enter_context(torch.cuda.device(device))
-                if self._use_worker(device, autocast):
+                if worker and self._use_worker(device, autocast):
                     self._compile_in_worker(copies, inference)
                 compiled(*copies[0], **copies[1])
                 if device is not None:
@@ -500,6 +506,20 @@ def compile_settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
     for them is to run or runs in the background (a CUDA graph captured now would hold the eager forward)."""
     background = getattr(_hook(module), "background", None)
     return background is None or background.settled(args, kwargs)
+
+
+def mark_artifacts_loaded(module: torch.nn.Module) -> None:
+    """Portable artifacts for `module`'s coming background compile were just loaded: that compile runs in its thread
+    alone, which reads them, without a worker process."""
+    background = getattr(_hook(module), "background", None)
+    if background is not None:
+        background.artifacts_loaded = True
+
+
+def compile_pending(module: torch.nn.Module) -> bool:
+    """Whether a background compile of `module` runs, or waits for the end of the pipeline call to start."""
+    background = getattr(_hook(module), "background", None)
+    return background is not None and (background.running() or bool(background.waiting))
 
 
 def _hook(module: torch.nn.Module):

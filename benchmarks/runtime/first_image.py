@@ -54,18 +54,19 @@ class _Lines(logging.Handler):
 
 
 def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers: int | None = None,
-          channels_last: bool | None = None, profile: bool = False) -> dict:
+          channels_last: bool | None = None, profile: bool = False, compile_cache: str | None = None) -> dict:
     import numpy as np
     import torch
 
     import accel
     from accel.quality.metrics import psnr
-    from accel.runtime import background_compile_report
+    from accel.runtime import background_compile_report, compile_cache_report
     from accel.runtime import _modules as compiled_modules
 
     pipe, config, size = _pipeline("embedded" if smoke else arch, smoke)
     if case == "background":
-        config = config.replace(runtime=replace(config.runtime, compile_background=True, compile_workers=workers))
+        config = config.replace(runtime=replace(config.runtime, compile_background=True, compile_workers=workers,
+                                                compile_cache=compile_cache))
     if case == "eager":
         config = accel.AccelConfig(sampler=config.sampler, runtime=accel.RuntimeConfig(channels_last=True)
                                    if channels_last else None)
@@ -114,6 +115,7 @@ def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers:
         failed = [line for _, line in lines.lines if "background compile" in line and "failed" in line]
         record.update(switch_s=switches, all_switched_s=max(switches) if len(switches) == len(modules) else None,
                       compile_s=[background_compile_report(m) for m in modules], failed=failed,
+                      artifacts=compile_cache_report(pipe),
                       psnr_first_vs_last_db=float(psnr(*(torch.from_numpy(i[0]).permute(2, 0, 1) for i in (first, image)))))
         times = [t["latency_s"] for t in timeline[-STEADY_CALLS:]]
     else:
@@ -171,6 +173,8 @@ def main() -> int:
                         "'on' adds RuntimeConfig(channels_last=True) alone, to time NHWC eager convolutions' first call)")
     parser.add_argument("--profile-first", action="store_true", help="cProfile the first call (its 30 functions of "
                         "most own time go into the report; the profiler slows Python)")
+    parser.add_argument("--compile-cache", default=None, help="the background case's RuntimeConfig.compile_cache: a "
+                        "folder of artifacts (`accel precompile`, `cold_start.py --cases precompile --artifacts DIR`)")
     parser.add_argument("--smoke", action="store_true", help="the embedded model on the CPU at 32 px, no CUDA graphs")
     parser.add_argument("--child", default=None, choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,7 +185,7 @@ def main() -> int:
         sys.path.insert(0, str(REPO))
         channels_last = {"preset": None, "on": True, "off": False}[args.channels_last]
         print("RECORD " + json.dumps(child(args.child, args.arch, args.smoke, seconds, out, args.compile_workers,
-                                           channels_last, args.profile_first)), flush=True)
+                                           channels_last, args.profile_first, args.compile_cache)), flush=True)
         os._exit(0)  # a background compile still running (a short --seconds) is not waited for at exit
     import diffusers
     import torch
@@ -195,7 +199,8 @@ def main() -> int:
         child_args = ["--child", case, "--arch", args.arch, "--out", str(out), "--seconds", str(seconds)] + (
             ["--smoke"] if args.smoke else []) + (
             ["--compile-workers", str(args.compile_workers)] if args.compile_workers is not None else []) + (
-            ["--channels-last", args.channels_last]) + (["--profile-first"] if args.profile_first else [])
+            ["--channels-last", args.channels_last]) + (["--profile-first"] if args.profile_first else []) + (
+            ["--compile-cache", args.compile_cache] if args.compile_cache else [])
         record = {"case": case, **fresh_process(__file__, child_args, tempfile.mkdtemp(prefix=f"inductor-{case}-"),
                                                 seconds + 600)}
         record["wall_s"] = time.perf_counter() - began
