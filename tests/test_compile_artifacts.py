@@ -137,19 +137,25 @@ def test_a_failed_call_saves_nothing(sd_pipe, tmp_path, monkeypatch):
     assert not tmp_path.exists()
 
 
-_CHILD = textwrap.dedent("""
-    import json, logging, sys, torch
+# A child process's start: the tiny pipeline (its folder argv[3]) and its eager output, then RUNTIME (a RuntimeConfig
+# expression, with the artifacts folder argv[2]) applied.
+_CHILD_START = textwrap.dedent("""
+    import json, logging, sys, time, torch
     torch.set_num_threads(1)
     sys.path.insert(0, sys.argv[1])
     logging.basicConfig(level=logging.INFO)
     import accel
+    from accel.runtime import background_compile_report, compile_cache_report
     from tiny import tiny_sd_pipeline, run
     from torch._dynamo.utils import counters
     from pathlib import Path
     pipe = tiny_sd_pipeline(Path(sys.argv[3]))
     eager = run(pipe, steps=1, height=32, width=32)
-    runtime = accel.RuntimeConfig(compile="full", compile_cache=sys.argv[2])
-    accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
+    accel.accelerate(pipe, accel.AccelConfig(runtime=RUNTIME))
+""")
+
+_CHILD = _CHILD_START.replace("RUNTIME", 'accel.RuntimeConfig(compile="full", compile_cache=sys.argv[2])') + \
+    textwrap.dedent("""
     out = run(pipe, steps=1, height=32, width=32)
     print("RESULT " + json.dumps({"inductor": dict(counters["inductor"]),
                                   "close": bool(abs(out - eager).max() < 1e-4)}))
@@ -180,20 +186,8 @@ def test_artifacts_fill_an_empty_inductor_cache(tmp_path):
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
 
 
-_BACKGROUND_CHILD = textwrap.dedent("""
-    import json, logging, sys, time, torch
-    torch.set_num_threads(1)
-    sys.path.insert(0, sys.argv[1])
-    logging.basicConfig(level=logging.INFO)
-    import accel
-    from accel.runtime import background_compile_report, compile_cache_report
-    from tiny import tiny_sd_pipeline, run
-    from torch._dynamo.utils import counters
-    from pathlib import Path
-    pipe = tiny_sd_pipeline(Path(sys.argv[3]))
-    eager = run(pipe, steps=1, height=32, width=32)
-    runtime = accel.RuntimeConfig(compile="full", compile_background=True, compile_workers=1, compile_cache=sys.argv[2])
-    accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
+_BACKGROUND_CHILD = _CHILD_START.replace("RUNTIME", 'accel.RuntimeConfig(compile="full", compile_background=True, '
+                                                    'compile_workers=1, compile_cache=sys.argv[2])') + textwrap.dedent("""
     first = run(pipe, steps=1, height=32, width=32)
     after_first = compile_cache_report(pipe)
     began = time.perf_counter()
