@@ -127,6 +127,37 @@ def test_accelerate_loads_before_the_first_call_and_saves_after(sd_pipe, tmp_pat
     assert "loaded compile artifacts from" in caplog.text
 
 
+def test_a_save_waits_for_the_background_compile_and_a_restore_before_it_says_so(sd_pipe, tmp_path, caplog,
+                                                                                    monkeypatch):
+    """The save of a shape whose compile runs in the background moves to a later call's end; restored first, one log
+    line says the artifacts were not saved (the session stubbed: only the cache's own bookkeeping runs)."""
+    from types import SimpleNamespace
+
+    compiling = [True]
+    monkeypatch.setattr(artifacts, "compile_pending", lambda module: compiling[0])
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    caplog.set_level(logging.INFO, logger=artifacts.__name__)
+    session = SimpleNamespace(call_arguments={"prompt": "a", "height": 32, "width": 32, "guidance_scale": 7.5},
+                              add_call_listener=lambda fn: None, add_call_end_listener=lambda fn: None,
+                              remove_call_listener=lambda fn: None, remove_call_end_listener=lambda fn: None)
+    config = accel.RuntimeConfig(compile="full", compile_background=True, compile_cache=str(tmp_path / "a"))
+    cache = artifacts.ArtifactCache(sd_pipe, config, session, compiled=[sd_pipe.unet])
+    cache.begin(session)
+    cache.end(session, True)  # the first call's end: the compile has only started
+    assert cache.saved == [] and len(cache.unsaved) == 1 and "saved once the background compile is over" in caplog.text
+    cache.end(session, True)  # still compiling
+    assert cache.saved == []
+    compiling[0] = False
+    cache.end(session, True)  # the first call's end after it: saved
+    assert len(cache.saved) == 1 and cache.unsaved == []
+    compiling[0] = True
+    session.call_arguments = {**session.call_arguments, "height": 40}
+    cache.begin(session)
+    cache.end(session, True)
+    cache.remove()
+    assert len(cache.saved) == 1 and "were not saved to" in caplog.text
+
+
 def test_a_failed_call_saves_nothing(sd_pipe, tmp_path, monkeypatch):
     tmp_path = tmp_path / "artifacts"
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))

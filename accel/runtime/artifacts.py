@@ -197,5 +197,8 @@ class ArtifactCache:
             self.saved.append(path)
 
     def remove(self) -> None:
+        if self.unsaved:
+            logger.info("accel: restored before the background compile was over: its compile artifacts (%d shape(s)) "
+                        "were not saved to %s", len(self.unsaved), self.directory)
         self.session.remove_call_listener(self.begin)
         self.session.remove_call_end_listener(self.end)
