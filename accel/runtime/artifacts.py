@@ -175,12 +175,14 @@ class ArtifactCache:
             self.pending = fields
 
     def end(self, session, completed: bool) -> None:
+        fields, self.pending = self.pending, None
+        if fields is None and not self.unsaved:
+            return  # most calls: shapes seen before, nothing waiting to be saved
         compiling = any(compile_pending(module) for module in self.compiled)
         if self.unsaved and not compiling:
             unsaved, self.unsaved = self.unsaved, []
-            for fields in unsaved:
-                self._save(fields)
-        fields, self.pending = self.pending, None
+            for saved in unsaved:
+                self._save(saved)
         if fields is None:
             return
         if not completed:

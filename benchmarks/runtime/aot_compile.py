@@ -46,6 +46,21 @@ def denoiser_forward(module, *args, **kwargs):
     return module.forward(*args, **kwargs)
 
 
+def unet_call(unet, side: int, device, dtype) -> tuple[tuple, dict]:
+    """The arguments of one CFG-batch call of `unet` on a `side` x `side` latent (SDXL's added conditions where its
+    config asks for them)."""
+    import torch
+
+    args = (torch.randn(2, unet.config.in_channels, side, side, device=device, dtype=dtype),
+            torch.tensor(500.0, device=device),
+            torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=dtype))
+    kwargs = {"return_dict": False}
+    if unet.config.addition_embed_type == "text_time":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+                                       "time_ids": torch.randn(2, 6, device=device, dtype=dtype)}
+    return args, kwargs
+
+
 def _inputs(arch: str, smoke: bool):
     import torch
 
@@ -59,14 +74,7 @@ def _inputs(arch: str, smoke: bool):
     if not smoke:
         unet.to(memory_format=torch.channels_last)
     side = unet.config.sample_size if smoke else {"sd15": 64, "sdxl": 128}[arch]
-    args = (torch.randn(2, unet.config.in_channels, side, side, device=device, dtype=dtype),
-            torch.tensor(500.0, device=device),
-            torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=dtype))
-    kwargs = {"return_dict": False}
-    if arch == "sdxl" and not smoke:
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
-                                       "time_ids": torch.randn(2, 6, device=device, dtype=dtype)}
-    return unet, args, kwargs
+    return (unet, *unet_call(unet, side, device, dtype))
 
 
 def child(case: str, arch: str, smoke: bool, folder: Path) -> dict:

@@ -53,8 +53,8 @@ class _Lines(logging.Handler):
         self.lines.append((round(time.perf_counter() - self.start, 3), f"{record.name}: {record.getMessage()}"))
 
 
-def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers: int | None = None,
-          channels_last: bool | None = None, profile: bool = False, compile_cache: str | None = None) -> dict:
+def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dict:
+    """One case in this process, with the options `main` was given (they pass through to the child unchanged)."""
     import numpy as np
     import torch
 
@@ -63,10 +63,12 @@ def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers:
     from accel.runtime import background_compile_report, compile_cache_report
     from accel.runtime import _modules as compiled_modules
 
+    arch, smoke = args.arch, args.smoke
+    channels_last = {"preset": None, "on": True, "off": False}[args.channels_last]
     pipe, config, size = _pipeline("embedded" if smoke else arch, smoke)
     if case == "background":
-        config = config.replace(runtime=replace(config.runtime, compile_background=True, compile_workers=workers,
-                                                compile_cache=compile_cache))
+        config = config.replace(runtime=replace(config.runtime, compile_background=True,
+                                                compile_workers=args.compile_workers, compile_cache=args.compile_cache))
     if case == "eager":
         config = accel.AccelConfig(sampler=config.sampler, runtime=accel.RuntimeConfig(channels_last=True)
                                    if channels_last else None)
@@ -90,7 +92,7 @@ def child(case: str, arch: str, smoke: bool, seconds: float, out: Path, workers:
     record = {"case": case, "arch": arch, "size": size, "steps": config.sampler.num_steps, "torch": torch.__version__,
               "device": "cpu" if smoke else torch.cuda.get_device_name(), "accelerate_s": time.perf_counter() - start,
               "channels_last": config.runtime is not None and config.runtime.channels_last}
-    if profile:  # where the first call's time goes: Python functions and the torch ops they call, by own time
+    if args.profile_first:  # where the first call's time goes: Python functions and the torch ops they call, by own time
         import cProfile
         import io
         import pstats
@@ -183,9 +185,7 @@ def main() -> int:
     seconds = args.seconds if args.seconds is not None else (60.0 if args.smoke else 90.0)
     if args.child:
         sys.path.insert(0, str(REPO))
-        channels_last = {"preset": None, "on": True, "off": False}[args.channels_last]
-        print("RECORD " + json.dumps(child(args.child, args.arch, args.smoke, seconds, out, args.compile_workers,
-                                           channels_last, args.profile_first, args.compile_cache)), flush=True)
+        print("RECORD " + json.dumps(child(args.child, args, seconds, out)), flush=True)
         os._exit(0)  # a background compile still running (a short --seconds) is not waited for at exit
     import diffusers
     import torch
@@ -196,11 +196,7 @@ def main() -> int:
     records = []
     for case in args.cases.split(","):
         began = time.perf_counter()
-        child_args = ["--child", case, "--arch", args.arch, "--out", str(out), "--seconds", str(seconds)] + (
-            ["--smoke"] if args.smoke else []) + (
-            ["--compile-workers", str(args.compile_workers)] if args.compile_workers is not None else []) + (
-            ["--channels-last", args.channels_last]) + (["--profile-first"] if args.profile_first else []) + (
-            ["--compile-cache", args.compile_cache] if args.compile_cache else [])
+        child_args = [*sys.argv[1:], "--child", case]  # every option as given; the child runs `case` alone
         record = {"case": case, **fresh_process(__file__, child_args, tempfile.mkdtemp(prefix=f"inductor-{case}-"),
                                                 seconds + 600)}
         record["wall_s"] = time.perf_counter() - began

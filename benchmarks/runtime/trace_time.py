@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
+from aot_compile import unet_call  # noqa: E402
 
 
 def main() -> int:
@@ -36,12 +37,7 @@ def main() -> int:
     dtype = torch.bfloat16
     pipe = build_pipeline(args.arch, device="cpu", dtype=dtype)
     unet = pipe.unet
-    sample = torch.randn(2, 4, 16, 16, dtype=dtype)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=dtype)
-    extra = {}
-    if args.arch == "sdxl":
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 1280, dtype=dtype),
-                                      "time_ids": torch.randn(2, 6, dtype=dtype)}
+    call_args, call_kwargs = unet_call(unet, 16, "cpu", dtype)
     if args.accelerated:
         config = accel.resolve_config(preset="balanced", pipe=pipe)
         accel.accelerate(pipe, config.replace(runtime=replace(config.runtime.without_compile(cuda_graph=False),
@@ -49,10 +45,10 @@ def main() -> int:
     forward = torch.compile(unet.forward, backend="eager")
     with torch.no_grad():
         start = time.perf_counter()
-        forward(sample, torch.tensor(500.0), context, **extra)
+        forward(*call_args, **call_kwargs)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        forward(sample, torch.tensor(500.0), context, **extra)
+        forward(*call_args, **call_kwargs)
         second = time.perf_counter() - start
     print(f"{args.arch} UNet{' (accelerated)' if args.accelerated else ''}: first call (trace) {first:.1f} s, "
           f"second {second:.2f} s")
