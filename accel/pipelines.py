@@ -28,6 +28,10 @@ def denoiser(pipe) -> torch.nn.Module:
 
 
 def flow_matching(pipe) -> bool:
-    """Whether the pipeline's scheduler is a flow-matching one (SD3, Flux, Sana) rather than a betas schedule."""
+    """Whether the pipeline's scheduler is a flow-matching one (SD3, Flux, Sana) rather than a betas schedule: a
+    scheduler without betas (FlowMatch Euler / Heun), or DPM-Solver / UniPC on flow sigmas, which keep a betas field
+    they do not use (Sana's published scheduler: DPM-Solver++ with `use_flow_sigmas`)."""
+    from samplers import is_flow_config
+
     config = getattr(getattr(pipe, "scheduler", None), "config", None) or {}
-    return "beta_schedule" not in config
+    return "beta_schedule" not in config or is_flow_config(config)

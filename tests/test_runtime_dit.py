@@ -4,7 +4,7 @@ where CUDA graphs fall back to eager and compilation is held at eager (`torch.co
 import numpy as np
 import pytest
 import torch
-from diffusers import PixArtSigmaPipeline
+from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 from tiny import run, tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_inputs, tiny_sana_pipeline, tiny_sd3_pipeline
 
 import accel
@@ -20,6 +20,9 @@ PIPELINES = {
     "flux": (tiny_flux_pipeline, {"max_sequence_length": 16}),
 }
 SANA = (tiny_sana_pipeline, tiny_sana_inputs())
+# Sana's published scheduler: DPM-Solver++ on flow sigmas, whose config keeps a betas field it does not use.
+SANA_DPM = (lambda tmp: tiny_sana_pipeline(tmp, scheduler=DPMSolverMultistepScheduler(
+    flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True)), tiny_sana_inputs())
 RUNTIMES = {
     "graphs": RuntimeConfig(cuda_graph=True, components=("denoiser", "vae", "text_encoder")),
     "flash-pin": RuntimeConfig(attention="flash"),
@@ -74,14 +77,14 @@ def test_what_a_dit_runtime_refuses(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["balanced", "fast"])
-@pytest.mark.parametrize("which", ["sd3", "flux", "sana"])
+@pytest.mark.parametrize("which", ["sd3", "flux", "sana", "sana_dpm"])
 def test_presets_on_flow_matching_dits(which, name, tmp_path, monkeypatch):
     """A flow-matching pipeline keeps its own scheduler and gets the DiT runtime (regional compile, CUDA graphs of the
     transformer); "fast" adds the block cache on a fixed schedule. Applied as the preset is, then restored exactly."""
     from accel.runtime import compile as compile_module
 
     monkeypatch.setattr(compile_module, "default_workers", lambda: 0)  # no compile workers for an eager CPU run
-    build, kwargs = SANA if which == "sana" else PIPELINES[which]
+    build, kwargs = {"sana": SANA, "sana_dpm": SANA_DPM}.get(which) or PIPELINES[which]
     pipe = build(tmp_path)
     steps = 6
     scheduler, before = pipe.scheduler, run(pipe, steps=steps, **kwargs)
