@@ -108,7 +108,10 @@ def later_contenders(runtime: RuntimeConfig, steps: int, base: str = "runtime") 
         return Contender(name, AccelConfig(cache=cache_config(interval, order), runtime=config), reference,
                          full_steps(steps, interval, SCHEDULES[interval]), cost_s)
 
+    # FP8 on the layers of >= 3,072 outputs only, where one layer at a time gained (benchmarks/runtime/fp8_linear.py)
+    wide = replace(fp8, quantize_min_out_features=3072)
     return [Contender("runtime fp8", AccelConfig(runtime=fp8), base, cost_s=80),
+            Contender("runtime fp8 wide", AccelConfig(runtime=wide), "runtime fp8", cost_s=60),
             cached("runtime fp8 cache3", 3, None, fp8, "runtime cache3", 55),
             cached("runtime cache3", 3, None, runtime, base, 45),
             cached("runtime cache2", 2, None, runtime, base, 45),
@@ -123,7 +126,7 @@ def later_contenders(runtime: RuntimeConfig, steps: int, base: str = "runtime") 
 
 # Run only when --configs names them: a full compile of Flux-dev takes about 2 minutes; every 4's quality on the
 # embedded DiT is not measured yet (dit_cache_quality.py --contenders "every 4").
-OPT_IN = ("runtime full", "runtime fp8 cache4")
+OPT_IN = ("runtime full", "runtime fp8 cache4", "runtime fp8 wide")
 STOCK_AGAIN = Contender("stock again", None, "stock", cost_s=20)
 
 # stabilityai/stable-diffusion-3-medium's transformer/config.json and scheduler/scheduler_config.json.

@@ -139,6 +139,8 @@ def speed(device: str, dtype: torch.dtype, arch: str, size: int, steps: int, une
         "compiled fp8": AccelConfig(runtime=replace(runtime, quantize="fp8")),
         "compiled int8": AccelConfig(runtime=replace(runtime, quantize="int8")),
         "compiled fp8 + 1x1 convs": AccelConfig(runtime=replace(runtime, quantize="fp8", quantize_convs=True)),
+        # only the layers of >= 3,072 outputs, where one layer at a time gained (benchmarks/runtime/fp8_linear.py)
+        "compiled fp8 wide": AccelConfig(runtime=replace(runtime, quantize="fp8", quantize_min_out_features=3072)),
     }
     pipe = build_pipeline(arch, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

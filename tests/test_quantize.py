@@ -162,6 +162,24 @@ def test_unaligned_layers_and_pointwise_convolutions(sd_pipe, cpu_kernels):
     assert np.array_equal(run(sd_pipe), before)
 
 
+def test_narrow_layers_stay_in_16_bit(cpu_kernels):
+    """`quantize_min_out_features`: layers with fewer outputs are left out and named; none left is an error, with
+    nothing changed."""
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    layers = QuantizedLayers(net, "fp8", skip=(), min_out_features=64)
+    assert layers.report["quantized"] == ["0"] and layers.report["narrow"] == ["1", "2"]
+    assert type(net[0]) is QuantizedLinear and type(net[1]) is torch.nn.Linear
+    layers.remove()
+    with pytest.raises(ValueError, match=r"no layer to quantize in Sequential \(1 left out by the skip patterns; 2 "
+                                         r"narrower than quantize_min_out_features=100\)"):
+        QuantizedLayers(net, "fp8", skip=("0",), min_out_features=100)
+    assert all(type(m) is torch.nn.Linear for m in net)
+    with pytest.raises(ValueError, match="quantize_min_out_features must be None or an integer >= 0"):
+        RuntimeConfig(quantize="fp8", quantize_min_out_features=-1)
+    with pytest.raises(ValueError, match="apply to quantize='fp8' or 'int8'; quantize is None"):
+        RuntimeConfig(quantize_min_out_features=3072)
+
+
 def test_composes_with_deepcache(sd_pipe, cpu_kernels):
     before = run(sd_pipe, steps=4)
     accel.accelerate(sd_pipe, AccelConfig(cache=DeepCacheConfig(cache_interval=2)))

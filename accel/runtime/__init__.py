@@ -71,6 +71,10 @@ class RuntimeConfig:
     quantize_skip: module-name patterns (fnmatch, e.g. "*.norm1.linear") of the denoiser's layers to leave in 16 bit;
         None: the default sensitive set for UNets or DiTs (`accel.runtime.quantize.DEFAULT_SKIP`), () quantizes all.
     quantize_convs: also quantize the 1x1 convolutions (as matmuls over the pixels).
+    quantize_min_out_features: leave layers with fewer output features than this in 16 bit (None or 0: every
+        aligned layer). The per-row quantize of a layer's input costs a pass over it, which a narrow layer's 8-bit
+        matmul does not win back: on the H200 FP8 lost on every measured layer of <= 2,560 outputs and won on every
+        one of >= 3,072 (`benchmarks/runtime/fp8_linear.py`), so 3072 keeps only the layers where FP8 pays.
     compile: None, "regional" (repeated blocks, short compile) or "full".
     compile_workers: with "regional", how many worker processes compile the distinct blocks alongside
         the first call (None: half the host's cores, at most 8; 0: all in this process). With "full" and
@@ -107,6 +111,7 @@ class RuntimeConfig:
     quantize: str | None = None
     quantize_skip: tuple[str, ...] | None = None
     quantize_convs: bool = False
+    quantize_min_out_features: int | None = None
     compile: str | None = None
     compile_workers: int | None = None
     compile_background: bool = False
@@ -156,8 +161,13 @@ class RuntimeConfig:
                 raise ValueError(f"RuntimeConfig.quantize_skip must be None (the default sensitive layers) or a tuple of "
                                  f"module-name patterns such as ('*.norm1.linear',), got {self.quantize_skip!r}")
             object.__setattr__(self, "quantize_skip", tuple(self.quantize_skip))
-        if self.quantize is None and (self.quantize_skip is not None or self.quantize_convs):
-            raise ValueError("RuntimeConfig.quantize_skip and quantize_convs apply to quantize='fp8' or 'int8'; quantize is None")
+        minimum = self.quantize_min_out_features
+        if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0):
+            raise ValueError(f"RuntimeConfig.quantize_min_out_features must be None or an integer >= 0 (a layer's "
+                             f"output features), got {minimum!r}")
+        if self.quantize is None and (self.quantize_skip is not None or self.quantize_convs or minimum):
+            raise ValueError("RuntimeConfig.quantize_skip, quantize_convs and quantize_min_out_features apply to "
+                             "quantize='fp8' or 'int8'; quantize is None")
         if isinstance(self.components, str) or not self.components:
             raise ValueError(f"RuntimeConfig.components must be a non-empty tuple from {COMPONENTS}, got {self.components!r}")
         for component in self.components:
@@ -266,7 +276,8 @@ def _on_each(modules: list[torch.nn.Module], apply, remove) -> list[torch.nn.Mod
 
 def _quantize(pipe, config: RuntimeConfig, session) -> QuantizedLayers:
     skip = DEFAULT_SKIP[denoiser_kind(pipe)] if config.quantize_skip is None else config.quantize_skip
-    return QuantizedLayers(denoiser(pipe), config.quantize, skip, config.quantize_convs)
+    return QuantizedLayers(denoiser(pipe), config.quantize, skip, config.quantize_convs,
+                           config.quantize_min_out_features or 0)
 
 
 def _applied(pipe, step_name: str):
@@ -278,7 +289,7 @@ def _applied(pipe, step_name: str):
 
 def quantize_report(pipe) -> dict[str, list[str]] | None:
     """The denoiser layers `RuntimeConfig(quantize=...)` quantized on the accelerated `pipe` and those it left in 16
-    bit, by reason ("skipped", "unaligned", "adapter_variant"); None where nothing is quantized."""
+    bit, by reason ("skipped", "unaligned", "narrow", "adapter_variant"); None where nothing is quantized."""
     layers = _applied(pipe, "quantize")
     return None if layers is None else layers.report
 

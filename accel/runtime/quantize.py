@@ -22,7 +22,9 @@ Left in 16 bit by default (`DEFAULT_SKIP`, fnmatch patterns on the layer's name 
   2023): a UNet's are convolutions (`conv_in`, `conv_out`: never swapped); a DiT's are the patch and text input
   projections (`x_embedder`, `pos_embed`, `context_embedder`, `caption_projection`) and `proj_out`.
 Norms are not linear layers and stay as they are. Layers whose input or output width is not a multiple of 16 (what
-`torch._scaled_mm` takes) stay in 16 bit too and are counted in the report.
+`torch._scaled_mm` takes) stay in 16 bit too and are counted in the report, as are those narrower than
+`RuntimeConfig.quantize_min_out_features` ("narrow": their input's quantize pass costs more than the 8-bit matmul
+saves; `benchmarks/results/quantize/README.md` has the per-layer timings).
 
 A peft LoRA loaded before quantizing keeps its adapters in 16 bit: the layer it wraps (`base_layer`) is quantized
 under it, and a LoRA fused before (`fuse_lora`) is quantized with the base weight. Layers with a LoRA variant that
@@ -191,11 +193,13 @@ class QuantizedLayers:
     """The swap on one denoiser: `report` names the layers quantized and those left in 16 bit, by reason;
     `remove()` puts every original layer back."""
 
-    def __init__(self, net: torch.nn.Module, quantize: str, skip: tuple[str, ...], convs: bool = False):
+    def __init__(self, net: torch.nn.Module, quantize: str, skip: tuple[str, ...], convs: bool = False,
+                 min_out_features: int = 0):
         self.net = net
         fmt = FORMATS[quantize]
         swaps = {torch.nn.Linear: QuantizedLinear, **({torch.nn.Conv2d: QuantizedPointwiseConv} if convs else {})}
-        self.report: dict[str, list[str]] = {"quantized": [], "skipped": [], "unaligned": [], "adapter_variant": []}
+        self.report: dict[str, list[str]] = {"quantized": [], "skipped": [], "unaligned": [], "narrow": [],
+                                             "adapter_variant": []}
         targets = []
         adapters = _adapter_layer_type()
 
@@ -215,11 +219,22 @@ class QuantizedLayers:
                 self.report["skipped"].append(name)
             elif module.weight.shape[0] % ALIGNMENT or module.weight[0].numel() % ALIGNMENT:
                 self.report["unaligned"].append(name)
+            elif module.weight.shape[0] < min_out_features:
+                self.report["narrow"].append(name)
             else:
                 self.report["quantized"].append(name)
                 targets.append((owner, key, module, swap))
 
         visit(None, "", "", net)
+        if not targets:  # asked for and not done: say why rather than run the denoiser in 16 bit as if quantized
+            reasons = {"skipped": "left out by the skip patterns", "unaligned": "not multiples of 16 wide",
+                       "narrow": f"narrower than quantize_min_out_features={min_out_features}",
+                       "adapter_variant": "under a LoRA variant that reads the base weight"}
+            found = "; ".join(f"{len(self.report[k])} {text}" for k, text in reasons.items() if self.report[k])
+            raise ValueError(f"RuntimeConfig(quantize={quantize!r}) found no layer to quantize in "
+                             f"{type(net).__name__} ({found or 'it has no linear layer'}); accepted: a denoiser with "
+                             "linear layers the settings leave in (lower quantize_min_out_features, or narrow "
+                             "quantize_skip)")
         out_dtypes = {}
         self.originals: dict[torch.nn.Module, torch.nn.Module] = {}
         placed = []
