@@ -10,9 +10,6 @@
 set -o pipefail
 START=$SECONDS
 source benchmarks/device_setup.sh
-OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-left() { echo $(($1 - (SECONDS - START))); }
 {
   L=$(left 330)
   timeout "$L" python3 -u benchmarks/flux_runtime.py --arch sana-1600m --out "$OUT/sana" --budget-s $((L - 30)) \
