@@ -16,7 +16,7 @@ from tiny import run
 
 import accel
 from accel.runtime import artifacts
-from accel.runtime.artifacts import call_shapes, key_digest, key_fields, key_for, load_artifacts, save_artifacts
+from accel.runtime.artifacts import call_shapes, key_digest, key_fields, key_for, load_artifacts, runtime_fields, save_artifacts
 
 @pytest.fixture
 def saved_pipe(sd_pipe, tmp_path):
@@ -43,6 +43,10 @@ def test_key_changes_with_torch_dtype_size_and_config():
     assert key_digest(key_fields(MODEL, kept, SHAPES, "2.11.0")) == base
     # nor whether graphs capture the compiled code: `accel precompile` on a CPU leaves them out, a preset keeps them
     assert key_digest(key_fields(MODEL, accel.RuntimeConfig(compile="full"), SHAPES, "2.11.0")) == base
+    # a field added since keys were first saved leaves them as they were at its default, and counts when set
+    assert "quantize_min_out_features" not in runtime_fields(CONFIG)
+    wide = accel.RuntimeConfig(compile="full", cuda_graph=True, quantize="fp8", quantize_min_out_features=3072)
+    assert "quantize_min_out_features=3072" in runtime_fields(wide)
 
 
 def test_key_follows_the_pipeline(sd_pipe):

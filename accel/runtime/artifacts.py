@@ -50,14 +50,19 @@ def call_shapes(arguments: dict) -> dict:
             "guidance": guidance is not None and guidance > 1}
 
 
+_ADDED_LATER = ("quantize_min_out_features",)
+
+
 def runtime_fields(config) -> str:
     """The runtime config as a key field. Where artifacts are kept is not part of what they hold, nor are CUDA
     graphs: they are captured anew in every process around the same compiled code, and `accel precompile` leaves
     them out off a GPU, where a preset keeps them (and runs eagerly). Nor is `compile_background`: where code compiles,
-    not what it compiles (left out of the text, so keys saved before that field existed still match)."""
+    not what it compiles (left out of the text, so keys saved before that field existed still match). Fields added
+    since keys were first saved are left out while at their default, for the same reason."""
     config = dataclasses.replace(config, compile_cache=None, cuda_graph=False)
     fields = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
-                       if f.repr and f.name != "compile_background")
+                       if f.repr and f.name != "compile_background"
+                       and not (f.name in _ADDED_LATER and getattr(config, f.name) is None))
     return f"{type(config).__qualname__}({fields})"
 
 
