@@ -100,7 +100,7 @@ def _parallel_config(args):
 
     runtime = accel.resolve_config(preset=args.preset).runtime if args.preset else None
     if runtime is not None and runtime.compile and runtime.covers_denoiser:
-        raise SystemExit(f"--parallel does not compose with torch.compile of the UNet (preset {args.preset!r} compiles "
+        raise SystemExit(f"--parallel does not compose with torch.compile of the denoiser (preset {args.preset!r} compiles "
                          "it); use a preset without compile, or no preset (CUDA graphs do compose)")
     try:
         config = PatchParallelConfig(mode=args.parallel, warmup_steps=args.parallel_warmup, sync=args.parallel_sync)

@@ -270,7 +270,7 @@ def test_cuda_graph_keys_follow_each_calls_exchange_and_first_calls_run_eagerly(
     # Joining each call's all-gathers at its end (as a graph must) computes what the eager overlap does.
     np.testing.assert_array_equal(out["image_graph_first"], out["image_graph_second"])
     np.testing.assert_allclose(out["image_graph_first"], out["image_sync"], atol=ASYNC_MAX_ABS, rtol=0)
-    assert "does not compose with torch.compile of the UNet" in str(out["error_compile"])
+    assert "does not compose with torch.compile of the denoiser" in str(out["error_compile"])
     assert "RuntimeConfig(cuda_graph=True)" in str(out["error_compile"])
 
 
@@ -325,5 +325,5 @@ def test_cli_generate_parallel_runs_as_one_process_without_a_launcher(sd_pipe, t
             "--width", "32", "--device", "cpu", "--out", str(out)]
     assert main(args + ["--parallel", "patch"]) == 0
     assert out.is_file()
-    with pytest.raises(SystemExit, match=r"--parallel does not compose with torch.compile of the UNet \(preset 'fast'"):
+    with pytest.raises(SystemExit, match=r"--parallel does not compose with torch.compile of the denoiser \(preset 'fast'"):
         main(args + ["--parallel", "cfg", "--preset", "fast"])

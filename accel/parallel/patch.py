@@ -59,9 +59,10 @@ from .layers import unwrap_layers, wrap_layers
 MODES = ("patch", "cfg", "patch+cfg")
 NAME = "patch_parallel"
 HOOK_NAME = f"accel.{NAME}"
-COMPILE_REFUSED = ("patch/CFG parallelism over several processes does not compose with torch.compile of the UNet "
-                    "(its compiled regions would contain the exchanges); use RuntimeConfig(cuda_graph=True) without "
-                    "compile for the UNet (CUDA graphs compose), or compile only components=('vae',)")
+COMPILE_REFUSED = ("patch/CFG parallelism over several processes does not compose with torch.compile of the denoiser "
+                    "(UNet or DiT transformer: its compiled regions would contain the exchanges); use "
+                    "RuntimeConfig(cuda_graph=True) without compile for the denoiser (CUDA graphs compose), or compile "
+                    "only components=('vae',)")
 _CONTROL_RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual",
                       "down_intrablock_additional_residuals")
 
