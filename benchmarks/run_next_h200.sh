@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One nvidia-h200 call (not run yet; about 5 minutes) for what this round left untimed:
+#   1. The clean first image of SD1.5 `balanced` + compile_background with channels-last (issue 23's <= 3 s): a first
+#      process warms the machine (the first process on a fresh machine is seconds slower), then the case itself,
+#      no artifacts, no profiler (first_image.py --cases background --seconds 0).
+#   2. Sana 1600M at a full step every 4 (issue 21's best >= 4x; every 3 gave 3.75x).
+#   3. Which trace-skipping APIs the GPU machine's torch has (aot_compile, dynamo's caching_precompile).
+# Through the device tool: OUT=/tmp/res bash benchmarks/run_next_h200.sh   (carry .whl)
+set -o pipefail
+START=$SECONDS
+source benchmarks/device_setup.sh
+{
+  timeout 60 python3 -c "import torch, diffusers; torch.zeros(1, device='cuda'); print('warm', torch.__version__)"
+  timeout 100 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 0 --out "$OUT/first-clean"
+  echo "[run] first image done at $((SECONDS - START)) s"
+  timeout "$(left 420)" python3 -u benchmarks/flux_runtime.py --arch sana-1600m --name sana-every4 --out "$OUT/sana" \
+    --budget-s 200 --configs "stock,runtime,runtime cache3,runtime cache4"
+  echo "[run] sana done at $((SECONDS - START)) s"
+  timeout 60 python3 -c "
+import torch, torch._dynamo.config as c
+print('torch', torch.__version__, 'caching_precompile', hasattr(c, 'caching_precompile'))
+print('compiled function has aot_compile', hasattr(torch.compile(lambda x: x + 1), 'aot_compile'))
+try:
+    import torch._dynamo.aot_compile as a
+    print('torch._dynamo.aot_compile', [k for k in dir(a) if 'aot' in k.lower()])
+except ImportError as err:
+    print('no torch._dynamo.aot_compile', err)
+print('load_compiled_function', hasattr(torch.compiler, 'load_compiled_function'))"
+  echo "[run] took $((SECONDS - START)) s"
+} 2>&1 | grep -v -i "warning\|torchvision" | tee "$OUT/run.log"
