@@ -62,7 +62,7 @@ def runtime_fields(config) -> str:
     config = dataclasses.replace(config, compile_cache=None, cuda_graph=False)
     fields = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
                        if f.repr and f.name != "compile_background"
-                       and not (f.name in _ADDED_LATER and getattr(config, f.name) is None))
+                       and not (f.name in _ADDED_LATER and getattr(config, f.name) == f.default))
     return f"{type(config).__qualname__}({fields})"
 
 

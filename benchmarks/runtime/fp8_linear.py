@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from accel.runtime.quantize import CPU_SWITCH, FORMATS, QuantizedLinear, _output_dtype, quantize_rows
+from sdpa_backends import _time
 
 # (model, layer, rows, in, out): rows are the tokens of one denoiser call at CFG batch 2 (Flux: batch 1, no CFG).
 SHAPES = [
@@ -49,16 +47,10 @@ SMOKE_SHAPES = [("smoke", "tiny", 64, 32, 48)]
 
 
 def timed(fn, x, repeats: int, device: str) -> float:
-    """Median microseconds per call of `fn(x)`: on a GPU `repeats` calls captured in one CUDA graph, replayed 10
-    times; on the CPU eager calls."""
+    """Median microseconds per call of `fn(x)` (`sdpa_backends._time`'s medians): on a GPU, `repeats` calls captured
+    in one CUDA graph and replayed (launch overhead out), after the compile and autotuning calls; on the CPU eager."""
     if device != "cuda":
-        fn(x)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - start)
-        return 1e6 * statistics.median(times)
+        return 1e6 * _time(lambda: fn(x), device, calls=5)
     for _ in range(3):  # compile, autotune, warm
         fn(x)
     torch.cuda.synchronize()
@@ -66,15 +58,7 @@ def timed(fn, x, repeats: int, device: str) -> float:
     with torch.cuda.graph(graph):
         for _ in range(repeats):
             fn(x)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / repeats)
-    return statistics.median(times)
+    return 1e6 * _time(graph.replay, device, calls=10) / repeats
 
 
 def main() -> None:
