@@ -22,6 +22,7 @@ Results are written after every config (quantize.json, quantize.md in --out), so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._inductor.config
 
 import accel
 from accel import AccelConfig, RuntimeConfig
@@ -129,6 +131,18 @@ def _measure(pipe, config, args: dict, unet_calls: int) -> dict:
     return timing
 
 
+@contextlib.contextmanager
+def _settings(settings: dict):
+    """Run under `settings`: {"cudnn_benchmark": bool, "inductor": {option: value}}; both put back after."""
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = settings.get("cudnn_benchmark", benchmark)
+    try:
+        with torch._inductor.config.patch(settings.get("inductor", {})):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
 def speed(device: str, dtype: torch.dtype, arch: str, size: int, steps: int, unet_calls: int, runtime: RuntimeConfig,
           names: list[str], rows: list[dict], save) -> None:
     from diffusers import DPMSolverMultistepScheduler
@@ -142,6 +156,16 @@ def speed(device: str, dtype: torch.dtype, arch: str, size: int, steps: int, une
         # only the layers of >= 3,072 outputs, where one layer at a time gained (benchmarks/runtime/fp8_linear.py)
         "compiled fp8 wide": AccelConfig(runtime=replace(runtime, quantize="fp8", quantize_min_out_features=3072)),
     }
+    # Process-wide settings some configs run under (their compile happens at their first call, inside them):
+    # cuDNN's autotuner for the convolutions, and inductor's options for conv-heavy UNets from diffusers' torch.compile
+    # guide (1x1 convolutions as matmuls, coordinate-descent tuning of the Triton kernels, no epilogue fusion).
+    tuned = {"cudnn_benchmark": True, "inductor": {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                                                   "coordinate_descent_check_all_directions": True,
+                                                   "epilogue_fusion": False}}
+    settings = {"compiled 16-bit cudnn-bench": {"cudnn_benchmark": True}, "compiled 16-bit tuned": tuned,
+                "compiled fp8 wide tuned": tuned}
+    configs["compiled 16-bit cudnn-bench"] = configs["compiled 16-bit tuned"] = configs["compiled 16-bit"]
+    configs["compiled fp8 wide tuned"] = configs["compiled fp8 wide"]
     pipe = build_pipeline(arch, device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -150,9 +174,10 @@ def speed(device: str, dtype: torch.dtype, arch: str, size: int, steps: int, une
     for name in names:
         print(f"[quantize] {arch} {size}px: {name} ...", flush=True)
         torch._dynamo.reset()
-        row = {"config": name, "accel_config": repr(configs[name])}
+        row = {"config": name, "accel_config": repr(configs[name]), "settings": settings.get(name)}
         try:
-            timing = _measure(pipe, configs[name], args, unet_calls)
+            with _settings(settings.get(name) or {}):
+                timing = _measure(pipe, configs[name], args, unet_calls)
         except Exception as err:  # one failing config must not lose the others
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             rows.append(row)

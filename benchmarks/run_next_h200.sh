@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One nvidia-h200 call (not run yet; about 5 minutes) for what this round left untimed:
-#   1. The clean first image of SD1.5 `balanced` + compile_background with channels-last (issue 23's <= 3 s): a first
-#      process warms the machine (the first process on a fresh machine is seconds slower), then the case itself,
-#      no artifacts, no profiler (first_image.py --cases background --seconds 0).
+# One nvidia-h200 call (not run yet; about 6 minutes) for what this round left untimed:
+#   1. The clean first image of `balanced` + compile_background (issue 23's <= 3 s SD1.5 / <= 5 s SDXL), channels-last
+#      now converted at the end of the first call: a first process warms the machine (the first process on a fresh
+#      machine is seconds slower), then each case, no artifacts, no profiler; SD1.5 with 30 s of calls during the
+#      compile (first_image.py --cases background --seconds 30), SDXL the first image only.
 #   2. Sana 1600M at a full step every 4 (issue 21's best >= 4x; every 3 gave 3.75x).
 #   3. Which trace-skipping APIs the GPU machine's torch has (aot_compile, dynamo's caching_precompile).
 # Through the device tool: OUT=/tmp/res bash benchmarks/run_next_h200.sh   (carry .whl)
@@ -11,7 +12,9 @@ START=$SECONDS
 source benchmarks/device_setup.sh
 {
   timeout 60 python3 -c "import torch, diffusers; torch.zeros(1, device='cuda'); print('warm', torch.__version__)"
-  timeout 100 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 0 --out "$OUT/first-clean"
+  timeout 100 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 30 --out "$OUT/first-clean"
+  timeout 100 python3 -u benchmarks/runtime/first_image.py --arch sdxl --cases background --seconds 0 \
+    --out "$OUT/first-clean-sdxl"
   echo "[run] first image done at $((SECONDS - START)) s"
   timeout "$(left 420)" python3 -u benchmarks/flux_runtime.py --arch sana-1600m --name sana-every4 --out "$OUT/sana" \
     --budget-s 200 --configs "stock,runtime,runtime cache3,runtime cache4"

@@ -19,6 +19,7 @@ from accel.capture import capture_paused
 from accel.runtime import background_compile_report
 from accel.runtime import compile as compile_mod
 from accel.runtime.compile import apply_compile, remove_compile
+from accel.session import get_session
 
 
 class Backend:
@@ -195,6 +196,58 @@ def test_pipeline_switches_with_outputs_equal(sd_pipe, monkeypatch, caplog):
     np.testing.assert_array_equal(first, baseline)
     np.testing.assert_allclose(after, baseline, atol=1e-5)
     np.testing.assert_array_equal(run(sd_pipe), baseline)
+
+
+def test_channels_last_waits_for_the_first_call(sd_pipe, monkeypatch):
+    """With the UNet compiled in the background, channels-last weights come at the end of the first call, before
+    that compile traces: the first image runs on the weights as loaded (a fresh process's eager NHWC convolutions
+    cost it), the compiled code gets the preset's layout. Restore gives the weights back exactly, whether or not the
+    conversion happened."""
+    baseline = run(sd_pipe)
+    weights = {k: v.clone() for k, v in sd_pipe.unet.state_dict().items()}
+    conv = sd_pipe.unet.conv_in.weight
+    real_compile = torch.compile
+    layouts = []
+
+    class Recording(Backend):
+        def __call__(self, gm, example_inputs):
+            layouts.append(conv.is_contiguous(memory_format=torch.channels_last))
+            return super().__call__(gm, example_inputs)
+
+    backend = Recording()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=backend))
+    config = accel.RuntimeConfig(compile="full", compile_background=True, channels_last=True)
+    accel.accelerate(sd_pipe, accel.AccelConfig(runtime=config))
+    assert conv.is_contiguous()
+    accel.restore(sd_pipe)  # before any call: nothing was converted, nothing waits for a call any more
+    assert conv.is_contiguous() and get_session(sd_pipe) is None
+    np.testing.assert_array_equal(run(sd_pipe), baseline)
+
+    accel.accelerate(sd_pipe, accel.AccelConfig(runtime=config))
+    during = []
+    first = run(sd_pipe, callback_on_step_end=lambda p, i, t, kw: during.append(conv.is_contiguous()) or kw)
+    assert during and all(during)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    _wait(sd_pipe.unet)
+    after = run(sd_pipe)
+    assert layouts and all(layouts)  # every compile traced the NHWC weights
+    accel.restore(sd_pipe)
+    for key, value in sd_pipe.unet.state_dict().items():
+        assert value.is_contiguous() and torch.equal(value, weights[key]), key
+    np.testing.assert_array_equal(first, baseline)
+    np.testing.assert_allclose(after, baseline, atol=1e-5)
+    np.testing.assert_array_equal(run(sd_pipe), baseline)
+
+
+def test_channels_last_without_a_background_unet_compile_is_immediate(sd_pipe):
+    """The VAE alone compiled in the background: the UNet's graphs may capture at the first call, so its weights are
+    converted at `accelerate`, as without the option."""
+    config = accel.RuntimeConfig(compile="full", compile_background=True, channels_last=True,
+                                 components=("denoiser", "vae"), compile_components=("vae",))
+    accel.accelerate(sd_pipe, accel.AccelConfig(runtime=config))
+    assert sd_pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    accel.restore(sd_pipe)
+    assert sd_pipe.unet.conv_in.weight.is_contiguous()
 
 
 def test_config_is_validated():
