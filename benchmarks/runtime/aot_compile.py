@@ -80,6 +80,10 @@ def _inputs(arch: str, smoke: bool):
 def child(case: str, arch: str, smoke: bool, folder: Path) -> dict:
     import torch
 
+    # `.aot_compile` and `load_compiled_function` are behind this switch, off by default in torch 2.11 (the device's),
+    # on in 2.13: without it the compiled function simply has no `aot_compile` attribute.
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        torch._dynamo.config.enable_aot_compile = True
     unet, args, kwargs = _inputs(arch, smoke)
     sync = (lambda: None) if smoke else torch.cuda.synchronize
     record = {"case": case, "arch": "embedded" if smoke else arch, "torch": torch.__version__}
