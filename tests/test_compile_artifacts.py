@@ -15,7 +15,7 @@ import torch
 from tiny import run
 
 import accel
-from accel.runtime import artifacts
+from accel.runtime import aot, artifacts
 from accel.runtime.artifacts import call_shapes, key_digest, key_fields, key_for, load_artifacts, runtime_fields, save_artifacts
 
 @pytest.fixture
@@ -192,8 +192,10 @@ _CHILD_START = textwrap.dedent("""
 _CHILD = _CHILD_START.replace("RUNTIME", 'accel.RuntimeConfig(compile="full", compile_cache=sys.argv[2])') + \
     textwrap.dedent("""
     out = run(pipe, steps=1, height=32, width=32)
-    print("RESULT " + json.dumps({"inductor": dict(counters["inductor"]),
-                                  "close": bool(abs(out - eager).max() < 1e-4)}))
+    again = run(pipe, steps=1, height=32, width=32)
+    print("RESULT " + json.dumps({"inductor": dict(counters["inductor"]), "graphs": counters["stats"]["unique_graphs"],
+                                  "report": compile_cache_report(pipe), "close": bool(abs(out - eager).max() < 1e-4),
+                                  "again_equal": bool((again == out).all())}))
 """)
 
 
@@ -211,14 +213,24 @@ def _fresh_process(tmp_path: Path, name: str, child: str = _CHILD) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on CPU")
 def test_artifacts_fill_an_empty_inductor_cache(tmp_path):
-    """A process compiles the tiny UNet and saves its artifacts; a second one, on an empty inductor cache, loads
-    them and compiles from them: inductor's graph cache hits, nothing is generated anew."""
+    """A process compiles the tiny UNet and saves its artifacts and its whole compiled forward (`aot.py`); a second
+    one, on an empty inductor cache, loads the whole forward and runs it without tracing anything; a third, the whole
+    forward deleted, loads the artifacts and compiles from them: inductor's graph cache hits, nothing generated anew."""
     first = _fresh_process(tmp_path, "first")
     assert first["close"] and first["inductor"].get("fxgraph_cache_miss", 0) >= 1, first
     assert "no matching artifacts: none saved in" in first["log"] and "saved compile artifacts to" in first["log"]
+    wholes = sorted((tmp_path / "artifacts").glob("*.aot"))
+    assert [p.name.split(".")[1] for p in wholes] == ["UNet2DConditionModel"], first["log"][-2000:]
+    assert str(wholes[0]) in first["report"]["saved"]
     second = _fresh_process(tmp_path, "second")
-    assert second["close"] and "loaded compile artifacts from" in second["log"], second["log"][-2000:]
-    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
+    assert second["close"] and second["again_equal"] and "loaded 1 saved compiled forward(s)" in second["log"], \
+        second["log"][-2000:]
+    assert second["graphs"] == 0 and not second["inductor"].get("fxgraph_cache_miss")  # no trace, no compile
+    assert str(wholes[0]) in second["report"]["loaded"] and second["report"]["saved"] == []
+    wholes[0].unlink()
+    third = _fresh_process(tmp_path, "third")
+    assert third["close"] and "loaded compile artifacts from" in third["log"], third["log"][-2000:]
+    assert third["inductor"].get("fxgraph_cache_hit", 0) >= 1 and third["inductor"].get("fxgraph_cache_miss", 0) == 0
 
 
 _BACKGROUND_CHILD = _CHILD_START.replace("RUNTIME", 'accel.RuntimeConfig(compile="full", compile_background=True, '
@@ -262,6 +274,7 @@ def test_precompile_writes_one_artifact_set_per_size(saved_pipe, tmp_path, capsy
     from apps.cli import main
 
     monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    monkeypatch.setattr(aot, "available", lambda: False)  # a whole compiled forward would compile for real
     out = tmp_path / "artifacts"
     with torch.compiler.set_stance("force_eager"):
         assert main(["precompile", "--model", str(saved_pipe), "--preset", "balanced", "--device", "cpu",
@@ -292,3 +305,44 @@ def test_precompile_refuses_a_preset_that_compiles_nothing(saved_pipe, tmp_path)
     with pytest.raises(SystemExit, match="compiles nothing"):
         main(["precompile", "--model", str(saved_pipe), "--preset", "quality", "--device", "cpu", "--sizes", "32x32",
               "--out", str(tmp_path / "a")])
+
+
+def test_whole_forward_signature_covers_what_its_guards_do_not():
+    """A saved whole forward keeps tensor guards only: the rest of a call (structure, non-tensor values, strides)
+    is its signature, compared before each use."""
+    x = torch.zeros(2, 4, 8, 8)
+    base = aot.signature((x, 1.0), {"return_dict": False})
+    assert base == aot.signature((torch.ones(2, 4, 8, 8), 1.0), {"return_dict": False})  # values do not enter it
+    for args, kwargs in [((x, 2.0), {"return_dict": False}), ((x, 1.0), {"return_dict": True}), ((x,), {}),
+                         ((x.to(memory_format=torch.channels_last), 1.0), {"return_dict": False}),
+                         ((torch.zeros(1, 4, 8, 8), 1.0), {"return_dict": False}),
+                         ((x.half(), 1.0), {"return_dict": False})]:
+        assert aot.signature(args, kwargs) != base, (args, kwargs)
+
+
+def test_a_loaded_whole_forward_serves_only_its_signature(sd_pipe):
+    """The compile hook runs a preloaded whole forward for calls of its signature and compiles as usual for others;
+    a hook with another hook beneath it (not the class forward) takes none."""
+    from accel.runtime.compile import _hook, preload
+
+    accel.accelerate(sd_pipe, accel.AccelConfig(runtime=accel.RuntimeConfig(compile="full")))
+    try:
+        calls = []
+        unet = sd_pipe.unet
+        real = type(unet).forward
+
+        def fake(module, *args, **kwargs):
+            calls.append(len(args))
+            return real(module, *args, **kwargs)
+
+        sample, t, text = torch.randn(2, 4, 4, 4), torch.tensor(10), torch.randn(2, 7, unet.config.cross_attention_dim)
+        assert preload(unet, aot.signature((sample, t, text), {"return_dict": False}), fake)
+        with torch.no_grad():
+            out = unet(sample, t, text, return_dict=False)
+            assert calls == [3] and _hook(unet).first_call_seconds is not None
+            with torch.compiler.set_stance("force_eager"):  # another signature: the usual compiled path
+                unet(sample, t, encoder_hidden_states=text, return_dict=False)
+            assert calls == [3]
+            torch.testing.assert_close(out[0], real(unet, sample, t, text, return_dict=False)[0])
+    finally:
+        accel.restore(sd_pipe)

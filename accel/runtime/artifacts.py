@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ..pipelines import denoiser
-from .compile import compile_pending, mark_artifacts_loaded
+from . import aot
+from .compile import aot_example, compile_pending, mark_artifacts_loaded, preload, want_example
 
 logger = logging.getLogger(__name__)
 
@@ -172,12 +173,30 @@ class ArtifactCache:
         if digest in self.seen:
             return
         self.seen.add(digest)
+        whole = self._load_whole(digest)
         if load_artifacts(fields, self.directory):
             self.loaded.append(str(_paths(self.directory, fields)[0]))
             for module in self.compiled:
                 mark_artifacts_loaded(module)
-        else:
+        elif not whole:
             self.pending = fields
+            for module in self.compiled:  # its inputs in this call, to save its whole compiled forward at the end
+                want_example(module)
+
+    def _load_whole(self, digest: str) -> bool:
+        """Hand each compiled module its whole compiled forward saved under this key (`aot.py`), where there is one;
+        whether every compiled module got one."""
+        got = 0
+        for module in self.compiled:
+            path = aot.path_for(self.directory, digest, module)
+            loaded = aot.load(path) if path.is_file() else None
+            if loaded is not None and preload(module, loaded[1], loaded[0]):
+                self.loaded.append(str(path))
+                got += 1
+        if got:
+            logger.info("accel: loaded %d saved compiled forward(s) of %d compiled module(s): no trace for those",
+                        got, len(self.compiled))
+        return bool(self.compiled) and got == len(self.compiled)
 
     def end(self, session, completed: bool) -> None:
         fields, self.pending = self.pending, None
@@ -202,6 +221,16 @@ class ArtifactCache:
         path = save_artifacts(fields, self.directory)
         if path is not None:
             self.saved.append(path)
+        digest = key_digest(fields)
+        for module in self.compiled:  # and each module's whole compiled forward, where torch can save one
+            found = aot_example(module)
+            if found is None:
+                continue
+            hook, (args, kwargs) = found
+            whole = aot.path_for(self.directory, digest, module)
+            with torch.no_grad():  # as a pipeline calls its modules
+                if aot.save(module, args, kwargs, whole, hook.compile_kwargs):
+                    self.saved.append(whole)
 
     def remove(self) -> None:
         if self.unsaved:

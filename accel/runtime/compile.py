@@ -24,7 +24,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
 
 from ..capture import _constant_key
-from . import process
+from . import aot, process
 from .process import BACKGROUND_SWITCH_INTERVAL, background_process_state  # noqa: F401 (the tests read it here)
 from .precompile import Job, Precompile, Workers, compiled_before, default_workers, record_calls, stateful_hooks
 
@@ -88,6 +88,12 @@ class CompileHook(ModelHook):
         self.compile_kwargs = compile_kwargs
         self.compiled = None
         self.first_call_seconds: float | None = None
+        # Compiled forwards loaded whole (`aot.py`), by input signature; and, once `want_example` is set (a compile
+        # cache about to save a new shape), the inputs of the next call, to save one: foreground compiles of a module
+        # whose innermost hook this is only.
+        self.preloaded: dict[str, object] = {}
+        self.want_example = False
+        self.example: tuple | None = None
         self.background: BackgroundCompile | None = None
         self._background, self._workers = background, workers
 
@@ -101,13 +107,33 @@ class CompileHook(ModelHook):
             if not self.background.use_compiled(self._run_compiled, args, kwargs):
                 return self.fn_ref.original_forward(*args, **kwargs)
             return self._run_compiled(*args, **kwargs)
+        if self.preloaded and not torch.is_grad_enabled():
+            fn = self.preloaded.get(aot.signature(args, kwargs))
+            if fn is not None:  # traced and compiled in an earlier process: no trace here
+                if self.first_call_seconds is None:
+                    start = time.perf_counter()
+                    out = fn(module, *args, **kwargs)
+                    self.first_call_seconds = time.perf_counter() - start
+                    logger.info("accel: first call ran the saved compiled forward of %s in %.1f s",
+                                type(module).__name__, self.first_call_seconds)
+                    return out
+                return fn(module, *args, **kwargs)
+        if self.want_example and not _capturing() and not torch.is_grad_enabled() and self.innermost(module):
+            self.example, self.want_example = _copies(args, kwargs), False
         if self.first_call_seconds is None:
             start = time.perf_counter()
             out = self._run_compiled(*args, **kwargs)
             self.first_call_seconds = time.perf_counter() - start
             logger.info("accel: first compiled call took %.1f s", self.first_call_seconds)
             return out
+        if self.compiled is None:  # the saved forward served the first calls; these inputs differ
+            return self._run_compiled(*args, **kwargs)
         return self.compiled(*args, **kwargs)
+
+    def innermost(self, module) -> bool:
+        """Whether this hook wraps the module's class forward itself (no other hook beneath it): then a saved whole
+        compiled forward (`aot.class_forward`) is what this hook compiles."""
+        return getattr(self.fn_ref.original_forward, "__func__", None) is type(module).forward
 
     def _run_compiled(self, *args, **kwargs):
         """The compiled forward, its `torch.compile` wrapper made at the first use: with `background`, in the compile
@@ -520,6 +546,34 @@ def compile_pending(module: torch.nn.Module) -> bool:
     """Whether a background compile of `module` runs, or waits for the end of the pipeline call to start."""
     background = getattr(_hook(module), "background", None)
     return background is not None and (background.running() or bool(background.waiting))
+
+
+def want_example(module: torch.nn.Module) -> None:
+    """Have the module's foreground compile hook keep the inputs of its next call (`aot_example` takes them)."""
+    hook = _hook(module)
+    if isinstance(hook, CompileHook) and hook.background is None:
+        hook.want_example, hook.example = True, None
+
+
+def aot_example(module: torch.nn.Module) -> tuple | None:
+    """(the compile hook, (args, kwargs) of the call kept since `want_example`) where a whole compiled forward of the
+    module can be saved (`aot.py`: a foreground compile, the innermost hook); else None. Taken: a second call
+    returns None until `want_example` again."""
+    hook = _hook(module)
+    if not isinstance(hook, CompileHook) or hook.background is not None or hook.example is None:
+        return None
+    example, hook.example, hook.want_example = hook.example, None, False
+    return hook, example
+
+
+def preload(module: torch.nn.Module, signature: str, fn) -> bool:
+    """Let the module's foreground compile hook run `fn` (a loaded whole compiled forward) for calls of `signature`;
+    False where it cannot (no such hook, a background compile, another hook beneath it)."""
+    hook = _hook(module)
+    if not isinstance(hook, CompileHook) or hook.background is not None or not hook.innermost(module):
+        return False
+    hook.preloaded[signature] = fn
+    return True
 
 
 def _hook(module: torch.nn.Module):
