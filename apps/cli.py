@@ -192,6 +192,7 @@ def precompile(pipe, config, sizes: list[tuple[int, int]], out, call: dict) -> d
 
     import accel
     from accel.runtime import compile_cache_report
+    from accel.runtime.artifacts import saving_whole_forwards
 
     runtime = replace(config.runtime, compile_cache=str(Path(out)))
     if pipe.device.type != "cuda" and runtime.cuda_graph:  # the compiled code is what is saved; graphs are not
@@ -202,7 +203,8 @@ def precompile(pipe, config, sizes: list[tuple[int, int]], out, call: dict) -> d
     try:
         for height, width in sizes:
             start = time.perf_counter()
-            pipe(**call, height=height, width=width, generator=torch.Generator("cpu").manual_seed(0))
+            with saving_whole_forwards():  # and each compiled module's whole forward: no trace in a new process
+                pipe(**call, height=height, width=width, generator=torch.Generator("cpu").manual_seed(0))
             seconds[f"{height}x{width}"] = time.perf_counter() - start
             print(f"{height}x{width}: {seconds[f'{height}x{width}']:.1f} s")
         report = compile_cache_report(pipe)

@@ -191,7 +191,9 @@ _CHILD_START = textwrap.dedent("""
 
 _CHILD = _CHILD_START.replace("RUNTIME", 'accel.RuntimeConfig(compile="full", compile_cache=sys.argv[2])') + \
     textwrap.dedent("""
-    out = run(pipe, steps=1, height=32, width=32)
+    from accel.runtime.artifacts import saving_whole_forwards
+    with saving_whole_forwards():  # as `accel precompile` saves
+        out = run(pipe, steps=1, height=32, width=32)
     again = run(pipe, steps=1, height=32, width=32)
     print("RESULT " + json.dumps({"inductor": dict(counters["inductor"]), "graphs": counters["stats"]["unique_graphs"],
                                   "report": compile_cache_report(pipe), "close": bool(abs(out - eager).max() < 1e-4),
@@ -346,3 +348,26 @@ def test_a_loaded_whole_forward_serves_only_its_signature(sd_pipe):
             torch.testing.assert_close(out[0], real(unet, sample, t, text, return_dict=False)[0])
     finally:
         accel.restore(sd_pipe)
+
+
+def test_whole_forwards_are_saved_only_where_asked(sd_pipe, tmp_path, monkeypatch):
+    """A compile cache's save writes whole compiled forwards only within `saving_whole_forwards()` (what `accel
+    precompile` runs): saving one compiles the module again, which a user's first call should not pay."""
+    from accel.runtime.artifacts import saving_whole_forwards
+
+    saved = []
+    monkeypatch.setattr(aot, "save", lambda module, args, kwargs, path, options: saved.append(type(module).__name__))
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "eager"}))
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled", None))
+    config = accel.RuntimeConfig(compile="full", compile_cache=str(tmp_path / "a"), components=("denoiser", "vae"))
+    accel.accelerate(sd_pipe, accel.AccelConfig(runtime=config))
+    try:
+        run(sd_pipe, height=32, width=32)
+        assert saved == [] and len(list((tmp_path / "a").glob("*.bin"))) == 1
+        with saving_whole_forwards():
+            run(sd_pipe, height=40, width=32)
+        assert saved == ["UNet2DConditionModel", "Decoder"] and len(list((tmp_path / "a").glob("*.bin"))) == 2
+    finally:
+        accel.restore(sd_pipe)
+        torch._dynamo.reset()

@@ -12,6 +12,7 @@ each process still builds (measured: `benchmarks/runtime/cold_start.py --smoke`)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,6 +28,19 @@ from .compile import aot_example, compile_pending, mark_artifacts_loaded, preloa
 logger = logging.getLogger(__name__)
 
 KEY_VERSION = 2  # bump when the fields below change meaning
+_WHOLE_FORWARDS = [False]  # within `saving_whole_forwards()`
+
+
+@contextlib.contextmanager
+def saving_whole_forwards():
+    """Within it, a compile cache's save also writes each compiled module's whole compiled forward (`aot.py`), which a
+    new process then runs without dynamo's trace: what `accel precompile` does. Off elsewhere: saving one traces and
+    compiles the module again (SD1.5's UNet and decoder on the H200: up to 57 s), which a user's first call should not pay."""
+    before, _WHOLE_FORWARDS[0] = _WHOLE_FORWARDS[0], True
+    try:
+        yield
+    finally:
+        _WHOLE_FORWARDS[0] = before
 
 
 def model_fields(pipe) -> dict:
@@ -180,8 +194,9 @@ class ArtifactCache:
                 mark_artifacts_loaded(module)
         elif not whole:
             self.pending = fields
-            for module in self.compiled:  # its inputs in this call, to save its whole compiled forward at the end
-                want_example(module)
+            if _WHOLE_FORWARDS[0]:
+                for module in self.compiled:  # its inputs in this call, to save its whole compiled forward at the end
+                    want_example(module)
 
     def _load_whole(self, digest: str) -> bool:
         """Hand each compiled module its whole compiled forward saved under this key (`aot.py`), where there is one;
