@@ -272,10 +272,6 @@ class _ChannelsLast:
                     param.data = param.data.contiguous(memory_format=torch.channels_last)
                     self.changed.append(param)
 
-    @property
-    def pending(self) -> bool:
-        return self.session is not None
-
     def _at_call_end(self, session, completed: bool) -> None:
         self._stop_waiting()
         self.convert()

@@ -204,7 +204,7 @@ class ArtifactCache:
         got = 0
         for module in self.compiled:
             path = aot.path_for(self.directory, digest, module)
-            loaded = aot.load(path) if path.is_file() else None
+            loaded = aot.load(path)
             if loaded is not None and preload(module, loaded[1], loaded[0]):
                 self.loaded.append(str(path))
                 got += 1

@@ -548,10 +548,16 @@ def compile_pending(module: torch.nn.Module) -> bool:
     return background is not None and (background.running() or bool(background.waiting))
 
 
+def _foreground_hook(module: torch.nn.Module) -> CompileHook | None:
+    """The module's full-compile hook where it compiles in the call (not in the background); else None."""
+    hook = _hook(module)
+    return hook if isinstance(hook, CompileHook) and hook.background is None else None
+
+
 def want_example(module: torch.nn.Module) -> None:
     """Have the module's foreground compile hook keep the inputs of its next call (`aot_example` takes them)."""
-    hook = _hook(module)
-    if isinstance(hook, CompileHook) and hook.background is None:
+    hook = _foreground_hook(module)
+    if hook is not None:
         hook.want_example, hook.example = True, None
 
 
@@ -559,8 +565,8 @@ def aot_example(module: torch.nn.Module) -> tuple | None:
     """(the compile hook, (args, kwargs) of the call kept since `want_example`) where a whole compiled forward of the
     module can be saved (`aot.py`: a foreground compile, the innermost hook); else None. Taken: a second call
     returns None until `want_example` again."""
-    hook = _hook(module)
-    if not isinstance(hook, CompileHook) or hook.background is not None or hook.example is None:
+    hook = _foreground_hook(module)
+    if hook is None or hook.example is None:
         return None
     example, hook.example, hook.want_example = hook.example, None, False
     return hook, example
@@ -569,8 +575,8 @@ def aot_example(module: torch.nn.Module) -> tuple | None:
 def preload(module: torch.nn.Module, signature: str, fn) -> bool:
     """Let the module's foreground compile hook run `fn` (a loaded whole compiled forward) for calls of `signature`;
     False where it cannot (no such hook, a background compile, another hook beneath it)."""
-    hook = _hook(module)
-    if not isinstance(hook, CompileHook) or hook.background is not None or not hook.innermost(module):
+    hook = _foreground_hook(module)
+    if hook is None or not hook.innermost(module):
         return False
     hook.preloaded[signature] = fn
     return True
