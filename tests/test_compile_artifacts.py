@@ -371,3 +371,38 @@ def test_whole_forwards_are_saved_only_where_asked(sd_pipe, tmp_path, monkeypatc
     finally:
         accel.restore(sd_pipe)
         torch._dynamo.reset()
+
+
+def test_a_whole_forward_that_restarts_to_tensorify_a_float_is_saved_with_floats_as_constants(tmp_path, monkeypatch):
+    """Dynamo's restart to turn a Python float into a tensor escapes aot_compile (the SD VAE decoder on the H200): the
+    save compiles again with `specialize_float`, and the function it writes runs; another error is not retried."""
+    if not aot.available():
+        pytest.skip("this torch has no aot_compile")
+
+    class Scale(torch.nn.Module):
+        def forward(self, x, factor):
+            return x * factor + 1
+
+    real, seen = aot._aot_compile, []
+
+    class TensorifyScalarRestartAnalysis(Exception):
+        pass
+
+    def aot_compile(module, args, kwargs, compile_kwargs):
+        seen.append(torch._dynamo.config.specialize_float)
+        if not torch._dynamo.config.specialize_float:
+            raise RuntimeError("backend failed") from TensorifyScalarRestartAnalysis()
+        return real(module, args, kwargs, {**compile_kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(aot, "_aot_compile", aot_compile)
+    module, x = Scale(), torch.randn(3)
+    path = tmp_path / f"k{aot.SUFFIX}"
+    assert aot.save(module, (x, 2.5), {}, path, {}) and seen == [False, True]
+    fn, digest = aot.load(path)
+    assert digest == aot.signature((x, 2.5), {})
+    torch.testing.assert_close(fn(module, x, 2.5), x * 2.5 + 1)
+
+    seen.clear()
+    monkeypatch.setattr(aot, "_aot_compile", lambda *a: (seen.append(1), (_ for _ in ()).throw(ValueError("no")))[1])
+    assert not aot.save(module, (x, 2.5), {}, tmp_path / f"other{aot.SUFFIX}", {}) and seen == [1]
+    torch._dynamo.reset()

@@ -67,9 +67,18 @@ def save(module: torch.nn.Module, args: tuple, kwargs: dict, path: Path, compile
         return False
     kwargs_for_compile = {k: v for k, v in compile_kwargs.items() if k not in ("fullgraph", "options")}
     try:
-        compiled = torch.compile(class_forward, fullgraph=True,
-                                 options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
-                                 **kwargs_for_compile).aot_compile(((module, *args), kwargs))
+        try:
+            compiled = _aot_compile(module, args, kwargs, kwargs_for_compile)
+        except Exception as err:
+            if not _restarts_to_tensorify(err):
+                raise
+            # Dynamo restarts its analysis to turn a Python float into a tensor, which aot_compile does not follow
+            # (the SD VAE decoder on the H200, torch 2.11, fp16). Floats as constants instead: the signature beside
+            # the saved function holds every non-tensor value, so a call with another float never uses it.
+            logger.info("accel: %s's forward is compiled again for saving with floats as constants (%s)",
+                        type(module).__name__, type(err).__name__)
+            with torch._dynamo.config.patch(specialize_float=True):
+                compiled = _aot_compile(module, args, kwargs, kwargs_for_compile)
         partial = path.with_name(path.name + ".partial")
         compiled.save_compiled_function(str(partial))
         partial.replace(path)
@@ -80,6 +89,21 @@ def save(module: torch.nn.Module, args: tuple, kwargs: dict, path: Path, compile
         return False
     logger.info("accel: saved %s's compiled forward to %s", type(module).__name__, path)
     return True
+
+
+def _aot_compile(module: torch.nn.Module, args: tuple, kwargs: dict, compile_kwargs: dict):
+    return torch.compile(class_forward, fullgraph=True,
+                         options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
+                         **compile_kwargs).aot_compile(((module, *args), kwargs))
+
+
+def _restarts_to_tensorify(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) is dynamo's restart to tensorify a float scalar."""
+    while err is not None:
+        if "TensorifyScalarRestart" in type(err).__name__ or "TensorifyScalarRestart" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def load(path: Path):

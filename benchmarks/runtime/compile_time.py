@@ -44,13 +44,24 @@ VARIANTS = {
 }
 # The `balanced` preset's runtime (channels-last, UNet and VAE decoder compiled, CUDA graphs of those and the text
 # encoder) with its compile swapped (issue 23: the fastest-compiling setup within 5% of the fastest steady state):
-# name: (regional block classes or None for the default set, compile mode).
+# name: (regional block classes or None for the default set, compile mode[, what else changes]). The third element
+# may name `compile_components` (the decoder then runs eagerly under its CUDA graph) and inductor settings (set in the
+# child process, which compiles in the foreground, in itself).
 _STAGES = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D",
            "UNetMidBlock2D", "UpDecoderBlock2D")  # each resolution stage of the UNet and of the VAE decoder, whole
+# One launch configuration per pointwise kernel instead of several benchmarked at the first run (the cold SD1.5
+# compile ran 411 kernel benchmarks), and none of the joint-graph pattern rewrites (4.2 of its 57.9 s in dynamo's
+# breakdown; the preset's attention calls SDPA itself, which the attention patterns would otherwise produce).
+_FEWER_CONFIGS = {"triton.autotune_pointwise": False}
+_NO_PATTERNS = {"pattern_matcher": False}
 PRESET_VARIANTS = {
     "balanced": (None, "full"),  # the preset as it is: the whole forward of each
     "balanced-regional": (None, "regional"),  # transformer and resnet blocks, distinct ones in worker processes
     "balanced-stages": (_STAGES, "regional"),  # the 9 UNet stages and 5 decoder stages, in worker processes
+    "balanced-unet": (None, "full", {"compile_components": ("denoiser",)}),  # the decoder eager, under its graph
+    "balanced-lean": (None, "full", {"inductor": _FEWER_CONFIGS}),
+    "balanced-lean-unet": (None, "full", {"inductor": _FEWER_CONFIGS, "compile_components": ("denoiser",)}),
+    "balanced-lean-nopatterns": (None, "full", {"inductor": {**_FEWER_CONFIGS, **_NO_PATTERNS}}),
 }
 
 
@@ -61,9 +72,15 @@ def child(name: str, smoke: bool) -> dict:
     import accel
     from accel.runtime import compile as compile_mod
 
-    preset_mode = None
+    preset_mode, preset_changes = None, {}
     if name in PRESET_VARIANTS:
-        (blocks, preset_mode), kwargs = PRESET_VARIANTS[name], {}
+        blocks, preset_mode, *rest = PRESET_VARIANTS[name]
+        kwargs, preset_changes = {}, dict(rest[0]) if rest else {}
+        from torch._inductor import config as inductor_config
+
+        for key, value in preset_changes.get("inductor", {}).items():
+            owner, _, field = key.rpartition(".")
+            setattr(getattr(inductor_config, owner) if owner else inductor_config, field, value)
     else:
         blocks, kwargs = VARIANTS[name]
     if blocks is not None:
@@ -101,6 +118,8 @@ def child(name: str, smoke: bool) -> dict:
         from dataclasses import replace
 
         runtime = replace(accel.get_preset("balanced").runtime, compile=preset_mode)
+        if "compile_components" in preset_changes:
+            runtime = replace(runtime, compile_components=preset_changes["compile_components"])
     applied = time.perf_counter()
     accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))  # compile workers start here (precompile.py)
 
@@ -130,7 +149,7 @@ def child(name: str, smoke: bool) -> dict:
               "median_s": statistics.median(times), "dynamo_stats": stats,
               "precompile": precompile_report(pipe.unet), "inductor": dict(counters["inductor"]),
               "regions": list(compile_mod.REGIONAL_BLOCKS if blocks is None else blocks), "compile_kwargs": kwargs,
-              "runtime": repr(runtime),
+              "runtime": repr(runtime), "inductor_settings": preset_changes.get("inductor", {}),
               "compiled_modules": sorted(type(m).__name__ for c in (pipe.unet, pipe.vae.decoder) for m in c.modules()
                                          if m._compiled_call_impl is not None)}
     logs = (record["precompile"] or {}).get("logs")
