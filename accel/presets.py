@@ -26,10 +26,15 @@ from .sampler import SamplerConfig
 # Fastest runtime measured on the H100 (benchmarks/results/sd15-layout.md); graphs fall back to eager on CPU. The text
 # encoders are CUDA-graphed, not compiled (issue 23's 5% rule): on the H200, SD1.5 `balanced` compiling UNet and VAE
 # decoder alone reached 142.1 ms per image after a 61.2 s first call, compiling all three 141.9 ms after 68.5 s
-# (benchmarks/results/runtime/cold-start/; two runs, one day apart, the same GPU model).
+# (benchmarks/results/runtime/cold-start/; two runs, one day apart, the same GPU model). Inductor's pattern rewrites
+# and its choice among several launch configurations of each pointwise kernel cost compile time and bought nothing
+# here (the preset's attention calls SDPA itself): without them the cold compile took 58.3 s against 91.7 s, at
+# 142.4 against 146.9 ms per image (H200, one run, each a fresh process on an empty cache;
+# benchmarks/results/runtime/compile-time.md). Leaving the decoder eager saved more but cost 10.8% per image.
+_LEAN_COMPILE = {"pattern_matcher": False, "triton.autotune_pointwise": False}
 _COMPILED = RuntimeConfig(
     attention="sdpa", channels_last=True, compile="full", cuda_graph=True, components=("denoiser", "vae", "text_encoder"),
-    compile_components=("denoiser", "vae"),
+    compile_components=("denoiser", "vae"), compile_options=_LEAN_COMPILE,
 )
 # The DiT runtime: FLUX.1-dev architecture on the H200, 1.31x over stock after an 8.5 s regional compile, where the
 # full compile takes about 2 minutes (benchmarks/results/flux-runtime/; benchmarks/run_dit_runtime.sh compares their

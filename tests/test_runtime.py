@@ -245,3 +245,47 @@ def test_compile_components_refusals():
         RuntimeConfig(compile_components=("denoiser",))
     with pytest.raises(ValueError, match="non-empty tuple"):
         RuntimeConfig(compile="full", compile_components="denoiser")
+
+
+def test_compile_options_reach_each_compile_and_refuse_what_inductor_lacks(sd_pipe, monkeypatch):
+    """`compile_options` are torch.compile's inductor `options` for the full and the regional compile (and for the
+    whole forward a compile cache saves); names inductor does not have, wrong types and no compile are refused."""
+    seen = []
+    compile_ = torch.compile
+
+    def compile_eager(*a, **k):
+        seen.append(k.get("options"))
+        return compile_(*a, **{**k, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: seen.append(k.get("options")))
+    options = {"pattern_matcher": False, "triton.autotune_pointwise": False}
+    before = run(sd_pipe)
+    for mode in ("full", "regional"):
+        seen.clear()
+        runtime = RuntimeConfig(compile=mode, compile_options=options, compile_workers=0 if mode == "regional" else None)
+        assert runtime.compile_options == tuple(sorted(options.items()))
+        accel.accelerate(sd_pipe, AccelConfig(runtime=runtime))
+        try:
+            np.testing.assert_allclose(run(sd_pipe), before, atol=1e-5)
+        finally:
+            accel.restore(sd_pipe)
+            torch._dynamo.reset()
+        assert seen and all(o == options for o in seen), (mode, seen)
+    from accel.runtime import aot
+
+    captured = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: captured.update(k) or (_ for _ in ()).throw(ValueError("x")))
+    with pytest.raises(ValueError):
+        aot._aot_compile(sd_pipe.vae.decoder, (), {}, {"options": options})
+    assert captured["options"] == {**options, "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+    assert accel.get_preset("balanced").runtime.compile_options  # the UNet presets' lean compile
+
+    with pytest.raises(ValueError, match="'no_such_setting', which is not an inductor setting"):
+        RuntimeConfig(compile="full", compile_options={"no_such_setting": 1})
+    with pytest.raises(ValueError, match="is a bool"):
+        RuntimeConfig(compile="full", compile_options={"pattern_matcher": "off"})
+    with pytest.raises(ValueError, match="applies to compile='regional' or 'full'"):
+        RuntimeConfig(compile_options={"pattern_matcher": False})
+    with pytest.raises(ValueError, match="a dict of inductor settings"):
+        RuntimeConfig(compile="full", compile_options=3)

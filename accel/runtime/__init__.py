@@ -87,6 +87,9 @@ class RuntimeConfig:
         speed instead of after the whole compile. A module with another technique's hooks inside compiles in the call.
         With `compile_cache`, matching artifacts load at the first call as without it (the background compile then
         reads them), and what a background compile built is saved at the end of the first call after it is over.
+    compile_options: inductor settings for the compile (`torch._inductor.config` names, e.g.
+        {"pattern_matcher": False}; as torch.compile's `options`), kept as sorted (name, value) pairs; None: torch's own.
+        The UNet presets turn off what cost compile time without buying speed (`accel.presets`).
     compile_cache: a folder of portable compile artifacts (`accel.runtime.artifacts`, written by `accel precompile`
         or by an earlier process): each call with new shapes first loads the artifacts saved for this model, config,
         shapes, torch and device, and where none match saves them once it has compiled. None: not used.
@@ -116,6 +119,7 @@ class RuntimeConfig:
     compile: str | None = None
     compile_workers: int | None = None
     compile_background: bool = False
+    compile_options: tuple[tuple[str, object], ...] | None = None
     compile_cache: str | None = None
     cuda_graph: bool = False
     lora_hotswap: bool = False
@@ -141,6 +145,10 @@ class RuntimeConfig:
             if self.compile_background and self.compile_workers > 1:
                 raise ValueError(f"RuntimeConfig.compile_workers with compile_background is 0 or 1 (one worker per "
                                  f"component), got {self.compile_workers}")
+        if self.compile_options is not None:
+            object.__setattr__(self, "compile_options", _inductor_options(self.compile_options))
+            if self.compile is None:
+                raise ValueError("RuntimeConfig.compile_options applies to compile='regional' or 'full'; compile is None")
         if self.compile_background:
             if self.compile != "full":
                 raise ValueError(f"RuntimeConfig.compile_background applies to compile='full'; compile is {self.compile!r}")
@@ -194,7 +202,7 @@ class RuntimeConfig:
     def without_compile(self, cuda_graph: bool | None = None) -> "RuntimeConfig":
         """This config without torch.compile and the settings that go with it (`cuda_graph`: also set that)."""
         return dataclasses.replace(self, compile=None, compile_components=None, compile_background=False,
-                                   compile_cache=None, compile_workers=None,
+                                   compile_cache=None, compile_workers=None, compile_options=None,
                                    cuda_graph=self.cuda_graph if cuda_graph is None else cuda_graph)
 
     @property
@@ -208,6 +216,27 @@ def _denoisers(pipe) -> list[torch.nn.Module]:
     if isinstance(controlnet, torch.nn.Module):
         nets.append(controlnet)
     return nets
+
+
+def _inductor_options(options) -> tuple[tuple[str, object], ...]:
+    """`RuntimeConfig.compile_options` checked against this torch's inductor settings, as sorted (name, value) pairs."""
+    try:
+        pairs = dict(options).items()
+    except (TypeError, ValueError):
+        raise ValueError(f"RuntimeConfig.compile_options must be None or a dict of inductor settings such as "
+                         f"{{'pattern_matcher': False}}, got {options!r}") from None
+    from torch._inductor import config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    for name, value in pairs:
+        if name not in known:
+            raise ValueError(f"RuntimeConfig.compile_options names {name!r}, which is not an inductor setting of torch "
+                             f"{torch.__version__}; accepted: the names in torch._inductor.config, e.g. "
+                             "'pattern_matcher', 'triton.autotune_pointwise', 'max_autotune'")
+        if known[name] is not None and value is not None and type(value) is not type(known[name]):
+            raise ValueError(f"RuntimeConfig.compile_options[{name!r}] is a {type(known[name]).__name__} in torch "
+                             f"{torch.__version__}, got {value!r}")
+    return tuple(sorted(pairs))
 
 
 def _modules(pipe, components: tuple[str, ...]) -> list[torch.nn.Module]:
@@ -359,6 +388,8 @@ def set_lora_scale(pipe, scale: float, *, adapter_name: str | None = None) -> No
 def _compile(pipe, config: RuntimeConfig, session) -> tuple[list[torch.nn.Module], Callable | None]:
     """The compiled modules, and the session's call-end listener that starts their background compiles (or None)."""
     options = {"workers": config.compile_workers} if config.compile == "regional" or config.compile_background else {}
+    if config.compile_options:
+        options["options"] = dict(config.compile_options)
     if config.compile_background:
         options["background"] = True
     modules = _on_each(_modules(pipe, config.compiled_components), lambda m: apply_compile(m, config.compile, **options),

@@ -65,7 +65,7 @@ def save(module: torch.nn.Module, args: tuple, kwargs: dict, path: Path, compile
     beside it); False, with a log line, where torch cannot (no aot_compile, a graph break, an unpicklable value)."""
     if not available():
         return False
-    kwargs_for_compile = {k: v for k, v in compile_kwargs.items() if k not in ("fullgraph", "options")}
+    kwargs_for_compile = {k: v for k, v in compile_kwargs.items() if k != "fullgraph"}
     try:
         try:
             compiled = _aot_compile(module, args, kwargs, kwargs_for_compile)
@@ -92,9 +92,12 @@ def save(module: torch.nn.Module, args: tuple, kwargs: dict, path: Path, compile
 
 
 def _aot_compile(module: torch.nn.Module, args: tuple, kwargs: dict, compile_kwargs: dict):
-    return torch.compile(class_forward, fullgraph=True,
-                         options={"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe},
-                         **compile_kwargs).aot_compile(((module, *args), kwargs))
+    """The module's class forward compiled for these inputs, with the compile's own inductor settings."""
+    compile_kwargs = dict(compile_kwargs)
+    options = {**(compile_kwargs.pop("options", None) or {}),
+               "guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
+    return torch.compile(class_forward, fullgraph=True, options=options, **compile_kwargs).aot_compile(
+        ((module, *args), kwargs))
 
 
 def _restarts_to_tensorify(err: BaseException) -> bool:

@@ -65,7 +65,7 @@ def call_shapes(arguments: dict) -> dict:
             "guidance": guidance is not None and guidance > 1}
 
 
-_ADDED_LATER = ("quantize_min_out_features",)
+_ADDED_LATER = ("quantize_min_out_features", "compile_options")
 
 
 def runtime_fields(config) -> str:
