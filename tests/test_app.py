@@ -16,6 +16,7 @@ from apps.gradio_app import (
     Controls,
     InputError,
     generate_outputs,
+    generate_steps,
     numbers_markdown,
     prompted_class,
 )
@@ -331,12 +332,12 @@ def test_page_builds_and_answers_bad_input_with_a_message(app, tmp_path, monkeyp
     assert launched["server_name"] == "127.0.0.1" and launched["show_error"] is False
     (generate,) = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
     assert generate.concurrency_limit == 1 and generate.queue
-    *kept, status = generate.fn(*Controls("").__dict__.values(), [])
+    *kept, status = list(generate.fn(*Controls("").__dict__.values(), []))[-1]  # the handler yields as it goes
     assert kept == [gr.skip()] * 6  # the previous outputs stay
     assert "Cannot generate:** the prompt is empty" in status and "previous run" not in status
-    outputs = generate.fn(*controls(steps=1).__dict__.values(), [])
+    (outputs,) = list(generate.fn(*controls(steps=1).__dict__.values(), []))  # nothing compiles: one update
     assert outputs[-1] == "" and outputs[2].startswith("| | baseline | accelerated |")
-    *kept, status = generate.fn(*Controls("a cat", height=36).__dict__.values(), outputs[-2])
+    *kept, status = list(generate.fn(*Controls("a cat", height=36).__dict__.values(), outputs[-2]))[-1]
     assert kept == [gr.skip()] * 6 and "height=36" in status and "from the previous run" in status
 
 
@@ -388,3 +389,32 @@ def test_pruned_unet_wiring(app, tmp_path):
     assert result.config == accel.AccelConfig(model=accel.UNetSwapConfig(path=str(tmp_path / "student")))
     assert math.isfinite(result.psnr_db)  # another UNet ran
     assert np.array_equal(plain_call(app.pipe, 3), np.asarray(result.baseline))  # and the original is back
+
+
+def test_a_compiled_config_shows_its_first_image_while_compiling_in_the_background(app, monkeypatch, caplog):
+    """With torch.compile (full), the app compiles in the background: the first accelerated image comes before the
+    compile ends (eager), the page's handler shows it at once, and the latency is timed on the compiled code. (On a
+    CPU the app drops the compile as GPU-only; kept here, with dynamo's eager backend for speed.)"""
+    import logging
+
+    from apps import gradio_app
+
+    monkeypatch.setattr(gradio_app, "without_gpu_only_runtime", lambda config, device: (config, None))
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "eager"}))
+    c = controls(sampler=KEEP_SAMPLER, compile="full", steps=3)
+    try:
+        with caplog.at_level(logging.INFO, logger="accel"):
+            steps = list(generate_steps(app, c, [], []))
+    finally:
+        torch._dynamo.reset()
+    assert [kind for kind, _ in steps] == ["first", "done"]
+    (base_first, accel_first, first_numbers), done = steps[0][1], steps[1][1]
+    assert "first image, eager" in first_numbers and "Compiling in the background" in first_numbers
+    assert np.array_equal(np.asarray(base_first), np.asarray(done[0]))
+    np.testing.assert_allclose(np.asarray(accel_first, dtype=float), np.asarray(done[1], dtype=float), atol=1)
+    assert "switches to its compiled code" in caplog.text  # the timed call ran the compiled code
+    assert "first image (eager, compiling in the background)" in done[2] and "compiled code running after" in done[2]
+    assert "compile_background=True" in done[2] and gradio_app.BACKGROUND_NOTE in done[2]
+    assert not accel.is_accelerated(app.pipe)
+    assert np.array_equal(plain_call(app.pipe, 3), np.asarray(done[0]))  # restored exactly

@@ -21,7 +21,8 @@ from ..session import get_session
 from .artifacts import ArtifactCache
 from .attention import ATTENTION_CHOICES, apply_attention, apply_fused_qkv, remove_attention, remove_fused_qkv
 from .compile import _hook as _compile_hook
-from .compile import apply_compile, background_compile_report, first_call_seconds, precompile_report, remove_compile
+from .compile import (apply_compile, background_compile_report, background_state, first_call_seconds, precompile_report,
+                      remove_compile)
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
 from .lora_hotswap import LoRAHotswap
 from .quantize import DEFAULT_SKIP, FORMATS, QuantizedLayers
@@ -46,6 +47,7 @@ __all__ = [
     "remove_compile",
     "first_call_seconds",
     "background_compile_report",
+    "background_compiles",
     "precompile_report",
     "quantize_report",
     "compile_cache_report",
@@ -216,6 +218,17 @@ def _denoisers(pipe) -> list[torch.nn.Module]:
     if isinstance(controlnet, torch.nn.Module):
         nets.append(controlnet)
     return nets
+
+
+def background_compiles(pipe) -> str:
+    """Where the background compiles (`compile_background`) of the pipeline stand: "running" while one runs,
+    "waiting" where none runs but a module's new input signature waits for the end of a pipeline call to start its
+    compile (the next call starts it), else "idle" (also where nothing compiles in the background). A caller that
+    wants the compiled code (the app, before it times the accelerated pipeline) waits while "running" and makes a
+    call on "waiting"."""
+    states = {background_state(m) for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+              for m in c.modules()}
+    return "running" if "running" in states else "waiting" if "waiting" in states else "idle"
 
 
 def _inductor_options(options) -> tuple[tuple[str, object], ...]:

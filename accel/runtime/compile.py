@@ -542,6 +542,15 @@ def mark_artifacts_loaded(module: torch.nn.Module) -> None:
         background.artifacts_loaded = True
 
 
+def background_state(module: torch.nn.Module) -> str | None:
+    """"running" (a background compile of `module` runs), "waiting" (a signature waits for the end of a pipeline
+    call to start its compile), "idle", or None where `module` compiles in no background."""
+    background = getattr(_hook(module), "background", None)
+    if background is None:
+        return None
+    return "running" if background.running() else "waiting" if background.waiting else "idle"
+
+
 def compile_pending(module: torch.nn.Module) -> bool:
     """Whether a background compile of `module` runs, or waits for the end of the pipeline call to start."""
     background = getattr(_hook(module), "background", None)
