@@ -303,9 +303,10 @@ class BackgroundCompile:
         """Have a worker process compile the forward on these inputs into the shared inductor cache, and wait for it
         (the wait holds no GIL). Whatever goes wrong, the compile here still runs: it reads what the worker finished."""
         start = time.perf_counter()
-        report = {"started_s": None, "seconds": None, "failed": None}
+        report = {"started_s": None, "seconds": None, "failed": None, "log": None}
         try:
             self.worker = Workers(1, sorted({type(m).__module__ for m in self.module.modules()}))
+            report["log"] = str(self.worker.folder / "worker-0.log")  # its timeline and dynamo's breakdown
             report["started_s"] = round(time.perf_counter() - start, 3)
             self.worker.submit([[Job(self.module, copies[0], copies[1])]], self.compile_kwargs,
                                target="forward", inference=inference)

@@ -361,5 +361,11 @@ def compile_jobs(path: str) -> None:
                 region.compile(**payload["compile_kwargs"])
                 region(*job["args"], **job["kwargs"])
         print(f"compiled {type(region).__name__} at {time.perf_counter() - start:.1f} s", flush=True)
+    try:  # where the worker's time went (dynamo's own breakdown), for the caller's report
+        from torch._dynamo.utils import compile_times
+
+        print(compile_times(repr="str", aggregate=True)[:3000], flush=True)
+    except Exception as err:  # its API moves between torch versions
+        print(f"no compile-time breakdown: {err}", flush=True)
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -119,6 +119,10 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
                       compile_s=[background_compile_report(m) for m in modules], failed=failed,
                       artifacts=compile_cache_report(pipe),
                       psnr_first_vs_last_db=float(psnr(*(torch.from_numpy(i[0]).permute(2, 0, 1) for i in (first, image)))))
+        for report in record["compile_s"]:  # each worker's timeline and dynamo breakdown, in place of its path
+            for worker in (report or {}).get("workers", []):
+                path = worker.get("log")
+                worker["log"] = Path(path).read_text()[-4000:] if path and Path(path).is_file() else None
         times = [t["latency_s"] for t in timeline[-STEADY_CALLS:]]
     else:
         times = []
