@@ -125,6 +125,9 @@ class FirstImage:
 
 BACKGROUND_NOTE = ("torch.compile runs in the background (compile_background): the first accelerated image comes from "
                    "the eager path while it compiles; the latency is timed once the compiled code runs")
+COMPILE_FAILED_NOTE = ("the background compile failed (the server log says why): the accelerated latency is of "
+                       "the eager path of the module it was for")
+COMPILE_UNFINISHED_NOTE = "a background compile was still pending after the timed call's warm-up: the latency is partly eager"
 COMPILE_POLL_SECONDS = 0.25
 COMPILE_ROUNDS = 4  # calls that may each start another module's waiting compile
 
@@ -482,8 +485,12 @@ class ComparisonApp:
                     first, first_image_s = self._run(accel_call, accel_steps,
                                                      report("first image (compiling in the background)", base_steps))
                     yield "first", FirstImage(_to_pil(baseline[0]), _to_pil(first[0]), baseline_s, first_image_s)
-                    first_call_s = self._until_compiled(accel_call, accel_steps, progress, at=(base_steps + accel_steps) / total)
-                    compiled_after_s = time.perf_counter() - applied
+                    first_call_s, state = self._until_compiled(accel_call, accel_steps, progress,
+                                                               at=(base_steps + accel_steps) / total)
+                    if state == "idle":
+                        compiled_after_s = time.perf_counter() - applied
+                    else:  # the timing below is of the eager path, for some module at least: say so
+                        notes.append(COMPILE_FAILED_NOTE if state == "failed" else COMPILE_UNFINISHED_NOTE)
                 elif runtime is not None and (runtime.compile or runtime.cuda_graph):
                     # Compilation and graph capture happen on the first call: time the second.
                     _, first_call_s = self._run(accel_call, accel_steps, report("compiling / capturing", base_steps))
@@ -502,10 +509,12 @@ class ComparisonApp:
             compiled_after_s=compiled_after_s,
         )
 
-    def _until_compiled(self, call: dict, steps: int, progress: Callable[[float, str], None] | None, at: float) -> float:
+    def _until_compiled(self, call: dict, steps: int, progress: Callable[[float, str], None] | None,
+                        at: float) -> tuple[float, str]:
         """Wait for the background compiles, then make the call that switches to the compiled code and captures its
-        graphs; returns that call's seconds. A call that starts another module's compile (a signature that waited
-        for the end of a call) is followed by another wait, a few rounds at most."""
+        graphs; returns that call's seconds and where the compiles then stand (`background_compiles`: "idle" when
+        all ran). A call that starts another module's compile (a signature that waited for the end of a call) is
+        followed by another wait, a few rounds at most."""
         from accel.runtime import background_compiles
 
         started = time.perf_counter()
@@ -516,9 +525,10 @@ class ComparisonApp:
                     progress(at, f"compiling in the background: {time.perf_counter() - started:.0f} s")
                 time.sleep(COMPILE_POLL_SECONDS)
             _, seconds = self._run(call, steps, None)
-            if background_compiles(self.pipe) == "idle":
+            state = background_compiles(self.pipe)
+            if state in ("idle", "failed"):
                 break
-        return seconds
+        return seconds, state
 
     def _verdict(self, prompt: str, baseline: torch.Tensor, accelerated: torch.Tensor) -> dict | None:
         """The CIFAR-10 classifier's label and confidence for both images (embedded model, 32x32 only)."""

@@ -418,3 +418,23 @@ def test_a_compiled_config_shows_its_first_image_while_compiling_in_the_backgrou
     assert "compile_background=True" in done[2] and gradio_app.BACKGROUND_NOTE in done[2]
     assert not accel.is_accelerated(app.pipe)
     assert np.array_equal(plain_call(app.pipe, 3), np.asarray(done[0]))  # restored exactly
+
+
+def test_a_failed_background_compile_is_said_next_to_the_eager_timing(app, monkeypatch):
+    """Where the background compile fails, the module keeps running eagerly: the page's numbers say that the
+    latency is the eager path's instead of passing it off as the compiled one."""
+    from apps import gradio_app
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(gradio_app, "without_gpu_only_runtime", lambda config, device: (config, None))
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": failing_backend}))
+    try:
+        result = app.compare(controls(sampler=KEEP_SAMPLER, compile="full", steps=3))
+    finally:
+        torch._dynamo.reset()
+    assert gradio_app.COMPILE_FAILED_NOTE in result.notes and result.compiled_after_s is None
+    assert result.first_image_s is not None and "compiled code running after" not in numbers_markdown(result)
+    assert not accel.is_accelerated(app.pipe)

@@ -223,12 +223,12 @@ def _denoisers(pipe) -> list[torch.nn.Module]:
 def background_compiles(pipe) -> str:
     """Where the background compiles (`compile_background`) of the pipeline stand: "running" while one runs,
     "waiting" where none runs but a module's new input signature waits for the end of a pipeline call to start its
-    compile (the next call starts it), else "idle" (also where nothing compiles in the background). A caller that
-    wants the compiled code (the app, before it times the accelerated pipeline) waits while "running" and makes a
-    call on "waiting"."""
+    compile (the next call starts it), "failed" where neither and a compile failed (that module runs eagerly; the
+    log says why), else "idle" (also where nothing compiles in the background). A caller that wants the compiled
+    code (the app, before it times the accelerated pipeline) waits while "running" and makes a call on "waiting"."""
     states = {background_state(m) for c in pipe.components.values() if isinstance(c, torch.nn.Module)
               for m in c.modules()}
-    return "running" if "running" in states else "waiting" if "waiting" in states else "idle"
+    return next((s for s in ("running", "waiting", "failed") if s in states), "idle")
 
 
 def _inductor_options(options) -> tuple[tuple[str, object], ...]:

@@ -545,11 +545,16 @@ def mark_artifacts_loaded(module: torch.nn.Module) -> None:
 
 def background_state(module: torch.nn.Module) -> str | None:
     """"running" (a background compile of `module` runs), "waiting" (a signature waits for the end of a pipeline
-    call to start its compile), "idle", or None where `module` compiles in no background."""
+    call to start its compile), "failed" (none runs or waits, and one failed: its calls run eagerly), "idle", or None
+    where `module` compiles in no background."""
     background = getattr(_hook(module), "background", None)
     if background is None:
         return None
-    return "running" if background.running() else "waiting" if background.waiting else "idle"
+    if background.running():
+        return "running"
+    if background.waiting:
+        return "waiting"
+    return "failed" if "failed" in background.states.values() else "idle"
 
 
 def compile_pending(module: torch.nn.Module) -> bool:
