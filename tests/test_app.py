@@ -438,3 +438,23 @@ def test_a_failed_background_compile_is_said_next_to_the_eager_timing(app, monke
     assert gradio_app.COMPILE_FAILED_NOTE in result.notes and result.compiled_after_s is None
     assert result.first_image_s is not None and "compiled code running after" not in numbers_markdown(result)
     assert not accel.is_accelerated(app.pipe)
+
+
+def test_a_cache_with_a_compile_compiles_in_the_call_and_says_so(app, monkeypatch):
+    """DeepCache's hooks sit inside the UNet, which then compiles in its first call, not in the background: no first
+    image is shown early and the numbers do not call that call eager."""
+    from apps import gradio_app
+
+    monkeypatch.setattr(gradio_app, "without_gpu_only_runtime", lambda config, device: (config, None))
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "eager"}))
+    c = controls(sampler=KEEP_SAMPLER, compile="full", cache="deepcache", cache_interval=2, steps=4)
+    try:
+        steps = list(app.compare_steps(c))
+    finally:
+        torch._dynamo.reset()
+    assert [kind for kind, _ in steps] == ["done"]
+    result = steps[0][1]
+    assert gradio_app.COMPILED_IN_THE_CALL_NOTE in result.notes and result.first_image_s is None
+    assert result.first_call_s is not None and "first call (compile / capture)" in numbers_markdown(result)
+    assert not accel.is_accelerated(app.pipe)

@@ -224,11 +224,13 @@ def background_compiles(pipe) -> str:
     """Where the background compiles (`compile_background`) of the pipeline stand: "running" while one runs,
     "waiting" where none runs but a module's new input signature waits for the end of a pipeline call to start its
     compile (the next call starts it), "failed" where neither and a compile failed (that module runs eagerly; the
-    log says why), else "idle" (also where nothing compiles in the background). A caller that wants the compiled
-    code (the app, before it times the accelerated pipeline) waits while "running" and makes a call on "waiting"."""
+    log says why), "idle" where all are done, and "none" where no module compiles in the background (no
+    `compile_background`, or every compiled module found another technique's hooks inside it at its first call and
+    compiled in that call). A caller that wants the compiled code (the app, before it times the accelerated
+    pipeline) waits while "running" and makes a call on "waiting"."""
     states = {background_state(m) for c in pipe.components.values() if isinstance(c, torch.nn.Module)
-              for m in c.modules()}
-    return next((s for s in ("running", "waiting", "failed") if s in states), "idle")
+              for m in c.modules()} - {None}
+    return next((s for s in ("running", "waiting", "failed", "idle") if s in states), "none")
 
 
 def _inductor_options(options) -> tuple[tuple[str, object], ...]:

@@ -546,9 +546,9 @@ def mark_artifacts_loaded(module: torch.nn.Module) -> None:
 def background_state(module: torch.nn.Module) -> str | None:
     """"running" (a background compile of `module` runs), "waiting" (a signature waits for the end of a pipeline
     call to start its compile), "failed" (none runs or waits, and one failed: its calls run eagerly), "idle", or None
-    where `module` compiles in no background."""
+    where `module` compiles in no background (also where its first call found hooks inside it and compiled there)."""
     background = getattr(_hook(module), "background", None)
-    if background is None:
+    if background is None or background._foreground:  # (decided at its first call) compiles in the call instead
         return None
     if background.running():
         return "running"
