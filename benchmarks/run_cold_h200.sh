@@ -10,6 +10,9 @@
 #   3. The presets' compile is now that lean one (`compile_options`): its first image and all-compiled time with
 #      compile_background (first_image.py, 95 s of calls), its cold first call and steady state (compile_time.py
 #      --variants balanced), and SD1.5's artifacts with the decoder's whole forward now saved too (cold_start.py).
+#   4. (next session) Where the background compile's worker time goes: `balanced` + compile_background with 100 s of
+#      calls, each worker's log (its timeline and dynamo's breakdown) kept in the record; then the same with the
+#      compile in the thread alone (--compile-workers 0), to compare against the ~45-50 s the UNet takes in the foreground.
 # Through the device tool: PART=1 OUT=/tmp/res bash benchmarks/run_cold_h200.sh   (carry .whl)
 set -o pipefail
 START=$SECONDS
@@ -25,6 +28,12 @@ source benchmarks/device_setup.sh
     echo "[run] compile done at $((SECONDS - START)) s"
     timeout "$(left 580)" python3 -u benchmarks/runtime/cold_start.py --arch sd15 --cases precompile,artifacts \
       --budget "$(left 570)" --out "$OUT/sd15-aot"
+  elif [ "$PART" = 4 ]; then
+    timeout 60 python3 -c "import torch, diffusers; torch.zeros(1, device='cuda'); print('warm', torch.__version__)"
+    timeout 150 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 100 --out "$OUT/first-logs"
+    echo "[run] with workers done at $((SECONDS - START)) s"
+    timeout "$(left 580)" python3 -u benchmarks/runtime/first_image.py --cases background --seconds 130 \
+      --compile-workers 0 --out "$OUT/first-thread"
   else
     timeout "$(left 580)" python3 -u benchmarks/runtime/compile_time.py \
       --variants balanced,balanced-unet,balanced-lean,balanced-lean-unet,balanced-lean-nopatterns \
