@@ -559,8 +559,7 @@ def background_state(module: torch.nn.Module) -> str | None:
 
 def compile_pending(module: torch.nn.Module) -> bool:
     """Whether a background compile of `module` runs, or waits for the end of the pipeline call to start."""
-    background = getattr(_hook(module), "background", None)
-    return background is not None and (background.running() or bool(background.waiting))
+    return background_state(module) in ("running", "waiting")
 
 
 def _foreground_hook(module: torch.nn.Module) -> CompileHook | None:

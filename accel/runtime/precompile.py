@@ -313,6 +313,16 @@ class Precompile:
         return self.report
 
 
+def compile_time_breakdown(limit: int = 4000) -> str:
+    """Dynamo's own breakdown of this process's compile time so far, as text (its first `limit` characters)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        return compile_times(repr="str", aggregate=True)[:limit]
+    except Exception as err:  # a breakdown is a nice-to-have; its API moves between torch versions
+        return f"unavailable: {err}"
+
+
 def serve(modules: list[str]) -> None:
     """Worker side: import what compiling the blocks needs, then compile the job file named on stdin."""
     start = time.perf_counter()
@@ -361,11 +371,6 @@ def compile_jobs(path: str) -> None:
                 region.compile(**payload["compile_kwargs"])
                 region(*job["args"], **job["kwargs"])
         print(f"compiled {type(region).__name__} at {time.perf_counter() - start:.1f} s", flush=True)
-    try:  # where the worker's time went (dynamo's own breakdown), for the caller's report
-        from torch._dynamo.utils import compile_times
-
-        print(compile_times(repr="str", aggregate=True)[:3000], flush=True)
-    except Exception as err:  # its API moves between torch versions
-        print(f"no compile-time breakdown: {err}", flush=True)
+    print(compile_time_breakdown(3000), flush=True)  # where the worker's time went, for the caller's report
     if torch.cuda.is_available():
         torch.cuda.synchronize()

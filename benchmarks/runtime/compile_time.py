@@ -44,24 +44,24 @@ VARIANTS = {
 }
 # The `balanced` preset's runtime (channels-last, UNet and VAE decoder compiled, CUDA graphs of those and the text
 # encoder) with its compile swapped (issue 23: the fastest-compiling setup within 5% of the fastest steady state):
-# name: (regional block classes or None for the default set, compile mode[, what else changes]). The third element
-# may name `compile_components` (the decoder then runs eagerly under its CUDA graph) and inductor settings (set in the
-# child process, which compiles in the foreground, in itself).
+# name: (regional block classes or None for the default set, compile mode[, RuntimeConfig fields to replace]).
 _STAGES = ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D",
            "UNetMidBlock2D", "UpDecoderBlock2D")  # each resolution stage of the UNet and of the VAE decoder, whole
 # One launch configuration per pointwise kernel instead of several benchmarked at the first run (the cold SD1.5
-# compile ran 411 kernel benchmarks), and none of the joint-graph pattern rewrites (4.2 of its 57.9 s in dynamo's
-# breakdown; the preset's attention calls SDPA itself, which the attention patterns would otherwise produce).
+# compile ran 411 kernel benchmarks), and none of the pattern rewrites (4.2 of its 57.9 s in dynamo's breakdown;
+# the preset's attention calls SDPA itself). Both together are the presets' `compile_options` since 2026-12-03.
 _FEWER_CONFIGS = {"triton.autotune_pointwise": False}
 _NO_PATTERNS = {"pattern_matcher": False}
 PRESET_VARIANTS = {
     "balanced": (None, "full"),  # the preset as it is: the whole forward of each
     "balanced-regional": (None, "regional"),  # transformer and resnet blocks, distinct ones in worker processes
     "balanced-stages": (_STAGES, "regional"),  # the 9 UNet stages and 5 decoder stages, in worker processes
-    "balanced-unet": (None, "full", {"compile_components": ("denoiser",)}),  # the decoder eager, under its graph
-    "balanced-lean": (None, "full", {"inductor": _FEWER_CONFIGS}),
-    "balanced-lean-unet": (None, "full", {"inductor": _FEWER_CONFIGS, "compile_components": ("denoiser",)}),
-    "balanced-lean-nopatterns": (None, "full", {"inductor": {**_FEWER_CONFIGS, **_NO_PATTERNS}}),
+    # inductor as torch sets it: what `balanced` was before its compile_options (the sixth session's `balanced` row)
+    "balanced-stock-inductor": (None, "full", {"compile_options": None}),
+    "balanced-unet": (None, "full", {"compile_options": None, "compile_components": ("denoiser",)}),  # decoder eager
+    "balanced-lean": (None, "full", {"compile_options": _FEWER_CONFIGS}),
+    "balanced-lean-unet": (None, "full", {"compile_options": _FEWER_CONFIGS, "compile_components": ("denoiser",)}),
+    "balanced-lean-nopatterns": (None, "full", {"compile_options": {**_FEWER_CONFIGS, **_NO_PATTERNS}}),
 }
 
 
@@ -76,11 +76,6 @@ def child(name: str, smoke: bool) -> dict:
     if name in PRESET_VARIANTS:
         blocks, preset_mode, *rest = PRESET_VARIANTS[name]
         kwargs, preset_changes = {}, dict(rest[0]) if rest else {}
-        from torch._inductor import config as inductor_config
-
-        for key, value in preset_changes.get("inductor", {}).items():
-            owner, _, field = key.rpartition(".")
-            setattr(getattr(inductor_config, owner) if owner else inductor_config, field, value)
     else:
         blocks, kwargs = VARIANTS[name]
     if blocks is not None:
@@ -117,9 +112,7 @@ def child(name: str, smoke: bool) -> dict:
     if preset_mode is not None:
         from dataclasses import replace
 
-        runtime = replace(accel.get_preset("balanced").runtime, compile=preset_mode)
-        if "compile_components" in preset_changes:
-            runtime = replace(runtime, compile_components=preset_changes["compile_components"])
+        runtime = replace(accel.get_preset("balanced").runtime, compile=preset_mode, **preset_changes)
     applied = time.perf_counter()
     accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))  # compile workers start here (precompile.py)
 
@@ -149,7 +142,7 @@ def child(name: str, smoke: bool) -> dict:
               "median_s": statistics.median(times), "dynamo_stats": stats,
               "precompile": precompile_report(pipe.unet), "inductor": dict(counters["inductor"]),
               "regions": list(compile_mod.REGIONAL_BLOCKS if blocks is None else blocks), "compile_kwargs": kwargs,
-              "runtime": repr(runtime), "inductor_settings": preset_changes.get("inductor", {}),
+              "runtime": repr(runtime),
               "compiled_modules": sorted(type(m).__name__ for c in (pipe.unet, pipe.vae.decoder) for m in c.modules()
                                          if m._compiled_call_impl is not None)}
     logs = (record["precompile"] or {}).get("logs")
@@ -161,12 +154,9 @@ def child(name: str, smoke: bool) -> dict:
 
 def dynamo_compile_times() -> str:
     """dynamo's own breakdown of this process's compile time, as text."""
-    try:
-        from torch._dynamo.utils import compile_times
+    from accel.runtime.precompile import compile_time_breakdown
 
-        return compile_times(repr="str", aggregate=True)[:4000]
-    except Exception as err:  # a breakdown is a nice-to-have; its API moves between torch versions
-        return f"unavailable: {err}"
+    return compile_time_breakdown(4000)
 
 
 def fresh_process(script: str, child_args: list[str], inductor_cache: str, timeout: float) -> dict:
