@@ -13,6 +13,14 @@
 #   4. (next session) Where the background compile's worker time goes: `balanced` + compile_background with 100 s of
 #      calls, each worker's log (its timeline and dynamo's breakdown) kept in the record; then the same with the
 #      compile in the thread alone (--compile-workers 0), to compare against the ~45-50 s the UNet takes in the foreground.
+#   5. (seventh session) The background compile stage by stage: the UNet's 9 and the decoder's 5 stages each compiled
+#      whole in parallel worker processes and loaded without a trace, with `balanced` in the foreground for the same
+#      run's steady state, then the whole-forward background compile as before (--whole-forward).
+#   6. Then the whole forward built by a second worker after the stages, the calls moving to it (two steps), and
+#      `balanced` in the foreground for the same run's steady state.
+#   7. The same two steps, the second (the whole forward) now a worker's inductor cache traced here, its worker under
+#      the calls' grad mode (part 6's compiled a training graph), within the device time left (about 290 s). That run
+#      also started the stage workers at accelerate(), since taken out (results/runtime/first-image/README.md, run 13).
 # Through the device tool: PART=1 OUT=/tmp/res bash benchmarks/run_cold_h200.sh   (carry .whl)
 set -o pipefail
 START=$SECONDS
@@ -28,6 +36,20 @@ source benchmarks/device_setup.sh
     echo "[run] compile done at $((SECONDS - START)) s"
     timeout "$(left 580)" python3 -u benchmarks/runtime/cold_start.py --arch sd15 --cases precompile,artifacts \
       --budget "$(left 570)" --out "$OUT/sd15-aot"
+  elif [ "$PART" = 5 ]; then
+    timeout 60 python3 -c "import torch, diffusers; torch.zeros(1, device='cuda'); print('warm', torch.__version__)"
+    timeout 260 python3 -u benchmarks/runtime/first_image.py --cases background,balanced --seconds 100 \
+      --out "$OUT/first-stages"
+    echo "[run] stages and balanced done at $((SECONDS - START)) s"
+    timeout "$(left 580)" python3 -u benchmarks/runtime/first_image.py --cases background --whole-forward \
+      --seconds "$(left 470)" --out "$OUT/first-whole"
+  elif [ "$PART" = 6 ]; then
+    timeout 60 python3 -c "import torch, diffusers; torch.zeros(1, device='cuda'); print('warm', torch.__version__)"
+    timeout 340 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 300 --out "$OUT/two-step"
+    echo "[run] two steps done at $((SECONDS - START)) s"
+    timeout "$(left 580)" python3 -u benchmarks/runtime/first_image.py --cases balanced --out "$OUT/balanced"
+  elif [ "$PART" = 7 ]; then
+    timeout 250 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 215 --out "$OUT/two-step"
   elif [ "$PART" = 4 ]; then
     timeout 60 python3 -c "import torch, diffusers; torch.zeros(1, device='cuda'); print('warm', torch.__version__)"
     timeout 150 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 100 --out "$OUT/first-logs"

@@ -81,8 +81,10 @@ class RuntimeConfig:
     compile: None, "regional" (repeated blocks, short compile) or "full".
     compile_workers: with "regional", how many worker processes compile the distinct blocks alongside
         the first call (None: half the host's cores, at most 8; 0: all in this process). With "full" and
-        `compile_background`, whether a worker process compiles each component first, its thread here then reading
-        the worker's cache entries (None: on a CUDA GPU; 0: the thread compiles it all; 1: always).
+        `compile_background`, whether worker processes compile each component first (None: on a CUDA GPU; 0: the
+        thread compiles it all; 1: always): a UNet or VAE decoder stage by stage, each stage's forward compiled whole
+        in parallel processes (up to `compile_workers=None`'s count) and loaded here without a trace (without
+        `compile_cache`); any other module in one process, the thread here then tracing and reading its cache entries.
     compile_background: with "full", the first call of each new input signature starts its compile in a thread and
         runs eagerly, as do the calls after it, until the compiled code is built; the next call then runs it (and CUDA
         graphs capture then: none is captured while a background compile runs). A first image comes at the eager
@@ -406,7 +408,9 @@ def _compile(pipe, config: RuntimeConfig, session) -> tuple[list[torch.nn.Module
     if config.compile_options:
         options["options"] = dict(config.compile_options)
     if config.compile_background:
-        options["background"] = True
+        # Stage by stage in worker processes, unless artifacts are to be saved: the stages' compiled forwards live in
+        # the workers' files, and torch's portable cache of this process would hold none of them.
+        options.update(background=True, stages=config.compile_cache is None)
     modules = _on_each(_modules(pipe, config.compiled_components), lambda m: apply_compile(m, config.compile, **options),
                        remove_compile)
     if config.compile_background:

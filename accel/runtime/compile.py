@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -31,6 +32,10 @@ from .precompile import Job, Precompile, Workers, compiled_before, default_worke
 logger = logging.getLogger(__name__)
 
 HOOK_NAME = "accel.compile"
+STAGE_HOOK_NAME = "accel.compiled_stage"
+# A UNet's or VAE coder's stages, in call order: with workers, a background compile builds each one's forward whole in
+# its own process and the caller loads them without a trace (`BackgroundCompile._compile_stages`).
+STAGE_LISTS = ("down_blocks", "mid_block", "up_blocks")
 # The blocks that hold most kernels. Compiling the single-conv Downsample2D / Upsample2D and stand-alone
 # Attention modules too cost more compile time than it saved (SD1.5, H100, cold inductor cache, first
 # call: 92.3 s with them and automatic dynamic shapes, 65.0 s without them and static shapes; steady
@@ -83,7 +88,7 @@ class CompileHook(ModelHook):
     """Run the wrapped forward through `torch.compile`, timing the first (compiling) call; with `background`, each
     new input signature compiles in a thread while calls run the forward eagerly (`BackgroundCompile`)."""
 
-    def __init__(self, background: bool = False, workers: int | None = None, **compile_kwargs):
+    def __init__(self, background: bool = False, workers: int | None = None, stages: bool = True, **compile_kwargs):
         super().__init__()
         self.compile_kwargs = compile_kwargs
         self.compiled = None
@@ -95,18 +100,20 @@ class CompileHook(ModelHook):
         self.want_example = False
         self.example: tuple | None = None
         self.background: BackgroundCompile | None = None
-        self._background, self._workers = background, workers
+        self._background, self._workers, self._stages = background, workers, stages
 
     def initialize_hook(self, module):
         if self._background:
-            self.background = BackgroundCompile(module, HOOK_NAME, self._workers, self.compile_kwargs)
+            self.background = BackgroundCompile(module, HOOK_NAME, self._workers, self.compile_kwargs,
+                                                eager=self._run_eager if self._stages else None)
         return module
 
     def new_forward(self, module, *args, **kwargs):
         if self.background is not None:
-            if not self.background.use_compiled(self._run_compiled, args, kwargs):
-                return self.fn_ref.original_forward(*args, **kwargs)
-            return self._run_compiled(*args, **kwargs)
+            mode = self.background.mode(self._run_compiled, args, kwargs)
+            if mode == "compiled":
+                return self._run_compiled(*args, **kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)  # eager, or its stages' compiled forwards
         if self.preloaded and not torch.is_grad_enabled():
             fn = self.preloaded.get(aot.signature(args, kwargs))
             if fn is not None:  # traced and compiled in an earlier process: no trace here
@@ -129,6 +136,9 @@ class CompileHook(ModelHook):
         if self.compiled is None:  # the saved forward served the first calls; these inputs differ
             return self._run_compiled(*args, **kwargs)
         return self.compiled(*args, **kwargs)
+
+    def _run_eager(self, *args, **kwargs):
+        return self.fn_ref.original_forward(*args, **kwargs)
 
     def innermost(self, module) -> bool:
         """Whether this hook wraps the module's class forward itself (no other hook beneath it): then a saved whole
@@ -153,10 +163,20 @@ class BackgroundCompile:
     CUDA-graph hook and the pipeline's scheduler are not touched. A module with hooks inside its forward (a cache's
     hooks on its blocks keep state) compiles in the calling thread, as without `background`. While any background
     compile runs, no CUDA graph is captured (`accel.capture.capture_paused`).
+
+    Where workers compile and the module is made of stages (a UNet's or VAE coder's down, mid and up blocks) and
+    `eager` (the forward below the hook) is given, the thread records each stage's call on the signature's inputs
+    and worker processes build each distinct stage's forward whole, in parallel, into files (`aot.py`); the thread
+    loads them, without a trace of its own, and the module's calls then run its own forward with the stages on that
+    code (`_StageHook`). Any stage not built sends the signature on to the whole-forward compile. Compiled apart, the
+    stages run slower than the whole forward (SD1.5 on the H200, one process: 159.6 ms per image against 144.8 ms), so
+    once the calls run on them, a worker compiles the whole forward as without stages, the thread traces it and reads
+    the worker's cache, and the calls move to it: `generation` counts such moves, on which the CUDA-graph hook
+    captures again. (`benchmarks/results/runtime/first-image/`, runs 10-13.)
     """
 
     def __init__(self, module: torch.nn.Module, hook_name: str, workers: int | None = None,
-                 compile_kwargs: dict | None = None):
+                 compile_kwargs: dict | None = None, eager=None):
         self.module, self.hook_name, self.name = module, hook_name, type(module).__name__
         # A worker process compiles first (None: where the module is on a CUDA GPU; 0: never), so that the thread
         # here, which then only traces and reads the worker's cache entries, holds the calls up for seconds, not for
@@ -164,6 +184,11 @@ class BackgroundCompile:
         self.workers, self.compile_kwargs = workers, dict(compile_kwargs or {})
         self.worker: Workers | None = None
         self.worker_reports: list[dict] = []
+        self.eager = eager
+        self.staged: set[tuple] = set()  # signatures whose calls run the forward on compiled stages
+        self.whole: set[tuple] = set()  # staged signatures whose whole forward compiled since: they run it
+        self.generation = 0
+        self.stage_hooks: list[torch.nn.Module] = []  # the stages given a `_StageHook`
         self.states: dict[tuple, str] = {}  # signature -> "compiling", "compiled", "failed"
         self.seconds: dict[tuple, float] = {}
         self.switched: set[tuple] = set()
@@ -203,10 +228,11 @@ class BackgroundCompile:
         """This signature's compile is over (compiled, or failed and running eagerly for good)."""
         return self.foreground or self.states.get(self.key(args, kwargs)) in ("compiled", "failed")
 
-    def use_compiled(self, compiled, args: tuple, kwargs: dict) -> bool:
-        """Whether this call runs `compiled`; starts the signature's background compile where none ran yet."""
+    def mode(self, compiled, args: tuple, kwargs: dict) -> str:
+        """How this call runs: "compiled" (`compiled`), "staged" (the forward, its stages on compiled code) or
+        "eager"; starts the signature's background compile where none ran yet."""
         if self.foreground or torch.is_grad_enabled():
-            return True  # as without background: the compile runs in this call
+            return "compiled"  # as without background: the compile runs in this call
         key = self.key(args, kwargs)
         state = self.states.get(key)
         if state == "compiled":
@@ -214,18 +240,24 @@ class BackgroundCompile:
                 # Another component still compiles: while it traces, torch.fx's process-wide flag makes dynamo refuse
                 # to run compiled code in any thread ("FX to symbolically trace a dynamo-optimized function"; H200,
                 # the text encoder's compiled code during the UNet's trace). Eager until every compile is over.
-                return False
+                return "eager"
             if key not in self.switched:
                 self.switched.add(key)
-                logger.info("accel: %s switches to its compiled code (compiled in the background in %.1f s)",
-                            self.name, self.seconds[key])
-            return True
+                logger.info("accel: %s switches to its compiled code (compiled in the background in %.1f s%s)",
+                            self.name, self.seconds[key], ", stage by stage" if key in self.staged else "")
+            if key in self.whole:
+                if ("whole", key) not in self.switched:
+                    self.switched.add(("whole", key))
+                    logger.info("accel: %s switches to its whole compiled forward (compiled in the background in "
+                                "%.1f s more)", self.name, self.seconds[("whole", key)])
+                return "compiled"
+            return "staged" if key in self.staged else "compiled"
         if state is None and self.deferred:
             if key not in self.waiting:
                 self.waiting[key] = (compiled, _copies(args, kwargs))
         elif state is None and not self.running() and not _capturing():
             self._start(key, compiled, _copies(args, kwargs))
-        return False
+        return "eager"
 
     def defer(self) -> None:
         self.deferred = True
@@ -268,18 +300,16 @@ class BackgroundCompile:
 
     def _compile(self, key, compiled, copies, device, modes, worker: bool = True) -> None:
         start = time.perf_counter()
-        state = "failed"
-        inference, device_type, autocast, autocast_dtype = modes
+        state, staged = "failed", False
         try:
-            with contextlib.ExitStack() as modes:
-                # inference_mode(False) would turn grad mode on: entered only where the calls run under it
-                modes.enter_context(torch.inference_mode() if inference else torch.no_grad())
-                modes.enter_context(torch.autocast(device_type, autocast_dtype, enabled=autocast))
-                if device is not None:
-                    modes.enter_context(torch.cuda.device(device))
-                if worker and self._use_worker(device, autocast):
-                    self._compile_in_worker(copies, inference)
-                compiled(*copies[0], **copies[1])
+            with _entered(device, modes):
+                staged = worker and self._use_worker(device, modes[2]) and self._compile_stages(copies, modes[0])
+                if staged:
+                    self.staged.add(key)
+                else:
+                    if worker and self._use_worker(device, modes[2]):
+                        self._compile_in_worker(copies, modes[0])
+                    compiled(*copies[0], **copies[1])
                 if device is not None:
                     torch.cuda.synchronize(device)
             state = "compiled"
@@ -293,17 +323,48 @@ class BackgroundCompile:
             self.seconds[key] = time.perf_counter() - start
             self.states[key] = state  # before capture resumes, so that a capture sees the compiled code
             background_process_state.release()
+        if staged and state == "compiled" and not self.detached:
+            try:
+                self._compile_whole(key, compiled, copies, device, modes)
+            except _Interrupted:
+                self._stop_worker()
+
+    def _compile_whole(self, key, compiled, copies: tuple, device, modes: tuple) -> None:
+        """The second step after the stages: a worker compiles the whole forward into the inductor cache while the
+        calls run the stages (nothing of the process held), then this thread traces it and reads the cache (the
+        process held, as for any trace: CUDA graphs captured before keep replaying). The calls of `key` then run it
+        from their next CUDA-graph capture on (`generation`)."""
+        start = time.perf_counter()
+        with _entered(device, modes):  # the worker compiles under the grad mode of this thread
+            self._compile_in_worker(copies, modes[0], whole=True)
+        if self.detached:
+            return
+        background_process_state.acquire()
+        try:
+            with _entered(device, modes):
+                compiled(*copies[0], **copies[1])
+                if device is not None:
+                    torch.cuda.synchronize(device)
+            self.seconds[("whole", key)] = time.perf_counter() - start
+            self.whole.add(key)
+            self.generation += 1  # the CUDA-graph hook captures again, on the whole forward
+        except Exception as err:  # the calls keep running the stages
+            if not self.detached:
+                logger.warning("accel: the whole forward of %s did not compile (%s: %s); it keeps running its compiled "
+                               "stages", self.name, type(err).__name__, err)
+        finally:
+            background_process_state.release()
 
     def _use_worker(self, device, autocast: bool) -> bool:
         if autocast:  # the worker would trace without it
             return False
         return self.workers > 0 if self.workers is not None else device is not None
 
-    def _compile_in_worker(self, copies: tuple, inference: bool) -> None:
+    def _compile_in_worker(self, copies: tuple, inference: bool, whole: bool = False) -> None:
         """Have a worker process compile the forward on these inputs into the shared inductor cache, and wait for it
         (the wait holds no GIL). Whatever goes wrong, the compile here still runs: it reads what the worker finished."""
         start = time.perf_counter()
-        report = {"started_s": None, "seconds": None, "failed": None, "log": None}
+        report = {"started_s": None, "seconds": None, "failed": None, "log": None, **({"whole": True} if whole else {})}
         try:
             self.worker = Workers(1, sorted({type(m).__module__ for m in self.module.modules()}))
             report["log"] = str(self.worker.folder / "worker-0.log")  # its timeline and dynamo's breakdown
@@ -324,6 +385,62 @@ class BackgroundCompile:
             logger.info("accel: the compile worker of %s did not finish (%s); compiling here", self.name,
                         report["failed"])
 
+    def _compile_stages(self, copies: tuple, inference: bool) -> bool:
+        """Build the module's stages on these inputs in worker processes, one whole compiled forward each, and put
+        them under the stages (`_StageHook`); True once the forward ran on them here. False (logged) where the module
+        has no stages, a stage carries other hooks, torch cannot save compiled forwards, or any stage was not built."""
+        stages = _stages(self.module)
+        if self.eager is None or len(stages) < 2 or not aot.available():
+            return False
+        if any(_other_hooks(stage) for stage in stages):
+            return False  # a hook on a stage runs around its forward: a saved class forward would skip it
+        start = time.perf_counter()
+        report = {"started_s": None, "seconds": None, "failed": None, "log": None, "stages": None}
+        installed: list[tuple[torch.nn.Module, str]] = []
+        try:
+            keys: dict[torch.nn.Module, tuple] = {}
+            jobs = record_calls(stages, lambda: self.eager(*copies[0], **copies[1]), keys)
+            count = max(1, min(len(jobs), default_workers()))
+            self.worker = Workers(count, sorted({type(m).__module__ for m in self.module.modules()}))
+            report["log"] = str(self.worker.folder)  # worker-N.log: each one's timeline and dynamo's breakdown
+            report["started_s"] = round(time.perf_counter() - start, 3)
+            for index, job in enumerate(jobs):
+                job.path = str(self.worker.folder / f"stage-{index}{aot.SUFFIX}")
+            self.worker.submit(_by_size(jobs, count), self.compile_kwargs, target="aot", inference=inference)
+            self.worker.wait(timeout=WORKER_TIMEOUT_SECONDS)
+            failed, stopped = self.worker.stop()
+            report["stages"], report["built_s"] = len(jobs), round(time.perf_counter() - start, 3)
+            loaded = {}
+            for job in jobs:
+                found = aot.load(Path(job.path))
+                if found is None or found[1] != aot.signature(job.args, job.kwargs):
+                    report["failed"] = f"{type(job.region).__name__} not built (workers failed: {failed}, stopped: " \
+                                       f"{stopped}; logs in {report['log']})"
+                    break
+                loaded[job.key] = found
+            else:
+                for stage, key in keys.items():
+                    fn, digest = loaded[key]
+                    _stage_hook(stage).fns[digest] = fn
+                    installed.append((stage, digest))
+                    if stage not in self.stage_hooks:
+                        self.stage_hooks.append(stage)
+                self.eager(*copies[0], **copies[1])  # each stage's first run (its kernels' loading) here, not in a call
+        except Exception as err:  # compile time only: the whole forward compiles instead
+            report["failed"] = f"{type(err).__name__}: {err}"
+        finally:
+            self._stop_worker()
+            report["seconds"] = round(time.perf_counter() - start, 3)
+            self.worker_reports.append(report)
+        if report["failed"]:
+            for stage, digest in installed:
+                _stage_hook(stage).fns.pop(digest, None)
+            logger.info("accel: the stages of %s were not built in workers (%s); compiling its whole forward",
+                        self.name, report["failed"])
+            return False
+        report["load_s"] = round(report["seconds"] - report["built_s"], 3)
+        return True
+
     def _stop_worker(self) -> None:
         worker, self.worker = self.worker, None
         if worker is not None:
@@ -340,11 +457,92 @@ class BackgroundCompile:
             if self.thread.is_alive():
                 logger.warning("accel: the background compile of %s was still running after %.0f s; left to finish "
                                "on its own, its result unused", self.name, timeout)
+        for stage in self.stage_hooks:
+            registry = getattr(stage, "_diffusers_hook", None)
+            if registry is not None and STAGE_HOOK_NAME in registry.hooks:
+                registry.remove_hook(STAGE_HOOK_NAME, recurse=False)
+        self.stage_hooks, self.staged, self.whole = [], set(), set()
 
     def report(self) -> dict:
         states = list(self.states.values())
         return {"running": self.running(), "compiled": states.count("compiled"), "failed": states.count("failed"),
                 "seconds": [round(s, 3) for s in self.seconds.values()], "workers": list(self.worker_reports)}
+
+
+class _StageHook(ModelHook):
+    """Runs a stage's whole compiled forward (built by a worker, `aot.py`) for the input signatures it was built for;
+    any other call, any call with grad, and dynamo's trace of the module (the whole forward's compile after the
+    stages) run the stage's own forward."""
+
+    # Its state is the loaded code, never read in a trace: a compile worker's copy of the module gets an empty one, so
+    # that the worker's whole-forward graph, traced through it, is the one the thread here traces (one cache entry).
+    stateless = True
+
+    def __init__(self):
+        super().__init__()
+        self.fns: dict[str, object] = {}  # aot.signature -> the loaded compiled forward
+
+    def fresh(self) -> "_StageHook":
+        return _StageHook()
+
+    def new_forward(self, module, *args, **kwargs):
+        # is_compiling first: in a trace the rest is never read, so no guard falls on the loaded code's table
+        if not torch.compiler.is_compiling() and self.fns and not torch.is_grad_enabled():
+            fn = self.fns.get(aot.signature(args, kwargs))
+            if fn is not None:
+                return fn(module, *args, **kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def _stages(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The module's stages (`STAGE_LISTS`), in call order; none where it has fewer than two."""
+    found = []
+    for name in STAGE_LISTS:
+        child = module._modules.get(name)
+        if isinstance(child, torch.nn.ModuleList):
+            found.extend(child)
+        elif child is not None:
+            found.append(child)
+    return found if len(found) >= 2 else []
+
+
+def _by_size(jobs: list[Job], count: int) -> list[list[Job]]:
+    """The stages dealt to `count` workers so that each gets about as many layers (a compile's time goes with the
+    operations in the graph, not with the resolution): the largest first, each to the least loaded worker."""
+    parts: list[list[Job]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for job in sorted(jobs, key=lambda j: -sum(1 for _ in j.region.modules())):
+        index = loads.index(min(loads))
+        parts[index].append(job)
+        loads[index] += sum(1 for _ in job.region.modules())
+    return [part for part in parts if part]
+
+
+def _other_hooks(stage: torch.nn.Module) -> bool:
+    """Whether hooks other than ours run around the stage's forward."""
+    registry = getattr(stage, "_diffusers_hook", None)
+    names = set(getattr(registry, "hooks", {})) - {STAGE_HOOK_NAME}
+    return bool(names or stage._forward_hooks or stage._forward_pre_hooks)
+
+
+def _stage_hook(stage: torch.nn.Module) -> _StageHook:
+    registry = HookRegistry.check_if_exists_or_initialize(stage)
+    if STAGE_HOOK_NAME not in registry.hooks:
+        registry.register_hook(_StageHook(), STAGE_HOOK_NAME)
+    return registry.get_hook(STAGE_HOOK_NAME)
+
+
+def _entered(device, modes: tuple) -> contextlib.ExitStack:
+    """The calls' thread-local modes (inference, device type, autocast, its dtype), entered in a compile thread:
+    dynamo guards on them, so the compiled code must match the calls' own."""
+    inference, device_type, autocast, autocast_dtype = modes
+    stack = contextlib.ExitStack()
+    # inference_mode(False) would turn grad mode on: entered only where the calls run under it
+    stack.enter_context(torch.inference_mode() if inference else torch.no_grad())
+    stack.enter_context(torch.autocast(device_type, autocast_dtype, enabled=autocast))
+    if device is not None:
+        stack.enter_context(torch.cuda.device(device))
+    return stack
 
 
 def _copies(args: tuple, kwargs: dict) -> tuple:
@@ -433,11 +631,12 @@ def _hooked(region: torch.nn.Module) -> bool:
 
 
 def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None, background: bool = False,
-                  **compile_kwargs) -> ModelHook:
+                  stages: bool = True, **compile_kwargs) -> ModelHook:
     """`mode` is "regional" (compile each repeated block in place) or "full" (compile the forward).
     `workers`: processes that compile the distinct regions in parallel with the first call (None: half the
     cores, at most 8; 0: none, the regions compile one after another in this process).
-    `background`: with "full", compile each new input signature in a thread while calls run eagerly."""
+    `background`: with "full", compile each new input signature in a thread while calls run eagerly; with workers
+    and `stages`, a module made of stages is built stage by stage in parallel worker processes (`BackgroundCompile`)."""
     if background and mode != "full":
         raise ValueError(f"background compilation applies to mode='full'; mode is {mode!r}")
     registry = HookRegistry.check_if_exists_or_initialize(module)
@@ -445,7 +644,7 @@ def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None
         raise RuntimeError("torch.compile is already applied to this module")
     process.hold()  # the on-disk inductor cache (which compile workers inherit) and the recompile limit
     try:
-        hook = _compile_hook(module, mode, workers, background, compile_kwargs)
+        hook = _compile_hook(module, mode, workers, background, compile_kwargs, stages)
     except BaseException:
         process.release()
         raise
@@ -454,9 +653,9 @@ def apply_compile(module: torch.nn.Module, mode: str, workers: int | None = None
 
 
 def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, background: bool,
-                  compile_kwargs: dict) -> ModelHook:
+                  compile_kwargs: dict, stages: bool = True) -> ModelHook:
     if mode == "full":
-        hook = CompileHook(background, workers, **compile_kwargs)
+        hook = CompileHook(background, workers, stages, **compile_kwargs)
     else:
         blocks = {*REGIONAL_BLOCKS, *DIT_BLOCKS}
         if "transformer_blocks" in module._modules:  # a DiT: what diffusers' compile_repeated_blocks compiles too
@@ -533,6 +732,13 @@ def compile_settled(module: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
     for them is to run or runs in the background (a CUDA graph captured now would hold the eager forward)."""
     background = getattr(_hook(module), "background", None)
     return background is None or background.settled(args, kwargs)
+
+
+def compile_generation(module: torch.nn.Module) -> int:
+    """How many times the module's background compile moved its calls to other compiled code once they ran compiled
+    code (the stages, then the whole forward): CUDA graphs captured before hold the earlier code."""
+    background = getattr(_hook(module), "background", None)
+    return 0 if background is None else background.generation
 
 
 def mark_artifacts_loaded(module: torch.nn.Module) -> None:

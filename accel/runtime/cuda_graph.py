@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import _Graph, capture_graph, capture_paused, signature_key
 from ..session import planner_of
-from .compile import compile_settled
+from .compile import compile_generation, compile_settled
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class CUDAGraphHook(ModelHook):
         self.pool = None
         self._signature: inspect.Signature | None = None
         self._warned = False
+        self._generation = 0  # of the module's background compile, when the graphs were captured
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(module.forward)
@@ -84,6 +85,10 @@ class CUDAGraphHook(ModelHook):
                 logger.warning("accel: CUDA graphs need the inputs on one CUDA device; running eagerly")
                 self._warned = True
             return forward(**arguments)
+        generation = compile_generation(module)
+        if generation != self._generation:  # the background compile moved the calls to other compiled code
+            self.graphs.clear()
+            self._generation = generation
         entry = self.graphs.get(key, False)
         if entry is False:
             if capture_paused() or not compile_settled(module, (), arguments):

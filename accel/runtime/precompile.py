@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class Job:
     args: tuple
     kwargs: dict
     key: tuple = ()  # its `call_key` (computed when not given)
+    path: str | None = None  # with target "aot", where the worker saves the block's whole compiled forward
 
     def __post_init__(self):
         self.key = self.key or call_key(self.region, self.args, self.kwargs)
@@ -75,12 +77,19 @@ def call_key(region: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
     return (type(region).__module__, type(region).__qualname__, weights, str(spec), inputs)
 
 
-def record_calls(regions: list[torch.nn.Module], run) -> list[Job]:
-    """Run `run()` eagerly (compiled regions too) and keep the first call of each distinct block."""
+def record_calls(regions: list[torch.nn.Module], run, keys: dict | None = None) -> list[Job]:
+    """Run `run()` eagerly (compiled regions too) and keep the first call of each distinct block; with `keys`, also
+    put there each region's first call key. Calls from other threads (a background compile records while the caller
+    runs the same blocks) are left out."""
     jobs: dict[tuple, Job] = {}
+    thread = threading.get_ident()
 
     def record(module, args, kwargs):
+        if threading.get_ident() != thread:
+            return
         key = call_key(module, args, kwargs)
+        if keys is not None:
+            keys.setdefault(module, key)
         if key not in jobs:
             jobs[key] = Job(module, args, kwargs, key)
 
@@ -198,7 +207,7 @@ class Workers:
         self.folder = Path(tempfile.mkdtemp(prefix="accel-precompile-"))
         # Each worker's inductor compiles its Triton kernels in a pool of this many processes (1: in-process).
         threads = int(os.environ.get("ACCEL_PRECOMPILE_THREADS", 0)) or max(1, (os.cpu_count() or 1) // count)
-        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(threads),
+        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(threads), ACCEL_WORKER_SPAWNED=str(time.time()),
                    PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         command = [sys.executable, "-c", f"import sys; from {__name__} import serve; serve(sys.argv[1:])", *modules]
         self.processes: list[tuple[int, object, subprocess.Popen]] = []
@@ -216,15 +225,16 @@ class Workers:
                inference: bool = False) -> None:
         """Hand each worker its blocks (a worker without any exits). `target`: "module" compiles each block as
         `nn.Module.compile` does (regional compilation), "forward" compiles its `forward` as `torch.compile(forward)`
-        (a full compile's hook does): the graphs, and so the cache entries, must be the caller's. `inference`: the
-        caller's calls run under inference mode."""
+        (a full compile's hook does): the graphs, and so the cache entries, must be the caller's; "aot" saves each
+        block's class forward compiled whole to its job's `path` (`aot.save`), which the caller loads without a
+        trace. `inference`: the caller's calls run under inference mode."""
         for (index, _, process), part in zip(self.processes, [*parts, *[[]] * len(self.processes)]):
             if part:
                 path = self.folder / f"jobs-{index}.pt"
                 # A forward's graph holds none of the region's own torch hooks (a module's compile holds them all).
-                torch.save({"jobs": [{"region": _shapes_only(job.region, own_hooks=target != "forward"),
+                torch.save({"jobs": [{"region": _shapes_only(job.region, own_hooks=target == "module"),
                                       "hooks": _stateless_hooks(job.region),
-                                      "args": job.args, "kwargs": job.kwargs} for job in part],
+                                      "args": job.args, "kwargs": job.kwargs, "path": job.path} for job in part],
                             "target": target, "inference": inference,
                             "compile_kwargs": compile_kwargs, "grad": torch.is_grad_enabled(),
                             "flags": _backend_flags(), "recompile_limit": torch._dynamo.config.recompile_limit,
@@ -326,6 +336,11 @@ def compile_time_breakdown(limit: int = 4000) -> str:
 def serve(modules: list[str]) -> None:
     """Worker side: import what compiling the blocks needs, then compile the job file named on stdin."""
     start = time.perf_counter()
+    spawned = float(os.environ.get("ACCEL_WORKER_SPAWNED", time.time()))
+    print(f"python, torch and accel imported {time.time() - spawned:.1f} s after the spawn", flush=True)
+    accel_logger = logging.getLogger("accel")  # its lines (a forward not saved, and why) go to the worker's log
+    accel_logger.setLevel(logging.INFO)
+    accel_logger.addHandler(logging.StreamHandler(sys.stdout))
     import importlib
 
     import torch._inductor.compile_fx  # noqa: F401  (the bulk of inductor)
@@ -336,6 +351,10 @@ def serve(modules: list[str]) -> None:
     line = sys.stdin.readline().strip()
     if line:
         compile_jobs(line)
+    # Inductor has written every cache entry and saved file by now: the caller waits for this exit, so the
+    # interpreter's teardown (the compile pool's shutdown, module finalizers) is skipped.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def compile_jobs(path: str) -> None:
@@ -365,7 +384,13 @@ def compile_jobs(path: str) -> None:
                 tensor.zero_()  # values never enter a compiled graph; shapes, dtypes and strides do
         _register(region, job.get("hooks", ()))  # the caller's stateless hooks: the same graph, the same cache entry
         with torch.inference_mode() if payload.get("inference") else contextlib.nullcontext():
-            if payload.get("target", "module") == "forward":
+            target = payload.get("target", "module")
+            if target == "aot":
+                from . import aot
+
+                if not aot.save(region, job["args"], job["kwargs"], Path(job["path"]), payload["compile_kwargs"]):
+                    print(f"not saved: {type(region).__name__}", flush=True)
+            elif target == "forward":
                 torch.compile(region.forward, **payload["compile_kwargs"])(*job["args"], **job["kwargs"])
             else:
                 region.compile(**payload["compile_kwargs"])

@@ -8,7 +8,8 @@ Each case runs in a fresh process with its own empty TORCHINDUCTOR_CACHE_DIR (a 
 (random weights), fp16, 512 px (`--arch sdxl`: SDXL, 1024 px), `preset="balanced"` (full torch.compile and CUDA
 graphs of denoiser, VAE decoder and text encoders), CFG 7.5, seed 0.
 
-    background  the preset with `compile_background=True`: calls back to back for `--seconds` (default 90), each
+    background  the preset with `compile_background=True`: calls back to back for `--seconds` (default 90; it ends
+                sooner, 6 calls after every component switched), each
                 with its start (from `accelerate()`), its latency and how many components run compiled code; the
                 time to the first image, to each component's switch (its log line) and to the last one; the steady
                 median (last 5 calls); the first image's PSNR against the last (eager against compiled)
@@ -60,10 +61,14 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
 
     import accel
     from accel.quality.metrics import psnr
-    from accel.runtime import background_compile_report, compile_cache_report
+    from accel.runtime import background_compile_report, background_compiles, compile_cache_report
     from accel.runtime import _modules as compiled_modules
 
     arch, smoke = args.arch, args.smoke
+    if args.whole_forward:  # the background compile as before the stages: each component's whole forward in a worker
+        from accel.runtime import compile as compile_mod
+
+        compile_mod.STAGE_LISTS = ()
     channels_last = {"preset": None, "on": True, "off": False}[args.channels_last]
     pipe, config, size = _pipeline("embedded" if smoke else arch, smoke)
     if case == "background":
@@ -108,12 +113,24 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
     timeline = [{"start_s": round(at, 3), "latency_s": round(latency, 4)}]
     image = first
     if case == "background":
-        while time.perf_counter() - start < seconds:
+        after_switch = 0  # calls since every component switched and no compile runs: the steady median's, then the end
+        while time.perf_counter() - start < seconds and after_switch <= STEADY_CALLS:
             reports = [background_compile_report(m) or {} for m in modules]
             image, at, latency = generate()
             timeline.append({"start_s": round(at, 3), "latency_s": round(latency, 4),
                              "compiled_before": sum(r.get("compiled", 0) for r in reports)})
+            switched = sum("switches to its compiled code" in line for _, line in lines.lines)
+            after_switch += switched == len(modules) and background_compiles(pipe) != "running"
         switches = [t for t, line in lines.lines if "switches to its compiled code" in line]
+        # Components built stage by stage move on to their whole forward once a worker built it too: the stages'
+        # steady state is the calls between the last stage switch and the first whole one (each first call after a
+        # switch, which captures its graphs, left out).
+        wholes = [t for t, line in lines.lines if "switches to its whole compiled forward" in line]
+        if len(switches) == len(modules):
+            staged = [t["latency_s"] for t in timeline if max(switches) < t["start_s"] < min(wholes or [float("inf")])]
+            record.update(staged_median_s=statistics.median(staged[1:]) if len(staged) > 1 else None,
+                          staged_calls=len(staged))
+        record.update(whole_switch_s=wholes, all_whole_s=max(wholes) if wholes and len(wholes) == len(modules) else None)
         failed = [line for _, line in lines.lines if "background compile" in line and "failed" in line]
         record.update(switch_s=switches, all_switched_s=max(switches) if len(switches) == len(modules) else None,
                       compile_s=[background_compile_report(m) for m in modules], failed=failed,
@@ -121,8 +138,12 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
                       psnr_first_vs_last_db=float(psnr(*(torch.from_numpy(i[0]).permute(2, 0, 1) for i in (first, image)))))
         for report in record["compile_s"]:  # each worker's timeline and dynamo breakdown, in place of its path
             for worker in (report or {}).get("workers", []):
-                path = worker.get("log")
-                worker["log"] = Path(path).read_text()[-4000:] if path and Path(path).is_file() else None
+                path = Path(worker["log"]) if worker.get("log") else None
+                if path is not None and path.is_dir():  # a stage-by-stage compile: a log per worker process (its
+                    # timeline, then dynamo's breakdown)
+                    worker["log"] = {p.name: p.read_text()[:3000] for p in sorted(path.glob("worker-*.log"))}
+                else:
+                    worker["log"] = path.read_text()[-4000:] if path is not None and path.is_file() else None
         times = [t["latency_s"] for t in timeline[-STEADY_CALLS:]]
     else:
         times = []
@@ -141,15 +162,16 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
     def cell(value, scale=1.0, digits=1):
         return "-" if value is None else f"{value * scale:.{digits}f}"
 
-    rows = ["| case | channels-last | accelerate() s | first image s | all switched s | steady median ms | calls | wall s |",
-            "| --- " * 8 + "|"]
+    rows = ["| case | channels-last | accelerate() s | first image s | all switched s | stages' median ms | "
+            "all on whole forwards s | steady median ms | calls | wall s |", "| --- " * 10 + "|"]
     for r in records:
         if "error" in r:
-            rows.append(f"| {r['case']} | {(r['error'].strip().splitlines() or ['failed'])[-1][:160]} |" + " |" * 6)
+            rows.append(f"| {r['case']} | {(r['error'].strip().splitlines() or ['failed'])[-1][:160]} |" + " |" * 8)
             continue
         rows.append(f"| {r['case']} | {'yes' if r.get('channels_last') else 'no'} | {cell(r['accelerate_s'], digits=2)} | "
                     f"{cell(r['first_image_s'])} | "
-                    f"{cell(r.get('all_switched_s'))} | {cell(r['median_s'], 1e3)} | {len(r['timeline'])} | "
+                    f"{cell(r.get('all_switched_s'))} | {cell(r.get('staged_median_s'), 1e3)} | "
+                    f"{cell(r.get('all_whole_s'))} | {cell(r['median_s'], 1e3)} | {len(r['timeline'])} | "
                     f"{cell(r.get('wall_s'))} |")
     text = [f"# First image before the compile ends ({meta['mode']}, {meta['arch']})", "", f"`{meta['command']}`", "",
             "Each case a fresh process on an empty inductor cache; `balanced` preset, CFG 7.5, seed 0.", "", *rows, ""]
@@ -181,6 +203,8 @@ def main() -> int:
                         "most own time go into the report; the profiler slows Python)")
     parser.add_argument("--compile-cache", default=None, help="the background case's RuntimeConfig.compile_cache: a "
                         "folder of artifacts (`accel precompile`, `cold_start.py --cases precompile --artifacts DIR`)")
+    parser.add_argument("--whole-forward", action="store_true", help="the background case compiles each component's "
+                        "whole forward in one worker, the thread tracing it after (as before the stage-by-stage build)")
     parser.add_argument("--smoke", action="store_true", help="the embedded model on the CPU at 32 px, no CUDA graphs")
     parser.add_argument("--child", default=None, choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,7 +231,8 @@ def main() -> int:
         records.append(record)
         write_report(out, records, meta)
         print(f"{case}: " + (record["error"][-300:] if "error" in record else
-              f"first image {record['first_image_s']:.1f} s, all switched {record.get('all_switched_s')} s, "
+              f"first image {record['first_image_s']:.1f} s, all switched {record.get('all_switched_s')} s "
+              f"(stages' median {record.get('staged_median_s')}), all whole {record.get('all_whole_s')} s, "
               f"steady median {record['median_s'] * 1e3:.1f} ms"), flush=True)
     print(f"wrote {out / 'first_image.json'}, {out / 'first_image.md'}")
     return 0
