@@ -409,8 +409,6 @@ from tiny import run, tiny_sd_pipeline
 import accel
 from accel.runtime import background_compile_report
 from accel.runtime import compile as compile_mod
-if sys.argv[3] == "whole":
-    compile_mod.STAGE_LISTS = ()  # no stages: the worker compiles the whole forward, the thread reads its cache
 from torch._dynamo.utils import counters
 pipe = tiny_sd_pipeline(Path(tempfile.mkdtemp()))
 baseline = run(pipe)
@@ -438,13 +436,12 @@ print("RESULT " + json.dumps({"report": background_compile_report(pipe.unet), "i
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor needs a C++ compiler on CPU")
-@pytest.mark.parametrize("split", ["stages", "whole"])
-def test_worker_processes_compile_and_the_thread_reads_what_they_built(tmp_path, split):
-    """`compile_workers=1`, the calls meanwhile not held up by a compiling thread's Python. `stages`: the UNet's
-    stages (down, mid and up blocks) are each compiled whole in the worker and saved to files that this process loads
-    without a trace; then, as for `whole`, the whole forward. `whole` (a module without stages): the worker compiles the whole
-    forward into the shared inductor cache, then the thread's own compile finds every graph there (an FX graph cache
-    hit). Either way the first image is the eager one and the compiled output matches it."""
+def test_worker_processes_compile_and_the_thread_reads_what_they_built(tmp_path):
+    """`compile_workers=1`, the calls meanwhile not held up by a compiling thread's Python. First the UNet's stages
+    (down, mid and up blocks) are each compiled whole in the worker and saved to files that this process loads without
+    a trace. Then the whole forward, as for a module without stages: the worker compiles it into the shared inductor
+    cache, and the thread's own compile finds every graph there (an FX graph cache hit, no inductor compile here). The
+    first image is the eager one and the compiled output matches it."""
     import json
     import os
     import subprocess
@@ -452,24 +449,21 @@ def test_worker_processes_compile_and_the_thread_reads_what_they_built(tmp_path,
 
     tests = Path(__file__).parent
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"), TORCHINDUCTOR_COMPILE_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", _WORKER_CHILD, str(tests.parent), str(tests), split], env=env,
+    done = subprocess.run([sys.executable, "-c", _WORKER_CHILD, str(tests.parent), str(tests)], env=env,
                           capture_output=True, text=True, timeout=900)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     assert line, done.stderr[-3000:]
     result = json.loads(line[7:])
     assert result["report"]["compiled"] == 1, result["report"]
     worker = result["report"]["workers"][0]
-    if split == "stages":
-        assert worker["failed"] is None and worker["stages"] == 5, worker  # tiny UNet: 2 down, mid, 2 up
-        assert result["staged"] == ["stages"] * 5  # every stage has its loaded code
-        # then a second worker compiles the whole forward, which the thread traces and reads from the cache (no
-        # inductor compile here either), and the calls move to it (the CUDA-graph hook's cue: generation 1)
-        whole = result["report"]["workers"][1]
-        assert whole["whole"] and whole["failed"] is False, whole
-        assert result["generation"] == 1
-        assert result["staged_frames"] == 0  # nothing traced here while the stages were built and loaded
-    else:
-        assert worker["failed"] is False
+    assert worker["failed"] is None and worker["stages"] == 5, worker  # tiny UNet: 2 down, mid, 2 up
+    assert result["staged"] == ["stages"] * 5  # every stage has its loaded code
+    assert result["staged_frames"] == 0  # nothing traced here while the stages were built and loaded
+    # then a second worker compiles the whole forward, which the thread traces and reads from the cache, and the
+    # calls move to it (the CUDA-graph hook's cue: generation 1)
+    whole = result["report"]["workers"][1]
+    assert whole["whole"] and whole["failed"] is False, whole
+    assert result["generation"] == 1
     assert result["inductor"].get("fxgraph_cache_hit", 0) >= 1
     assert result["inductor"].get("fxgraph_cache_miss", 0) == 0
     assert result["first_equal"] and result["close"]
