@@ -249,6 +249,11 @@ class ComparisonApp:
         from apps.loading import default_model, pick_device
 
         device = pick_device(device)
+        if device.startswith("cuda"):
+            # the page's presets compile in the background: their workers' server imports while the model loads
+            from accel.runtime import start_compile_workers
+
+            start_compile_workers()
         embedded = model is None
         path = default_model() if embedded else Path(resolve_model(model)).expanduser()
         local = embedded or path.exists() or str(model).startswith((".", "/", "~"))

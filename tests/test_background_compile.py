@@ -415,6 +415,7 @@ baseline = run(pipe)
 # cuda_graph=True as the presets have it (eager on the CPU): its hook gives the UNet the session's call planner,
 # whose pre-hook the worker's copy must leave out (on the H200 that copy failed for every preset's UNet)
 runtime = accel.RuntimeConfig(compile="full", compile_background=True, compile_workers=1, cuda_graph=True)
+compile_mod.WHOLE_AFTER_STAGES = "always"  # the second step too (by default only where a stage call found no code)
 accel.accelerate(pipe, accel.AccelConfig(runtime=runtime))
 first = run(pipe)
 began = time.perf_counter()
@@ -459,6 +460,8 @@ def test_worker_processes_compile_and_the_thread_reads_what_they_built(tmp_path)
     assert worker["failed"] is None and worker["stages"] == 5, worker  # tiny UNet: 2 down, mid, 2 up
     assert result["staged"] == ["stages"] * 5  # every stage has its loaded code
     assert result["staged_frames"] == 0  # nothing traced here while the stages were built and loaded
+    assert worker["own_forward_calls"] == 0  # the run after loading found compiled code for every stage call
+    assert all(calls[1] == 0 for calls in result["report"]["stage_calls"].values()), result["report"]["stage_calls"]
     # then a second worker compiles the whole forward, which the thread traces and reads from the cache, and the
     # calls move to it (the CUDA-graph hook's cue: generation 1)
     whole = result["report"]["workers"][1]
@@ -475,3 +478,32 @@ def test_compile_workers_with_background_is_zero_or_one():
         accel.RuntimeConfig(compile="full", compile_background=True, compile_workers=2)
     with pytest.raises(ValueError, match="compile_workers applies to compile='regional', or to 'full' with"):
         accel.RuntimeConfig(compile="full", compile_workers=1)
+
+
+def test_a_stage_call_in_another_layout_runs_the_compiled_code_on_its_recorded_strides():
+    """A compiled stage before it may hand a stage its input channels-last where the recording (every stage eager) had
+    it contiguous, or with another stride on a size-1 dimension: the call gets the recorded strides (a copy, or a
+    view) and the compiled code; a shape never recorded runs the stage's own forward."""
+    from accel.runtime import aot
+    from accel.runtime.compile import _restrided, _StageHook
+
+    seen = []
+
+    def compiled(module, x):
+        seen.append(x.stride())
+        return x * 2
+
+    hook = _StageHook()
+    example = torch.randn(1, 4, 3, 3)  # contiguous: (36, 9, 3, 1)
+    hook.add(aot.signature((example,), {}), compiled, (example,), {})
+    hook.fn_ref = type("Ref", (), {"original_forward": staticmethod(lambda x: x + 1)})()
+    channels_last = example.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(hook.new_forward(None, example), example * 2)
+        assert torch.equal(hook.new_forward(None, channels_last), example * 2)
+        other = torch.randn(1, 4, 5, 5)
+        assert torch.equal(hook.new_forward(None, other), other + 1)
+    assert seen == [(36, 9, 3, 1)] * 2 and hook.calls == [1, 1, 1]
+    odd = torch.randn(4, 3, 3).unsqueeze(0).as_strided((1, 4, 3, 3), (7, 9, 3, 1))  # stride 7 on the size-1 batch
+    view = _restrided(((odd,), {}), [(36, 9, 3, 1)])[0][0]
+    assert view.stride() == (36, 9, 3, 1) and view.data_ptr() == odd.data_ptr() and torch.equal(view, odd)

@@ -115,10 +115,9 @@ def test_split_deals_from_the_last_block_called():
 
 def _sleeper(tmp_path) -> Workers:
     workers = Workers.__new__(Workers)
-    workers.folder = tmp_path
+    workers.folder, workers.count = tmp_path, 1
     command = [sys.executable, "-c", "import sys, time; sys.stdin.readline(); time.sleep(60)"]
-    workers.processes = [(0, open(tmp_path / "worker-0.log", "w"),
-                          subprocess.Popen(command, stdin=subprocess.PIPE, text=True))]
+    workers.processes = [(0, tmp_path / "worker-0.log", subprocess.Popen(command, stdin=subprocess.PIPE, text=True))]
     return workers
 
 
@@ -213,7 +212,7 @@ def test_recording_forward_leaves_caches_as_one_call(sd_pipe, cache, monkeypatch
     class NoWorkers:
         def __init__(self, count, modules):
             started.append(count)
-            self.processes, self.folder = [], None
+            self.processes, self.folder, self.count = [], None, 0
 
         def stop(self):
             return [], 0

@@ -25,6 +25,7 @@ from .compile import (apply_compile, background_compile_report, background_state
                       remove_compile)
 from .cuda_graph import apply_cuda_graph, get_cuda_graph_hook, remove_cuda_graph
 from .lora_hotswap import LoRAHotswap
+from .precompile import prestart as _prestart
 from .quantize import DEFAULT_SKIP, FORMATS, QuantizedLayers
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -53,7 +54,16 @@ __all__ = [
     "compile_cache_report",
     "swap_lora",
     "set_lora_scale",
+    "start_compile_workers",
 ]
+
+
+def start_compile_workers() -> None:
+    """Start the compile workers' server ahead of `accelerate()`: a process that imports torch, inductor, diffusers and
+    accel once (14-21 s on the H200's hosts) and forks the background compile's workers (`compile_background` on a
+    CUDA GPU). `accelerate()` starts it otherwise; started while the pipeline loads, its imports are over sooner. The app calls
+    it before loading a model onto a CUDA GPU; a no-op where it runs already or the platform cannot fork."""
+    _prestart()
 
 
 @dataclass(frozen=True)

@@ -46,12 +46,12 @@ def class_forward(module, *args, **kwargs):
     return type(module).forward(module, *args, **kwargs)
 
 
-def signature(args: tuple, kwargs: dict) -> str:
+def signature(args: tuple, kwargs: dict, strides: bool = True) -> str:
     """What the saved function's guards do not check: the arguments' structure, each tensor's shape, dtype and
-    device, and every other value. A digest, stored beside the function."""
+    device (and strides, unless `strides` is False), and every other value. A digest, stored beside the function."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    parts = (str(spec), tuple((tuple(x.shape), str(x.dtype), str(x.device), x.stride()) if isinstance(x, torch.Tensor)
-                              else repr(_constant_key(x)) for x in leaves))
+    parts = (str(spec), tuple((tuple(x.shape), str(x.dtype), str(x.device), x.stride() if strides else None)
+                              if isinstance(x, torch.Tensor) else repr(_constant_key(x)) for x in leaves))
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 

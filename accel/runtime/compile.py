@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import ctypes
 import inspect
+import itertools
 import logging
 import threading
 import time
@@ -27,7 +28,8 @@ from torch.utils import _pytree as pytree
 from ..capture import _constant_key
 from . import aot, process
 from .process import BACKGROUND_SWITCH_INTERVAL, background_process_state  # noqa: F401 (the tests read it here)
-from .precompile import Job, Precompile, Workers, compiled_before, default_workers, record_calls, stateful_hooks
+from .precompile import (Job, Precompile, Workers, compiled_before, default_workers, prestart, record_calls,
+                         stateful_hooks)
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,12 @@ STAGE_HOOK_NAME = "accel.compiled_stage"
 # A UNet's or VAE coder's stages, in call order: with workers, a background compile builds each one's forward whole in
 # its own process and the caller loads them without a trace (`BackgroundCompile._compile_stages`).
 STAGE_LISTS = ("down_blocks", "mid_block", "up_blocks")
+# After a background compile stage by stage, whether the whole forward compiles too: "partial" where a stage call of
+# the run after loading found no compiled code, "always", or "never". On compiled stages the SD1.5 UNet took 123.9 ms
+# of GPU time per 512 px image against 125.5 ms on its whole compiled forward (H200, one process), while the whole
+# forward's compile took 127 s more beside the calls and slowed them to 0.18-0.25 s for most of that time
+# (`benchmarks/results/runtime/first-image/`, run 14).
+WHOLE_AFTER_STAGES = "partial"
 # The blocks that hold most kernels. Compiling the single-conv Downsample2D / Upsample2D and stand-alone
 # Attention modules too cost more compile time than it saved (SD1.5, H100, cold inductor cache, first
 # call: 92.3 s with them and automatic dynamic shapes, 65.0 s without them and static shapes; steady
@@ -168,11 +176,12 @@ class BackgroundCompile:
     `eager` (the forward below the hook) is given, the thread records each stage's call on the signature's inputs
     and worker processes build each distinct stage's forward whole, in parallel, into files (`aot.py`); the thread
     loads them, without a trace of its own, and the module's calls then run its own forward with the stages on that
-    code (`_StageHook`). Any stage not built sends the signature on to the whole-forward compile. Compiled apart, the
-    stages run slower than the whole forward (SD1.5 on the H200, one process: 159.6 ms per image against 144.8 ms), so
-    once the calls run on them, a worker compiles the whole forward as without stages, the thread traces it and reads
-    the worker's cache, and the calls move to it: `generation` counts such moves, on which the CUDA-graph hook
-    captures again. (`benchmarks/results/runtime/first-image/`, runs 10-13.)
+    code (`_StageHook`). Any stage not built sends the signature on to the whole-forward compile. On compiled stages
+    the SD1.5 UNet runs as fast as on its whole compiled forward (H200: 123.9 against 125.5 ms of GPU time per image);
+    where a stage call still runs its own forward after loading (`WHOLE_AFTER_STAGES`), a worker then compiles the
+    whole forward as without stages, the thread traces it and reads the worker's cache, and the calls move to it:
+    `generation` counts such moves, on which the CUDA-graph hook captures again.
+    (`benchmarks/results/runtime/first-image/`, runs 10-14.)
     """
 
     def __init__(self, module: torch.nn.Module, hook_name: str, workers: int | None = None,
@@ -323,11 +332,21 @@ class BackgroundCompile:
             self.seconds[key] = time.perf_counter() - start
             self.states[key] = state  # before capture resumes, so that a capture sees the compiled code
             background_process_state.release()
-        if staged and state == "compiled" and not self.detached:
+        if staged and state == "compiled" and not self.detached and self._whole_after_stages():
             try:
                 self._compile_whole(key, compiled, copies, device, modes)
             except _Interrupted:
                 self._stop_worker()
+
+    def _whole_after_stages(self) -> bool:
+        """Whether the whole forward compiles after the stages (`WHOLE_AFTER_STAGES`): by default only where some stage
+        call of the run after loading still ran its own forward (a signature no worker built)."""
+        own = self.worker_reports[-1].get("own_forward_calls", 0) if self.worker_reports else 0
+        if WHOLE_AFTER_STAGES == "always" or (WHOLE_AFTER_STAGES == "partial" and own):
+            return True
+        logger.info("accel: %s runs every stage on compiled code; its whole forward is not compiled after them",
+                    self.name)
+        return False
 
     def _compile_whole(self, key, compiled, copies: tuple, device, modes: tuple) -> None:
         """The second step after the stages: a worker compiles the whole forward into the inductor cache while the
@@ -406,26 +425,35 @@ class BackgroundCompile:
             report["started_s"] = round(time.perf_counter() - start, 3)
             for index, job in enumerate(jobs):
                 job.path = str(self.worker.folder / f"stage-{index}{aot.SUFFIX}")
-            self.worker.submit(_by_size(jobs, count), self.compile_kwargs, target="aot", inference=inference)
-            self.worker.wait(timeout=WORKER_TIMEOUT_SECONDS)
+            parts = _by_size(jobs, count)
+            self.worker.submit(parts, self.compile_kwargs, target="aot", inference=inference)
+            loaded = {}
+            # Each worker's stages are loaded, and run once on their recorded inputs (their kernels' loading), as
+            # soon as it exits, while the others still compile (run 13 on the H200: 5.1 s of loading after the last
+            # worker, when it waited for all of them; run 16: 3.3 s with the loading alone done so).
+            for index, _ in self.worker.as_finished(WORKER_TIMEOUT_SECONDS):
+                for job in parts[index]:
+                    found = aot.load(Path(job.path))
+                    if found is not None and found[1] == aot.signature(job.args, job.kwargs):
+                        found[0](job.region, *job.args, **job.kwargs)
+                        loaded[job.key] = found
             failed, stopped = self.worker.stop()
             report["stages"], report["built_s"] = len(jobs), round(time.perf_counter() - start, 3)
-            loaded = {}
-            for job in jobs:
-                found = aot.load(Path(job.path))
-                if found is None or found[1] != aot.signature(job.args, job.kwargs):
-                    report["failed"] = f"{type(job.region).__name__} not built (workers failed: {failed}, stopped: " \
-                                       f"{stopped}; logs in {report['log']})"
-                    break
-                loaded[job.key] = found
+            missing = [job for job in jobs if job.key not in loaded]
+            if missing:
+                report["failed"] = f"{type(missing[0].region).__name__} not built (workers failed: {failed}, " \
+                                   f"stopped: {stopped}; logs in {report['log']})"
             else:
+                examples = {job.key: job for job in jobs}
                 for stage, key in keys.items():
                     fn, digest = loaded[key]
-                    _stage_hook(stage).fns[digest] = fn
+                    _stage_hook(stage).add(digest, fn, examples[key].args, examples[key].kwargs)
                     installed.append((stage, digest))
                     if stage not in self.stage_hooks:
                         self.stage_hooks.append(stage)
-                self.eager(*copies[0], **copies[1])  # each stage's first run (its kernels' loading) here, not in a call
+                before = sum(_stage_hook(stage).calls[1] for stage in self.stage_hooks)
+                self.eager(*copies[0], **copies[1])  # the module's run on its stages: does every stage call find code?
+                report["own_forward_calls"] = sum(_stage_hook(s).calls[1] for s in self.stage_hooks) - before
         except Exception as err:  # compile time only: the whole forward compiles instead
             report["failed"] = f"{type(err).__name__}: {err}"
         finally:
@@ -434,7 +462,7 @@ class BackgroundCompile:
             self.worker_reports.append(report)
         if report["failed"]:
             for stage, digest in installed:
-                _stage_hook(stage).fns.pop(digest, None)
+                _stage_hook(stage).remove(digest)
             logger.info("accel: the stages of %s were not built in workers (%s); compiling its whole forward",
                         self.name, report["failed"])
             return False
@@ -464,15 +492,30 @@ class BackgroundCompile:
         self.stage_hooks, self.staged, self.whole = [], set(), set()
 
     def report(self) -> dict:
+        """The compiles' states and times, their workers' reports and, stage by stage, how many calls (CUDA-graph
+        captures included, replays not) ran on the stage's compiled code and how many on its own forward."""
         states = list(self.states.values())
+        stages = {}
+        for stage in self.stage_hooks:
+            registry = getattr(stage, "_diffusers_hook", None)
+            if registry is not None and STAGE_HOOK_NAME in registry.hooks:
+                name = next(n for n, m in self.module.named_modules() if m is stage)
+                stages[name] = list(registry.get_hook(STAGE_HOOK_NAME).calls)
         return {"running": self.running(), "compiled": states.count("compiled"), "failed": states.count("failed"),
-                "seconds": [round(s, 3) for s in self.seconds.values()], "workers": list(self.worker_reports)}
+                "seconds": [round(s, 3) for s in self.seconds.values()], "workers": list(self.worker_reports),
+                **({"stage_calls": stages} if stages else {})}
 
 
 class _StageHook(ModelHook):
     """Runs a stage's whole compiled forward (built by a worker, `aot.py`) for the input signatures it was built for;
     any other call, any call with grad, and dynamo's trace of the module (the whole forward's compile after the
-    stages) run the stage's own forward."""
+    stages) run the stage's own forward.
+
+    A stage's inputs were recorded with every stage eager, so a compiled stage before it may hand it the same tensors
+    in another layout: inductor's channels-last output of a decoder block in place of eager's contiguous one, or other
+    strides on a size-1 dimension (on the H200, 3 of the SD VAE decoder's 5 stages ran eagerly for that: 13.7 ms per
+    decode against 7.2 ms). Such a call gets its tensors in the recorded strides (a view where only size-1 dimensions
+    differ, else a copy) and runs the compiled code."""
 
     # Its state is the loaded code, never read in a trace: a compile worker's copy of the module gets an empty one, so
     # that the worker's whole-forward graph, traced through it, is the one the thread here traces (one cache entry).
@@ -481,17 +524,54 @@ class _StageHook(ModelHook):
     def __init__(self):
         super().__init__()
         self.fns: dict[str, object] = {}  # aot.signature -> the loaded compiled forward
+        self.layouts: dict[str, tuple[str, list]] = {}  # the signature without strides -> (signature, their strides)
+        # calls run on the loaded code, calls with no-grad that found none (their own forward), calls restrided to it
+        self.calls = [0, 0, 0]
 
     def fresh(self) -> "_StageHook":
         return _StageHook()
+
+    def add(self, digest: str, fn, args: tuple, kwargs: dict) -> None:
+        """The compiled forward `fn` for the signature `digest` of these example inputs."""
+        self.fns[digest] = fn
+        strides = [x.stride() for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        self.layouts[aot.signature(args, kwargs, strides=False)] = (digest, strides)
+
+    def remove(self, digest: str) -> None:
+        self.fns.pop(digest, None)
+        self.layouts = {k: v for k, v in self.layouts.items() if v[0] != digest}
 
     def new_forward(self, module, *args, **kwargs):
         # is_compiling first: in a trace the rest is never read, so no guard falls on the loaded code's table
         if not torch.compiler.is_compiling() and self.fns and not torch.is_grad_enabled():
             fn = self.fns.get(aot.signature(args, kwargs))
             if fn is not None:
+                self.calls[0] += 1
                 return fn(module, *args, **kwargs)
+            found = self.layouts.get(aot.signature(args, kwargs, strides=False))
+            self.calls[1 if found is None else 2] += 1
+            if found is not None:
+                args, kwargs = _restrided((args, kwargs), found[1])
+                return self.fns[found[0]](module, *args, **kwargs)
         return self.fn_ref.original_forward(*args, **kwargs)
+
+
+def _restrided(tree, strides: list):
+    """`tree` with its tensors (in order) in the given strides: a view where they differ on size-1 dimensions only
+    (which no element is addressed by), else a copy."""
+    leaves, spec = pytree.tree_flatten(tree)
+    wanted = iter(strides)
+    out = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            stride = next(wanted)
+            if x.stride() != tuple(stride):
+                if all(a == b or n == 1 for a, b, n in zip(x.stride(), stride, x.shape)):
+                    x = x.as_strided(x.shape, stride)
+                else:
+                    x = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
+        out.append(x)
+    return pytree.tree_unflatten(out, spec)
 
 
 def _stages(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -656,6 +736,10 @@ def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, backg
                   compile_kwargs: dict, stages: bool = True) -> ModelHook:
     if mode == "full":
         hook = CompileHook(background, workers, stages, **compile_kwargs)
+        on_gpu = any(p.device.type == "cuda" for p in itertools.islice(module.parameters(), 1))
+        if background and (workers or (workers is None and on_gpu)):
+            # the workers' fork server imports while the first image runs, and is ready when the compile starts
+            prestart(sorted({type(m).__module__ for m in module.modules()}))
     else:
         blocks = {*REGIONAL_BLOCKS, *DIT_BLOCKS}
         if "transformer_blocks" in module._modules:  # a DiT: what diffusers' compile_repeated_blocks compiles too

@@ -12,6 +12,9 @@ finished before it got there. Its result never depends on the workers; a block t
 worker, a graph that differs) costs what it would have cost anyway.
 
 A marker in the inductor cache remembers a compiled block set, so a warm start spawns no workers.
+
+The workers are forked from one server process per environment (`ForkServer`), which imports torch, inductor,
+diffusers and accel once: spawned apart, 13 workers each spent 18.5-20.1 s on their imports (H200, run 13).
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,9 +68,9 @@ class Job:
 
 
 def default_workers() -> int:
-    """Half the host's cores, at most 8; 0 (compile in-process only) below 2."""
+    """Half the host's cores, at most 8; 0 (compile in-process only) below 2, or where the platform cannot fork."""
     workers = min(8, (os.cpu_count() or 1) // 2)
-    return workers if workers >= 2 else 0
+    return workers if workers >= 2 and hasattr(os, "fork") else 0
 
 
 def call_key(region: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
@@ -199,86 +205,237 @@ def compiled_before(regions: list[torch.nn.Module], compile_kwargs: dict) -> boo
 
 
 class Workers:
-    """Compile worker processes, started when regional compilation is applied: their start-up (importing
-    torch, diffusers and inductor, about 10 s on an H100 host) overlaps what the caller does before its
-    first call. They touch no GPU until they get work, and exit when the caller closes their input."""
+    """Compile worker processes, forked by the process-wide fork server (`ForkServer`) when they get work: the
+    server imports torch, inductor, diffusers and accel once (run 13 on the H200: 18.5-20.1 s for each of 13
+    processes spawned at once), and each worker starts with them. They touch no GPU until they get work, compile
+    their jobs into the shared inductor cache (or files) and exit."""
 
     def __init__(self, count: int, modules: list[str]):
+        self.count = count
         self.folder = Path(tempfile.mkdtemp(prefix="accel-precompile-"))
-        # Each worker's inductor compiles its Triton kernels in a pool of this many processes (1: in-process).
-        threads = int(os.environ.get("ACCEL_PRECOMPILE_THREADS", 0)) or max(1, (os.cpu_count() or 1) // count)
-        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=str(threads), ACCEL_WORKER_SPAWNED=str(time.time()),
-                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        command = [sys.executable, "-c", f"import sys; from {__name__} import serve; serve(sys.argv[1:])", *modules]
-        self.processes: list[tuple[int, object, subprocess.Popen]] = []
-        try:
-            for index in range(count):
-                log = open(self.folder / f"worker-{index}.log", "w")
-                process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=log,
-                                           stderr=subprocess.STDOUT, text=True)
-                self.processes.append((index, log, process))
-        except BaseException:
-            self.stop()  # the ones that did start
-            raise
+        self.server = ForkServer.shared(modules)  # OSError where none can start
+        self.processes: list[tuple[int, object, _Child]] = []
 
     def submit(self, parts: list[list[Job]], compile_kwargs: dict, target: str = "module",
                inference: bool = False) -> None:
-        """Hand each worker its blocks (a worker without any exits). `target`: "module" compiles each block as
-        `nn.Module.compile` does (regional compilation), "forward" compiles its `forward` as `torch.compile(forward)`
-        (a full compile's hook does): the graphs, and so the cache entries, must be the caller's; "aot" saves each
-        block's class forward compiled whole to its job's `path` (`aot.save`), which the caller loads without a
-        trace. `inference`: the caller's calls run under inference mode."""
-        for (index, _, process), part in zip(self.processes, [*parts, *[[]] * len(self.processes)]):
-            if part:
-                path = self.folder / f"jobs-{index}.pt"
-                # A forward's graph holds none of the region's own torch hooks (a module's compile holds them all).
-                torch.save({"jobs": [{"region": _shapes_only(job.region, own_hooks=target == "module"),
-                                      "hooks": _stateless_hooks(job.region),
-                                      "args": job.args, "kwargs": job.kwargs, "path": job.path} for job in part],
-                            "target": target, "inference": inference,
-                            "compile_kwargs": compile_kwargs, "grad": torch.is_grad_enabled(),
-                            "flags": _backend_flags(), "recompile_limit": torch._dynamo.config.recompile_limit,
-                            "threads": torch.get_num_threads()}, path)  # CPU kernels are generated for a thread count
-                _send(process, f"{path}\n")
-            _send(process, None)
+        """Fork one worker per non-empty part (at most `count`) and hand it its blocks. `target`: "module" compiles
+        each block as `nn.Module.compile` does (regional compilation), "forward" compiles its `forward` as
+        `torch.compile(forward)` (a full compile's hook does): the graphs, and so the cache entries, must be the
+        caller's; "aot" saves each block's class forward compiled whole to its job's `path` (`aot.save`), which the
+        caller loads without a trace. `inference`: the caller's calls run under inference mode."""
+        parts = [part for part in parts if part][:self.count]
+        # Each worker's inductor compiles its Triton kernels in a pool of this many processes (1: in-process).
+        threads = int(os.environ.get("ACCEL_PRECOMPILE_THREADS", 0)) or max(1, (os.cpu_count() or 1) // len(parts))
+        for index, part in enumerate(parts):
+            path = self.folder / f"jobs-{index}.pt"
+            # A forward's graph holds none of the region's own torch hooks (a module's compile holds them all).
+            torch.save({"jobs": [{"region": _shapes_only(job.region, own_hooks=target == "module"),
+                                  "hooks": _stateless_hooks(job.region),
+                                  "args": job.args, "kwargs": job.kwargs, "path": job.path} for job in part],
+                        "target": target, "inference": inference,
+                        "compile_kwargs": compile_kwargs, "grad": torch.is_grad_enabled(),
+                        "flags": _backend_flags(), "recompile_limit": torch._dynamo.config.recompile_limit,
+                        "threads": torch.get_num_threads()}, path)  # CPU kernels are generated for a thread count
+            log = self.folder / f"worker-{index}.log"
+            self.processes.append((index, log, self.server.fork(path, log, threads)))
 
     def wait(self, timeout: float = 900.0) -> None:
         """Let every worker finish (tests, and callers that want the cache filled before their call)."""
+        for _ in self.as_finished(timeout):
+            pass
+
+    def as_finished(self, timeout: float = 900.0):
+        """(worker index, exit code) of each worker as it exits; past `timeout` seconds the ones left are killed."""
         deadline = time.monotonic() + timeout
-        for _, _, process in self.processes:
-            try:
-                process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
+        left = {index: child for index, _, child in self.processes}
+        while left:
+            for index, child in list(left.items()):
+                code = child.poll()
+                if code is not None:
+                    del left[index]
+                    yield index, code
+            if left and time.monotonic() > deadline:
+                for child in left.values():
+                    child.kill()
+                return
+            if left:
+                time.sleep(0.1)  # short sleeps: an interpreter exit's interruption gets through
 
     def stop(self) -> tuple[list[int], int]:
         """End every worker: the ones still compiling are killed. Returns (failed workers, stopped count)."""
         failed, stopped = [], 0
-        for index, log, process in self.processes:
-            _send(process, None)
-            code = process.poll()
+        for index, log, child in self.processes:
+            code = child.poll()
             if code is None:
-                process.kill()  # inductor writes its cache entries atomically: a killed worker leaves no half entry
-                process.wait()
+                child.kill()  # inductor writes its cache entries atomically: a killed worker leaves no half entry
+                child.wait(timeout=30.0)
                 stopped += 1
             elif code != 0:
                 failed.append(index)
-                tail = (self.folder / f"worker-{index}.log").read_text()[-600:]
+                tail = log.read_text()[-600:] if log.is_file() else ""
                 logger.warning("accel: compile worker %d ended with %s; the caller compiled its blocks. %s",
                                index, code, tail)
-            log.close()
         self.processes = []
         return failed, stopped
 
 
-def _send(process: subprocess.Popen, line: str | None) -> None:
+# What a fork server's imports depend on: a change in any of these starts a new server.
+_SERVER_ENVIRONMENT = ("TORCHINDUCTOR_", "TORCH_", "TRITON_", "CUDA_", "PYTORCH_")
+_BASE_MODULES = ("torch._inductor.compile_fx", "accel.runtime.aot", "diffusers.models")
+
+
+class ForkServer:
+    """One process, started once per environment, that imports what compiling needs and forks a worker per job file.
+
+    Python's own `multiprocessing` "forkserver" would do this, but each child it starts runs the caller's main
+    script again (as `__mp_main__`), which a script that accelerates a pipeline at its top level cannot survive;
+    this server forks children that run only `compile_jobs`. It never touches the GPU (a fork after CUDA's start
+    would leave the children without it), runs no thread, and exits, killing its children, when this process closes
+    its input (at exit). Requests and replies are JSON lines: {"id", "job", "log", "threads", "environ"} in;
+    {"id", "pid"} when forked and {"id", "code"} when the child exits, out."""
+
+    _lock = threading.Lock()
+    _running: "ForkServer | None" = None
+
+    @classmethod
+    def shared(cls, modules: list[str] = ()) -> "ForkServer":
+        """The process's server for the current environment, started where none runs (or the environment moved)."""
+        with cls._lock:
+            server = cls._running
+            if server is None or not server.alive() or server.environment != _server_environment():
+                if server is not None:
+                    server.close()
+                server = cls._running = cls(modules)
+            return server
+
+    def __init__(self, modules: list[str]):
+        self.environment = _server_environment()
+        self.folder = Path(tempfile.mkdtemp(prefix="accel-fork-server-"))
+        # NVML's device count in the server: `torch.cuda.is_available()`'s default (cudaGetDeviceCount, which
+        # diffusers' and inductor's imports call) marks a process's forks as unable to use CUDA (H200, torch 2.11)
+        env = dict(os.environ, **dict(self.environment[:-1]), ACCEL_WORKER_SPAWNED=str(time.time()),
+                   PYTORCH_NVML_BASED_CUDA_CHECK="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        command = [sys.executable, "-c", f"import sys; from {__name__} import fork_server; fork_server(sys.argv[1:])",
+                   *sorted({*_BASE_MODULES, *modules})]
+        self.log = open(self.folder / "server.log", "w")
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.log, text=True, bufsize=1)
+        self._ids = iter(range(1 << 62))
+        self._changed = threading.Condition()
+        self._pids: dict[int, int] = {}
+        self._codes: dict[int, int] = {}
+        self._reader = threading.Thread(target=self._read, name="accel-fork-server", daemon=True)
+        self._reader.start()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def fork(self, job: Path, log: Path, threads: int) -> "_Child":
+        """A worker forked for the job file `job`, writing to `log` (it waits for the server's imports)."""
+        child = _Child(self, next(self._ids))
+        request = {"id": child.id, "job": str(job), "log": str(log), "threads": threads, "requested": time.time(),
+                   "environ": {k: v for k, v in os.environ.items() if k.startswith(_SERVER_ENVIRONMENT)}}
+        with self._lock:
+            try:
+                self.process.stdin.write(json.dumps(request) + "\n")
+                self.process.stdin.flush()
+            except OSError as err:
+                raise OSError(f"the compile fork server is gone (its log: {self.folder / 'server.log'})") from err
+        return child
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            try:
+                reply = json.loads(line)
+            except ValueError:
+                continue
+            with self._changed:
+                if "pid" in reply:
+                    self._pids[reply["id"]] = reply["pid"]
+                if "code" in reply:
+                    self._codes[reply["id"]] = reply["code"]
+                self._changed.notify_all()
+        with self._changed:  # the server is gone: so are its children
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """End the server and, with it, its children."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+class _Child:
+    """A worker forked by a `ForkServer`: `poll`, `wait` and `kill`, as a `subprocess.Popen` has them."""
+
+    def __init__(self, server: ForkServer, id: int):
+        self.server, self.id = server, id
+
+    def poll(self) -> int | None:
+        with self.server._changed:
+            return self._code()
+
+    def _code(self) -> int | None:
+        code = self.server._codes.get(self.id)
+        if code is None and not self.server.alive() and not self.server._reader.is_alive():
+            return -9  # the server died: its children were killed with it
+        return code
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code, or None where the child still runs after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.server._changed:
+            while self._code() is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                # short waits: an interpreter exit's interruption (`compile._interrupt_at_exit`) gets through
+                self.server._changed.wait(0.5 if left is None else min(left, 0.5))
+            return self._code()
+
+    def kill(self) -> None:
+        """Kill the child (a no-op once it has exited, or before the server forked it: it then finds no job)."""
+        with self.server._changed:
+            if self._code() is not None:
+                return
+            while self.id not in self.server._pids and self.server.alive():
+                self.server._changed.wait(0.5)  # the fork is on its way: kill what it makes
+            pid = self.server._pids.get(self.id)
+        if pid is not None and self.poll() is None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _server_environment() -> tuple:
+    """The environment a server imports under: this one's compile settings, with the defaults `process.hold` gives
+    them while a pipeline compiles (so that a server started before `accelerate()` serves it)."""
+    environ = {k: v for k, v in os.environ.items() if k.startswith(_SERVER_ENVIRONMENT)}
+    for name, value in (("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir())), ("TORCHINDUCTOR_FX_GRAPH_CACHE", "1"),
+                        ("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")):
+        environ.setdefault(name, value)
+    return tuple(sorted(environ.items())) + (sys.executable,)
+
+
+# The classes a UNet pipeline's compile workers unpickle (a server started before the pipeline is known imports them)
+PIPELINE_MODULES = ("diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl")
+
+
+def prestart(modules: list[str] = PIPELINE_MODULES) -> None:
+    """Start the fork server now, so that its imports overlap what the caller does meanwhile (loading a pipeline, its
+    first call); a failure is left to the compile that needs it, which logs it and compiles in this process."""
+    if not hasattr(os, "fork"):
+        return
     try:
-        if line is None:
-            process.stdin.close()
-        elif not process.stdin.closed:
-            process.stdin.write(line)
-            process.stdin.flush()
-    except OSError:  # the worker is gone already: stop() reports it
+        ForkServer.shared(modules)
+    except OSError:
         pass
 
 
@@ -298,14 +455,14 @@ class Precompile:
         self.marker = _marker(regions, compile_kwargs, [repr(j.key) for j in jobs])
         self.regions_marker = _marker(regions, compile_kwargs)
         self.report = {"jobs": len(jobs), "workers": 0, "failed": [], "stopped": 0, "skipped": None}
-        if workers is None or not workers.processes:
+        if workers is None or not workers.count:
             self.report["skipped"] = "no workers"
         elif self.marker.exists():
             self.report["skipped"] = "compiled before (warm cache)"
         elif len(jobs) < 2:
             self.report["skipped"] = "fewer than two distinct blocks"
         else:
-            parts = _split(jobs, len(workers.processes))
+            parts = _split(jobs, workers.count)
             workers.submit(parts, compile_kwargs)
             self.report.update(workers=len(parts), logs=str(workers.folder))
         if self.report["skipped"] is not None and workers is not None:
@@ -333,28 +490,100 @@ def compile_time_breakdown(limit: int = 4000) -> str:
         return f"unavailable: {err}"
 
 
-def serve(modules: list[str]) -> None:
-    """Worker side: import what compiling the blocks needs, then compile the job file named on stdin."""
+def fork_server(modules: list[str]) -> None:
+    """Server side (`ForkServer`): import what compiling needs, then fork a worker for each request on stdin, report
+    each fork and exit on stdout, and when stdin closes, kill the children left and exit."""
     start = time.perf_counter()
     spawned = float(os.environ.get("ACCEL_WORKER_SPAWNED", time.time()))
-    print(f"python, torch and accel imported {time.time() - spawned:.1f} s after the spawn", flush=True)
-    accel_logger = logging.getLogger("accel")  # its lines (a forward not saved, and why) go to the worker's log
-    accel_logger.setLevel(logging.INFO)
-    accel_logger.addHandler(logging.StreamHandler(sys.stdout))
+    print(f"python, torch and accel imported {time.time() - spawned:.1f} s after the spawn", file=sys.stderr)
     import importlib
 
-    import torch._inductor.compile_fx  # noqa: F401  (the bulk of inductor)
-
     for name in modules:
-        importlib.import_module(name)  # the block classes the job file unpickles
-    print(f"ready at {time.perf_counter() - start:.1f} s", flush=True)
-    line = sys.stdin.readline().strip()
-    if line:
-        compile_jobs(line)
-    # Inductor has written every cache entry and saved file by now: the caller waits for this exit, so the
-    # interpreter's teardown (the compile pool's shutdown, module finalizers) is skipped.
-    sys.stdout.flush()
+        try:
+            importlib.import_module(name)  # the block classes the job files unpickle
+        except ImportError as err:  # a child imports what it unpickles itself
+            print(f"not imported: {name} ({err})", file=sys.stderr)
+    imported = time.time() - spawned
+    print(f"ready at {time.perf_counter() - start:.1f} s ({imported:.1f} s after the spawn)", file=sys.stderr,
+          flush=True)
+    children: dict[int, int] = {}  # pid -> request id
+    pending, closed = b"", False
+    while not closed or children:
+        if not closed:
+            ready, _, _ = select.select([0], [], [], 0.05)
+            if ready:
+                data = os.read(0, 65536)
+                closed = not data
+                pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    request = json.loads(line)
+                    pid = os.fork()
+                    if pid == 0:
+                        _child(request, imported)  # never returns
+                    children[pid] = request["id"]
+                    _reply({"id": request["id"], "pid": pid})
+            if closed:  # the caller is gone or done with us: so are the children
+                for pid in children:
+                    os.kill(pid, signal.SIGKILL)
+        else:
+            time.sleep(0.05)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            if pid in children:
+                _reply({"id": children.pop(pid), "code": os.waitstatus_to_exitcode(status)})
     os._exit(0)
+
+
+def _reply(message: dict) -> None:
+    try:
+        os.write(1, (json.dumps(message) + "\n").encode())
+    except OSError:  # the caller is gone
+        pass
+
+
+def _child(request: dict, imported: float) -> None:
+    """A forked worker: its output to its log, the caller's compile settings, then its job file; exits."""
+    code = 1
+    try:
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # not the server's objects (their locks, buffers)
+        sys.stderr = sys.stdout
+        print(f"forked {time.time() - request['requested']:.1f} s after the request (the server's imports ended "
+              f"{imported:.1f} s after its spawn)", flush=True)
+        os.environ.update(request["environ"])
+        import torch._inductor.config
+
+        torch._inductor.config.compile_threads = request["threads"]
+        if "TORCHINDUCTOR_WORKER_START" not in os.environ:
+            # Inductor's Triton-compile pool forked from here, with everything imported, rather than its default of
+            # fresh processes that each import torch and Triton again (13 workers start up to 44 of them at once)
+            torch._inductor.config.worker_start_method = "fork"
+        accel_logger = logging.getLogger("accel")  # its lines (a forward not saved, and why) go to the log
+        accel_logger.setLevel(logging.INFO)
+        accel_logger.addHandler(logging.StreamHandler(sys.stdout))
+        compile_jobs(request["job"])
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        # Inductor has written every cache entry and saved file by now: the interpreter's teardown (the compile
+        # pool's shutdown, module finalizers) is skipped.
+        try:
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
 
 
 def compile_jobs(path: str) -> None:
