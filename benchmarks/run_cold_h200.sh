@@ -21,6 +21,17 @@
 #   7. The same two steps, the second (the whole forward) now a worker's inductor cache traced here, its worker under
 #      the calls' grad mode (part 6's compiled a training graph), within the device time left (about 290 s). That run
 #      also started the stage workers at accelerate(), since taken out (results/runtime/first-image/README.md, run 13).
+#   8. (eighth session) The same two steps with the workers forked from one server that imported torch, inductor,
+#      diffusers and accel once (started at accelerate()), each worker's stages loaded as it exits, and each compiled
+#      component's GPU time per image; after the eager case (the first image of a warm machine, and eager's floor).
+#   9. Stage calls in another layout than recorded now run the compiled code on the recorded strides, and the whole
+#      forward compiles after the stages only where a stage call still found none; `balanced` in the foreground for
+#      the same run's steady state (the 5% rule).
+#  10. The compile workers' server started before the pipeline is built (as the app does), inductor's Triton-compile
+#      pool forked in each worker (A/B against its default fresh processes, TORCHINDUCTOR_WORKER_START=subprocess),
+#      20 steady calls each, `balanced` in the foreground with its components' GPU times.
+#  11. Each worker's stages also run once on their recorded inputs as it exits (their kernels load then, not after the
+#      last worker), the rest as in 10 (the forked pool), with `balanced` in the same run.
 # Through the device tool: PART=1 OUT=/tmp/res bash benchmarks/run_cold_h200.sh   (carry .whl)
 set -o pipefail
 START=$SECONDS
@@ -48,6 +59,31 @@ source benchmarks/device_setup.sh
     timeout 340 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 300 --out "$OUT/two-step"
     echo "[run] two steps done at $((SECONDS - START)) s"
     timeout "$(left 580)" python3 -u benchmarks/runtime/first_image.py --cases balanced --out "$OUT/balanced"
+  elif [ "$PART" = 8 ]; then
+    timeout 100 python3 -u benchmarks/runtime/first_image.py --cases eager --out "$OUT/warm-eager"
+    timeout 280 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 240 --out "$OUT/fork-server"
+  elif [ "$PART" = 9 ]; then
+    timeout 100 python3 -u benchmarks/runtime/first_image.py --cases eager --out "$OUT/warm-eager"
+    timeout 200 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 150 --out "$OUT/stages"
+    echo "[run] stages done at $((SECONDS - START)) s"
+    timeout "$(left 560)" python3 -u benchmarks/runtime/first_image.py --cases balanced --out "$OUT/balanced"
+  elif [ "$PART" = 10 ]; then
+    timeout 100 python3 -u benchmarks/runtime/first_image.py --cases eager --out "$OUT/warm-eager"
+    timeout 150 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 110 --steady-calls 20 \
+      --start-workers-first --out "$OUT/forked-pool"
+    echo "[run] forked pool done at $((SECONDS - START)) s"
+    TORCHINDUCTOR_WORKER_START=subprocess timeout 150 python3 -u benchmarks/runtime/first_image.py --cases background \
+      --seconds 110 --steady-calls 20 --start-workers-first --out "$OUT/subprocess-pool"
+    echo "[run] subprocess pool done at $((SECONDS - START)) s"
+    timeout "$(left 570)" python3 -u benchmarks/runtime/first_image.py --cases balanced --steady-calls 20 \
+      --out "$OUT/balanced"
+  elif [ "$PART" = 11 ]; then
+    timeout 100 python3 -u benchmarks/runtime/first_image.py --cases eager --out "$OUT/warm-eager"
+    timeout 150 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 110 --steady-calls 20 \
+      --start-workers-first --out "$OUT/stages"
+    echo "[run] stages done at $((SECONDS - START)) s"
+    timeout "$(left 400)" python3 -u benchmarks/runtime/first_image.py --cases balanced --steady-calls 20 \
+      --out "$OUT/balanced"
   elif [ "$PART" = 7 ]; then
     timeout 250 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 215 --out "$OUT/two-step"
   elif [ "$PART" = 4 ]; then

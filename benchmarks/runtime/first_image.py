@@ -17,6 +17,11 @@ graphs of denoiser, VAE decoder and text encoders), CFG 7.5, seed 0.
     eager       the preset's sampler alone (no runtime): diffusers' eager first call in a fresh process (CUDA and cuDNN
                 start-up, lazy kernel loading), then the median of 5 calls: the floor of any first image
 
+Each call's record has each compiled component's GPU time (`components_ms`, CUDA events around its calls) and each
+record their medians over the steady calls (`--steady-calls`, default 5). `--start-workers-first` starts the compile
+workers' server before the pipeline is built, as the app does before loading its model (times still count from
+`accelerate()`).
+
 `--smoke` runs both on the CPU with the embedded model at 32 px, the denoiser alone compiled, without CUDA graphs,
 for 60 s. The report (`first_image.json`, `first_image.md`) is rewritten after every case.
 """
@@ -70,7 +75,13 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
 
         compile_mod.STAGE_LISTS = ()
     channels_last = {"preset": None, "on": True, "off": False}[args.channels_last]
+    loading = time.perf_counter()
+    if args.start_workers_first and case == "background":  # as the app does before loading its model
+        from accel.runtime import start_compile_workers
+
+        start_compile_workers()
     pipe, config, size = _pipeline("embedded" if smoke else arch, smoke)
+    loaded_s = time.perf_counter() - loading
     if case == "background":
         config = config.replace(runtime=replace(config.runtime, compile_background=True,
                                                 compile_workers=args.compile_workers, compile_cache=args.compile_cache))
@@ -85,18 +96,40 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
     logging.getLogger("accel").addHandler(lines)
     logging.getLogger("accel").setLevel(logging.INFO)
 
+    # Each compiled component's GPU time per image (CUDA events around its calls): where the stages' cost lies
+    events: dict[str, list] = {type(m).__name__: [] for m in modules}
+
+    def timed(module):
+        name = type(module).__name__
+
+        def before(*_):
+            events[name].append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            events[name][-1][0].record()
+
+        module.register_forward_pre_hook(before)
+        module.register_forward_hook(lambda *_: events[name][-1][1].record())
+
+    if not smoke:
+        for module in modules:
+            timed(module)
+
     def generate():
         began = time.perf_counter()
+        for calls in events.values():
+            calls.clear()
         image = pipe(prompt=PROMPT, guidance_scale=GUIDANCE, height=size, width=size, output_type="np",
                      generator=torch.Generator("cpu").manual_seed(0)).images
         if not smoke:
             torch.cuda.synchronize()
+        generate.components_ms = {name: round(sum(a.elapsed_time(b) for a, b in calls), 2)
+                                  for name, calls in events.items()}
         return image, began - start, time.perf_counter() - began
 
     accel.accelerate(pipe, config)
     record = {"case": case, "arch": arch, "size": size, "steps": config.sampler.num_steps, "torch": torch.__version__,
               "device": "cpu" if smoke else torch.cuda.get_device_name(), "accelerate_s": time.perf_counter() - start,
-              "channels_last": config.runtime is not None and config.runtime.channels_last}
+              "channels_last": config.runtime is not None and config.runtime.channels_last,
+              "pipeline_build_s": round(loaded_s, 3), "workers_started_first": bool(args.start_workers_first)}
     if args.profile_first:  # where the first call's time goes: Python functions and the torch ops they call, by own time
         import cProfile
         import io
@@ -114,11 +147,12 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
     image = first
     if case == "background":
         after_switch = 0  # calls since every component switched and no compile runs: the steady median's, then the end
-        while time.perf_counter() - start < seconds and after_switch <= STEADY_CALLS:
+        while time.perf_counter() - start < seconds and after_switch <= args.steady_calls:
             reports = [background_compile_report(m) or {} for m in modules]
             image, at, latency = generate()
             timeline.append({"start_s": round(at, 3), "latency_s": round(latency, 4),
-                             "compiled_before": sum(r.get("compiled", 0) for r in reports)})
+                             "compiled_before": sum(r.get("compiled", 0) for r in reports),
+                             **({"components_ms": generate.components_ms} if not smoke else {})})
             switched = sum("switches to its compiled code" in line for _, line in lines.lines)
             after_switch += switched == len(modules) and background_compiles(pipe) != "running"
         switches = [t for t, line in lines.lines if "switches to its compiled code" in line]
@@ -144,13 +178,18 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
                     worker["log"] = {p.name: p.read_text()[:3000] for p in sorted(path.glob("worker-*.log"))}
                 else:
                     worker["log"] = path.read_text()[-4000:] if path is not None and path.is_file() else None
-        times = [t["latency_s"] for t in timeline[-STEADY_CALLS:]]
+        times = [t["latency_s"] for t in timeline[-args.steady_calls:]]
     else:
         times = []
-        for _ in range(STEADY_CALLS):
+        for _ in range(args.steady_calls):
             image, at, latency = generate()
-            timeline.append({"start_s": round(at, 3), "latency_s": round(latency, 4)})
+            timeline.append({"start_s": round(at, 3), "latency_s": round(latency, 4),
+                             **({"components_ms": generate.components_ms} if not smoke else {})})
             times.append(latency)
+    if not smoke:  # each compiled component's median GPU time per image over the steady calls
+        steady = [t["components_ms"] for t in timeline[-len(times):] if "components_ms" in t]
+        record["components_median_ms"] = {name: statistics.median(c[name] for c in steady) for name in events} \
+            if steady else None
     record.update(median_s=statistics.median(times), timeline=timeline, log=[f"{t} s {l}" for t, l in lines.lines[-40:]])
     np.save(out / f"{arch}-{case}-last.npy", image[0])
     return record
@@ -205,6 +244,11 @@ def main() -> int:
                         "folder of artifacts (`accel precompile`, `cold_start.py --cases precompile --artifacts DIR`)")
     parser.add_argument("--whole-forward", action="store_true", help="the background case compiles each component's "
                         "whole forward in one worker, the thread tracing it after (as before the stage-by-stage build)")
+    parser.add_argument("--start-workers-first", action="store_true", help="the background case starts the compile "
+                        "workers' server before building the pipeline (`accel.runtime.start_compile_workers`), as the "
+                        "app does before loading its model; times still count from accelerate()")
+    parser.add_argument("--steady-calls", type=int, default=STEADY_CALLS, help="calls in each steady median (the "
+                        "background case's, after every component switched)")
     parser.add_argument("--smoke", action="store_true", help="the embedded model on the CPU at 32 px, no CUDA graphs")
     parser.add_argument("--child", default=None, choices=CASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
