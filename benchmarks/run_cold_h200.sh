@@ -32,6 +32,8 @@
 #      20 steady calls each, `balanced` in the foreground with its components' GPU times.
 #  11. Each worker's stages also run once on their recorded inputs as it exits (their kernels load then, not after the
 #      last worker), the rest as in 10 (the forked pool), with `balanced` in the same run.
+#  12. Part 11's background case alone, then 20 more calls that record which processes use the host's CPUs meanwhile
+#      (the stages' host time beyond `balanced`'s is unexplained).
 # Through the device tool: PART=1 OUT=/tmp/res bash benchmarks/run_cold_h200.sh   (carry .whl)
 set -o pipefail
 START=$SECONDS
@@ -84,6 +86,9 @@ source benchmarks/device_setup.sh
     echo "[run] stages done at $((SECONDS - START)) s"
     timeout "$(left 400)" python3 -u benchmarks/runtime/first_image.py --cases balanced --steady-calls 20 \
       --out "$OUT/balanced"
+  elif [ "$PART" = 12 ]; then
+    timeout 150 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 110 --steady-calls 20 \
+      --start-workers-first --out "$OUT/stages-cpu"
   elif [ "$PART" = 7 ]; then
     timeout 250 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 215 --out "$OUT/two-step"
   elif [ "$PART" = 4 ]; then

@@ -59,6 +59,27 @@ class _Lines(logging.Handler):
         self.lines.append((round(time.perf_counter() - self.start, 3), f"{record.name}: {record.getMessage()}"))
 
 
+def _cpu_seconds() -> dict:
+    """Each process's CPU seconds so far (Linux /proc), by pid: (seconds, its command line's start)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+        except OSError:
+            continue
+        found[entry.name] = ((int(fields[11]) + int(fields[12])) / ticks, command)
+    return found
+
+
+def _busiest(before: dict, after: dict, seconds: float, count: int = 8) -> list[dict]:
+    """The processes that used the most CPU between two `_cpu_seconds` readings `seconds` apart."""
+    used = [(after[pid][0] - before.get(pid, (0.0, ""))[0], pid, after[pid][1]) for pid in after]
+    return [{"pid": pid, "cpu_share": round(cpu / seconds, 3), "command": command}
+            for cpu, pid, command in sorted(used, reverse=True)[:count] if cpu > 0]
+
+
 def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dict:
     """One case in this process, with the options `main` was given (they pass through to the child unchanged)."""
     import numpy as np
@@ -186,6 +207,11 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
             timeline.append({"start_s": round(at, 3), "latency_s": round(latency, 4),
                              **({"components_ms": generate.components_ms} if not smoke else {})})
             times.append(latency)
+    if not smoke and Path("/proc/self/stat").is_file():  # who else uses the host's CPUs meanwhile
+        before, began = _cpu_seconds(), time.perf_counter()
+        for _ in range(args.steady_calls):
+            generate()
+        record["busiest_during_steady"] = _busiest(before, _cpu_seconds(), time.perf_counter() - began)
     if not smoke:  # each compiled component's median GPU time per image over the steady calls
         steady = [t["components_ms"] for t in timeline[-len(times):] if "components_ms" in t]
         record["components_median_ms"] = {name: statistics.median(c[name] for c in steady) for name in events} \
