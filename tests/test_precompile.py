@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,19 @@ def test_recording_forward_leaves_caches_as_one_call(sd_pipe, cache, monkeypatch
     accel.restore(sd_pipe)
     assert started == [2] and report["skipped"] == "no workers" and report["jobs"] >= 2  # the recording ran
     np.testing.assert_array_equal(out, expected)
+
+
+def test_stopping_a_worker_the_server_has_not_forked_yet_does_not_wait_for_its_imports(tmp_path, monkeypatch):
+    """`restore()` or the interpreter's exit right after `accelerate()`: the fork server still imports (seconds), so
+    the stop returns at once and the server kills the worker as it forks it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # a server of its own
+    workers = Workers(1, ["diffusers.models.resnet"])
+    block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4)
+    workers.submit([[Job(block, (torch.randn(1, 8, 4, 4), torch.randn(1, 16)), {})]], {})
+    child = workers.processes[0][2]
+    assert child.pid is None  # the server is importing torch: nothing forked yet
+    began = time.monotonic()
+    assert workers.stop() == ([], 1)
+    assert time.monotonic() - began < 2.0
+    assert child.wait(timeout=120) == -9  # forked once the imports ended, then killed
+    workers.server.close()

@@ -268,7 +268,8 @@ class Workers:
             code = child.poll()
             if code is None:
                 child.kill()  # inductor writes its cache entries atomically: a killed worker leaves no half entry
-                child.wait(timeout=30.0)
+                if child.pid is not None:  # not waited for where the server has not forked it yet (still importing)
+                    child.wait(timeout=30.0)
                 stopped += 1
             elif code != 0:
                 failed.append(index)
@@ -291,8 +292,8 @@ class ForkServer:
     script again (as `__mp_main__`), which a script that accelerates a pipeline at its top level cannot survive;
     this server forks children that run only `compile_jobs`. It never touches the GPU (a fork after CUDA's start
     would leave the children without it), runs no thread, and exits, killing its children, when this process closes
-    its input (at exit). Requests and replies are JSON lines: {"id", "job", "log", "threads", "environ"} in;
-    {"id", "pid"} when forked and {"id", "code"} when the child exits, out."""
+    its input (at exit). Requests and replies are JSON lines: {"id", "job", "log", "threads", "environ"} or
+    {"cancel": id} in; {"id", "pid"} when forked and {"id", "code"} when the child exits, out."""
 
     _lock = threading.Lock()
     _running: "ForkServer | None" = None
@@ -342,6 +343,15 @@ class ForkServer:
             except OSError as err:
                 raise OSError(f"the compile fork server is gone (its log: {self.folder / 'server.log'})") from err
         return child
+
+    def cancel(self, id: int) -> None:
+        """Have the server kill the child of request `id` as soon as it has forked it."""
+        with self._lock:
+            try:
+                self.process.stdin.write(json.dumps({"cancel": id}) + "\n")
+                self.process.stdin.flush()
+            except OSError:  # the server is gone, and its children with it
+                pass
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -399,15 +409,19 @@ class _Child:
                 self.server._changed.wait(0.5 if left is None else min(left, 0.5))
             return self._code()
 
-    def kill(self) -> None:
-        """Kill the child (a no-op once it has exited, or before the server forked it: it then finds no job)."""
+    @property
+    def pid(self) -> int | None:
+        """The child's pid, once the server has forked it."""
         with self.server._changed:
-            if self._code() is not None:
-                return
-            while self.id not in self.server._pids and self.server.alive():
-                self.server._changed.wait(0.5)  # the fork is on its way: kill what it makes
-            pid = self.server._pids.get(self.id)
-        if pid is not None and self.poll() is None:
+            return self.server._pids.get(self.id)
+
+    def kill(self) -> None:
+        """Kill the child; one the server has not forked yet (its imports still running) it kills as it forks it,
+        without this process waiting for that."""
+        pid = self.pid
+        if pid is None:
+            self.server.cancel(self.id)
+        elif self.poll() is None:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -519,6 +533,11 @@ def fork_server(modules: list[str]) -> None:
             for line in lines:
                 if line.strip():
                     request = json.loads(line)
+                    if "cancel" in request:  # comes after its request: the child is forked, or already gone
+                        pid = next((p for p, i in children.items() if i == request["cancel"]), None)
+                        if pid is not None:
+                            os.kill(pid, signal.SIGKILL)
+                        continue
                     pid = os.fork()
                     if pid == 0:
                         _child(request, imported)  # never returns
