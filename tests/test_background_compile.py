@@ -484,7 +484,6 @@ def test_a_stage_call_in_another_layout_runs_the_compiled_code_on_its_recorded_s
     """A compiled stage before it may hand a stage its input channels-last where the recording (every stage eager) had
     it contiguous, or with another stride on a size-1 dimension: the call gets the recorded strides (a copy, or a
     view) and the compiled code; a shape never recorded runs the stage's own forward."""
-    from accel.runtime import aot
     from accel.runtime.compile import _restrided, _StageHook
 
     seen = []
@@ -495,7 +494,7 @@ def test_a_stage_call_in_another_layout_runs_the_compiled_code_on_its_recorded_s
 
     hook = _StageHook()
     example = torch.randn(1, 4, 3, 3)  # contiguous: (36, 9, 3, 1)
-    hook.add(aot.signature((example,), {}), compiled, (example,), {})
+    hook.add(compiled, (example,), {})
     hook.fn_ref = type("Ref", (), {"original_forward": staticmethod(lambda x: x + 1)})()
     channels_last = example.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -505,5 +504,7 @@ def test_a_stage_call_in_another_layout_runs_the_compiled_code_on_its_recorded_s
         assert torch.equal(hook.new_forward(None, other), other + 1)
     assert seen == [(36, 9, 3, 1)] * 2 and hook.calls == [1, 1, 1]
     odd = torch.randn(4, 3, 3).unsqueeze(0).as_strided((1, 4, 3, 3), (7, 9, 3, 1))  # stride 7 on the size-1 batch
-    view = _restrided(((odd,), {}), [(36, 9, 3, 1)])[0][0]
+    (args, _), restrided = _restrided(((odd,), {}), [(36, 9, 3, 1)])
+    view = args[0]
     assert view.stride() == (36, 9, 3, 1) and view.data_ptr() == odd.data_ptr() and torch.equal(view, odd)
+    assert restrided

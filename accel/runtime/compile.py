@@ -15,7 +15,6 @@ import contextlib
 import ctypes
 import functools
 import inspect
-import itertools
 import logging
 import sys
 import threading
@@ -363,11 +362,11 @@ class BackgroundCompile:
         """Whether the whole forward compiles after the stages (`WHOLE_AFTER_STAGES`): by default only where some stage
         call of the run after loading still ran its own forward (a signature no worker built)."""
         own = self.worker_reports[-1].get("own_forward_calls", 0) if self.worker_reports else 0
-        if WHOLE_AFTER_STAGES == "always" or (WHOLE_AFTER_STAGES == "partial" and own):
-            return True
-        logger.info("accel: %s runs every stage on compiled code; its whole forward is not compiled after them",
-                    self.name)
-        return False
+        if own:
+            logger.info("accel: %d stage calls of %s found no compiled code and ran their own forward", own, self.name)
+        else:
+            logger.info("accel: %s runs every stage on compiled code", self.name)
+        return WHOLE_AFTER_STAGES == "always" or (WHOLE_AFTER_STAGES == "partial" and own > 0)
 
     def _compile_whole(self, key, compiled, copies: tuple, device, modes: tuple) -> None:
         """The second step after the stages: a worker compiles the whole forward into the inductor cache while the
@@ -457,7 +456,7 @@ class BackgroundCompile:
                     found = aot.load(Path(job.path))
                     if found is not None and found[1] == aot.signature(job.args, job.kwargs):
                         found[0](job.region, *job.args, **job.kwargs)
-                        loaded[job.key] = found
+                        loaded[job.key] = (found[0], job)
             failed, stopped = self.worker.stop()
             report["stages"], report["built_s"] = len(jobs), round(time.perf_counter() - start, 3)
             missing = [job for job in jobs if job.key not in loaded]
@@ -465,11 +464,9 @@ class BackgroundCompile:
                 report["failed"] = f"{type(missing[0].region).__name__} not built (workers failed: {failed}, " \
                                    f"stopped: {stopped}; logs in {report['log']})"
             else:
-                examples = {job.key: job for job in jobs}
                 for stage, key in keys.items():
-                    fn, digest = loaded[key]
-                    _stage_hook(stage).add(digest, fn, examples[key].args, examples[key].kwargs)
-                    installed.append((stage, digest))
+                    fn, job = loaded[key]
+                    installed.append((stage, _stage_hook(stage).add(fn, job.args, job.kwargs)))
                     if stage not in self.stage_hooks:
                         self.stage_hooks.append(stage)
                 before = sum(_stage_hook(stage).calls[1] for stage in self.stage_hooks)
@@ -544,55 +541,53 @@ class _StageHook(ModelHook):
 
     def __init__(self):
         super().__init__()
-        self.fns: dict[str, object] = {}  # aot.signature -> the loaded compiled forward
-        self.layouts: dict[str, tuple[str, list]] = {}  # the signature without strides -> (signature, their strides)
+        # aot.signature without strides -> (the loaded compiled forward, its example inputs' tensor strides)
+        self.fns: dict[str, tuple[object, list]] = {}
         # calls run on the loaded code, calls with no-grad that found none (their own forward), calls restrided to it
         self.calls = [0, 0, 0]
 
     def fresh(self) -> "_StageHook":
         return _StageHook()
 
-    def add(self, digest: str, fn, args: tuple, kwargs: dict) -> None:
-        """The compiled forward `fn` for the signature `digest` of these example inputs."""
-        self.fns[digest] = fn
-        strides = [x.stride() for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        self.layouts[aot.signature(args, kwargs, strides=False)] = (digest, strides)
+    def add(self, fn, args: tuple, kwargs: dict) -> str:
+        """The compiled forward `fn`, built for these example inputs, for their signature; returns its key."""
+        key = aot.signature(args, kwargs, strides=False)
+        self.fns[key] = (fn, [x.stride() for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)])
+        return key
 
-    def remove(self, digest: str) -> None:
-        self.fns.pop(digest, None)
-        self.layouts = {k: v for k, v in self.layouts.items() if v[0] != digest}
+    def remove(self, key: str) -> None:
+        self.fns.pop(key, None)
 
     def new_forward(self, module, *args, **kwargs):
         # is_compiling first: in a trace the rest is never read, so no guard falls on the loaded code's table
         if not torch.compiler.is_compiling() and self.fns and not torch.is_grad_enabled():
-            fn = self.fns.get(aot.signature(args, kwargs))
-            if fn is not None:
-                self.calls[0] += 1
-                return fn(module, *args, **kwargs)
-            found = self.layouts.get(aot.signature(args, kwargs, strides=False))
-            self.calls[1 if found is None else 2] += 1
-            if found is not None:
-                args, kwargs = _restrided((args, kwargs), found[1])
-                return self.fns[found[0]](module, *args, **kwargs)
+            found = self.fns.get(aot.signature(args, kwargs, strides=False))
+            if found is None:
+                self.calls[1] += 1
+            else:
+                (args, kwargs), restrided = _restrided((args, kwargs), found[1])
+                self.calls[2 if restrided else 0] += 1
+                return found[0](module, *args, **kwargs)
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
-def _restrided(tree, strides: list):
-    """`tree` with its tensors (in order) in the given strides: a view where they differ on size-1 dimensions only
-    (which no element is addressed by), else a copy."""
+def _restrided(tree, strides: list) -> tuple:
+    """(`tree` with its tensors, in order, in the given strides, whether any had others): a view where they differ on
+    size-1 dimensions only (which no element is addressed by), else a copy."""
     leaves, spec = pytree.tree_flatten(tree)
     wanted = iter(strides)
-    out = []
+    out, changed = [], False
     for x in leaves:
         if isinstance(x, torch.Tensor):
-            stride = next(wanted)
-            if x.stride() != tuple(stride):
+            stride = tuple(next(wanted))
+            if x.stride() != stride:
+                changed = True
                 if all(a == b or n == 1 for a, b, n in zip(x.stride(), stride, x.shape)):
                     x = x.as_strided(x.shape, stride)
                 else:
                     x = torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
         out.append(x)
-    return pytree.tree_unflatten(out, spec)
+    return pytree.tree_unflatten(out, spec), changed
 
 
 def _stages(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -757,8 +752,8 @@ def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, backg
                   compile_kwargs: dict, stages: bool = True) -> ModelHook:
     if mode == "full":
         hook = CompileHook(background, workers, stages, **compile_kwargs)
-        on_gpu = any(p.device.type == "cuda" for p in itertools.islice(module.parameters(), 1))
-        if background and (workers or (workers is None and on_gpu)):
+        first = next(module.parameters(), None)
+        if background and (workers or (workers is None and first is not None and first.device.type == "cuda")):
             # the workers' fork server imports while the first image runs, and is ready when the compile starts
             prestart(sorted({type(m).__module__ for m in module.modules()}))
     else:

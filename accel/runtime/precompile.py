@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from .process import inductor_cache_dir
+from .process import environment_defaults, inductor_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -431,10 +431,7 @@ class _Child:
 def _server_environment() -> tuple:
     """The environment a server imports under: this one's compile settings, with the defaults `process.hold` gives
     them while a pipeline compiles (so that a server started before `accelerate()` serves it)."""
-    environ = {k: v for k, v in os.environ.items() if k.startswith(_SERVER_ENVIRONMENT)}
-    for name, value in (("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir())), ("TORCHINDUCTOR_FX_GRAPH_CACHE", "1"),
-                        ("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")):
-        environ.setdefault(name, value)
+    environ = {**environment_defaults(), **{k: v for k, v in os.environ.items() if k.startswith(_SERVER_ENVIRONMENT)}}
     return tuple(sorted(environ.items())) + (sys.executable,)
 
 

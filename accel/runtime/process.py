@@ -37,6 +37,13 @@ def inductor_cache_dir() -> Path:
     return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", Path.home() / ".cache" / "diffusion-accel" / "inductor"))
 
 
+def environment_defaults() -> dict[str, str]:
+    """The environment `hold` gives a compile where the user set none of it: the on-disk cache and its FX-graph and
+    autograd caches (compile workers, forked or spawned, must import under the same)."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache_dir()), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+
+
 def hold() -> Path:
     """Set the compile settings (unless the user set them) for one more holder; returns the cache folder."""
     global _holders, _saved
@@ -44,9 +51,8 @@ def hold() -> Path:
         if _holders == 0:
             _saved = {"environment": {name: os.environ.get(name) for name in _ENVIRONMENT},
                       "recompile_limit": torch._dynamo.config.recompile_limit}
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
-            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
-            os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+            for name, value in environment_defaults().items():
+                os.environ.setdefault(name, value)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _holders += 1
         return inductor_cache_dir()
