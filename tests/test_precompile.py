@@ -246,3 +246,27 @@ def test_stopping_a_worker_the_server_has_not_forked_yet_does_not_wait_for_its_i
     assert time.monotonic() - began < 2.0
     assert child.wait(timeout=120) == -9  # forked once the imports ended, then killed
     workers.server.close()
+
+
+def test_the_server_keeps_bytecode_in_the_suite_cache_only_where_none_is_written_or_installed(tmp_path, monkeypatch):
+    from accel.runtime import process
+
+    monkeypatch.setattr(process, "bytecode_cache_dir", lambda: tmp_path / "pycache")
+    fake_torch = tmp_path / "site" / "torch" / "__init__.py"
+    fake_torch.parent.mkdir(parents=True)
+    fake_torch.write_text("")
+    monkeypatch.setattr(torch, "__file__", str(fake_torch))
+    told = {"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/bin"}
+    # torch installed without bytecode, none written: the server reads and writes it in the suite's cache
+    assert process.bytecode_environment(told) == {"PATH": "/bin", "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache")}
+    # a Python that writes bytecode beside the sources, or a prefix the user chose: as they are
+    assert process.bytecode_environment({"PATH": "/bin"}) == {"PATH": "/bin"}
+    own = {**told, "PYTHONPYCACHEPREFIX": "/elsewhere"}
+    assert process.bytecode_environment(own) == own
+    # bytecode installed beside torch's sources: read there, nothing written
+    import importlib.util
+
+    compiled = Path(importlib.util.cache_from_source(str(fake_torch)))
+    compiled.parent.mkdir()
+    compiled.write_bytes(b"")
+    assert process.bytecode_environment(told) == told

@@ -60,8 +60,9 @@ __all__ = [
 
 def start_compile_workers() -> None:
     """Start the compile workers' server ahead of `accelerate()`: a process that imports torch, inductor, diffusers and
-    accel once (14-21 s on the H200's hosts) and forks the background compile's workers (`compile_background` on a
-    CUDA GPU). `accelerate()` starts it otherwise; started while the pipeline loads, its imports are over sooner. The app calls
+    accel once (7-10 s on the H200's hosts from bytecode, ~21 s where it compiles their source first; see
+    `process.bytecode_environment`) and forks the background compile's workers (`compile_background` on a CUDA GPU).
+    `accelerate()` starts it otherwise; started while the pipeline loads, its imports are over sooner. The app calls
     it before loading a model onto a CUDA GPU; a no-op where it runs already or the platform cannot fork."""
     _prestart()
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from .process import environment_defaults, inductor_cache_dir
+from .process import bytecode_environment, environment_defaults, inductor_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -314,8 +314,9 @@ class ForkServer:
         self.folder = Path(tempfile.mkdtemp(prefix="accel-fork-server-"))
         # NVML's device count in the server: `torch.cuda.is_available()`'s default (cudaGetDeviceCount, which
         # diffusers' and inductor's imports call) marks a process's forks as unable to use CUDA (H200, torch 2.11)
-        env = dict(os.environ, **dict(self.environment[:-1]), ACCEL_WORKER_SPAWNED=str(time.time()),
-                   PYTORCH_NVML_BASED_CUDA_CHECK="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        env = bytecode_environment(dict(os.environ, **dict(self.environment[:-1]), ACCEL_WORKER_SPAWNED=str(time.time()),
+                                        PYTORCH_NVML_BASED_CUDA_CHECK="1",
+                                        PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
         command = [sys.executable, "-c", f"import sys; from {__name__} import fork_server; fork_server(sys.argv[1:])",
                    *sorted({*_BASE_MODULES, *modules})]
         self.log = open(self.folder / "server.log", "w")
@@ -510,10 +511,12 @@ def fork_server(modules: list[str]) -> None:
     import importlib
 
     for name in modules:
+        began = time.perf_counter()
         try:
             importlib.import_module(name)  # the block classes the job files unpickle
         except ImportError as err:  # a child imports what it unpickles itself
             print(f"not imported: {name} ({err})", file=sys.stderr)
+        print(f"{name}: {time.perf_counter() - began:.1f} s", file=sys.stderr)
     imported = time.time() - spawned
     print(f"ready at {time.perf_counter() - start:.1f} s ({imported:.1f} s after the spawn)", file=sys.stderr,
           flush=True)

@@ -11,6 +11,7 @@ restored. What dynamo and inductor compiled stays in their in-memory caches (`to
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import sys
@@ -35,6 +36,30 @@ _saved: dict | None = None
 def inductor_cache_dir() -> Path:
     """The on-disk inductor cache this suite compiles into: `$TORCHINDUCTOR_CACHE_DIR`, else a user cache folder."""
     return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", Path.home() / ".cache" / "diffusion-accel" / "inductor"))
+
+
+def bytecode_cache_dir() -> Path:
+    """Where the compile workers' server keeps Python bytecode when the installed packages have none and this Python
+    writes none (`bytecode_environment`): a folder of the user cache, beside the inductor cache's default."""
+    return Path.home() / ".cache" / "diffusion-accel" / "pycache"
+
+
+def bytecode_environment(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` for a Python process of the suite's own that should import from bytecode.
+
+    A Python told to write no bytecode (`PYTHONDONTWRITEBYTECODE`, common in container images) over packages
+    installed without it (uv's default) compiles torch's and diffusers' source at every import: on the H200's host
+    the compile workers' server took 20.6 s to import so, 10.4 s with bytecode (`benchmarks/results/runtime/
+    first-image/`, runs 19-20), on the path to a compiled pipeline. Where torch's own bytecode is missing and none is
+    written, the process writes and reads it in `bytecode_cache_dir()` instead (`PYTHONPYCACHEPREFIX`), leaving
+    site-packages untouched; a prefix the user set, or bytecode beside the sources, is left as it is."""
+    if not environ.get("PYTHONDONTWRITEBYTECODE") or environ.get("PYTHONPYCACHEPREFIX"):
+        return environ
+    source = getattr(torch, "__file__", None)
+    if source is None or Path(importlib.util.cache_from_source(source)).is_file():
+        return environ
+    environ = {k: v for k, v in environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**environ, "PYTHONPYCACHEPREFIX": str(bytecode_cache_dir())}
 
 
 def environment_defaults() -> dict[str, str]:
