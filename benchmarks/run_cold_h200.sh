@@ -34,10 +34,45 @@
 #      last worker), the rest as in 10 (the forked pool), with `balanced` in the same run.
 #  12. Part 11's background case alone, then 20 more calls that record which processes use the host's CPUs meanwhile
 #      (the stages' host time beyond `balanced`'s is unexplained).
+#  13. (ninth session) Where the fork server's 20 s of imports go (python -X importtime, twice: the machine's first
+#      and a warm one), then part 11's background case and `balanced`, each with its threads' CPU time and py-spy's
+#      samples over 20 more steady calls (carry .whl with py-spy's wheel), and the server's per-module imports.
+#  14. The same with Python's bytecode compiled first, as pip leaves an install (the GPU machine's torch has none and
+#      its Python writes none, PYTHONDONTWRITEBYTECODE=1: every process compiles torch's and diffusers' source as it
+#      imports them; part 13's server spent 20.6 s so): compileall over the site-packages (timed), the server's
+#      imports again, the eager case (a warm machine's first image), the background case and `balanced`.
+#  15. The machine as it is (no bytecode), the server now keeping its bytecode in the suite's cache where none is
+#      installed or written (process.bytecode_environment): the eager case, the background case twice (the first
+#      server compiles the source into that cache, the second reads it), `balanced`, then SDXL's first image on the
+#      background path (20 s of calls).
 # Through the device tool: PART=1 OUT=/tmp/res bash benchmarks/run_cold_h200.sh   (carry .whl)
 set -o pipefail
 START=$SECONDS
 source benchmarks/device_setup.sh
+# Parts 13-15: the background case (20 steady calls, the server started while the pipeline is built), `balanced` in
+# the foreground, the fork server's imports under `python -X importtime`, and a report written outside $OUT (8 files
+# at most come back) summed up in this log.
+background() {
+  timeout 150 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 110 --steady-calls 20 \
+    --start-workers-first --out "$1"
+  echo "[run] $1 done at $((SECONDS - START)) s"
+}
+balanced() {
+  timeout "$2" python3 -u benchmarks/runtime/first_image.py --cases balanced --steady-calls 20 --out "$1"
+  echo "[run] $1 done at $((SECONDS - START)) s"
+}
+server_imports() {
+  TIMEFORMAT="[run] the server's imports, $1: %R s wall, %U s user, %S s sys"
+  time python3 -X importtime -c "import accel.runtime.precompile, torch._inductor.compile_fx, accel.runtime.aot, \
+diffusers.models, diffusers.models.unets.unet_2d_condition, diffusers.models.autoencoders.autoencoder_kl" \
+    2> /tmp/imports.txt
+  python3 benchmarks/runtime/import_times.py /tmp/imports.txt
+}
+summary() {
+  python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['records'][0]; print({k: r.get(k) for k in \
+('case', 'arch', 'first_image_s', 'all_switched_s', 'median_s', 'later_median_s', 'components_median_ms')}); \
+print(r.get('server_log'))" "$1/first_image.json"
+}
 {
   if [ "${PART:-1}" = 1 ]; then
     timeout "$(left 580)" python3 -u benchmarks/runtime/cold_start.py --arch sdxl --cases precompile,artifacts \
@@ -89,6 +124,36 @@ source benchmarks/device_setup.sh
   elif [ "$PART" = 12 ]; then
     timeout 150 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 110 --steady-calls 20 \
       --start-workers-first --out "$OUT/stages-cpu"
+  elif [ "$PART" = 13 ]; then
+    python3 -c "import sys, os; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'cpus', os.cpu_count())"
+    python3 - <<'PY'
+import glob, os, torch
+for name, folder in (("torch", os.path.dirname(torch.__file__)), ("diffusers", "/tmp/site/diffusers")):
+    print(name, folder, "pyc files", len(glob.glob(folder + "/**/__pycache__/*.pyc", recursive=True)), "writable",
+          os.access(folder, os.W_OK))
+PY
+    for i in 1 2; do server_imports "pass $i"; done
+    which py-spy || echo "no py-spy"
+    background "$OUT/stages"
+    balanced "$OUT/balanced" "$(left 420)"
+  elif [ "$PART" = 14 ]; then
+    SITE=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+    TIMEFORMAT="[run] bytecode of $SITE and /tmp/site compiled: %R s wall"
+    time python3 -m compileall -q -j 0 "$SITE" /tmp/site > /dev/null 2>&1
+    server_imports "with bytecode"
+    timeout 100 python3 -u benchmarks/runtime/first_image.py --cases eager --out /tmp/warm-eager
+    background "$OUT/stages"
+    balanced "$OUT/balanced" "$(left 520)"
+  elif [ "$PART" = 15 ]; then
+    timeout 100 python3 -u benchmarks/runtime/first_image.py --cases eager --out /tmp/warm-eager
+    background /tmp/first-server
+    summary /tmp/first-server
+    echo "[run] bytecode kept: $(du -sh ~/.cache/diffusion-accel/pycache)"
+    background "$OUT/stages"
+    balanced "$OUT/balanced" 150
+    timeout "$(left 560)" python3 -u benchmarks/runtime/first_image.py --arch sdxl --cases background --seconds 20 \
+      --start-workers-first --out /tmp/sdxl
+    summary /tmp/sdxl
   elif [ "$PART" = 7 ]; then
     timeout 250 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 215 --out "$OUT/two-step"
   elif [ "$PART" = 4 ]; then

@@ -33,10 +33,14 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,6 +82,61 @@ def _busiest(before: dict, after: dict, seconds: float, count: int = 8) -> list[
     used = [(after[pid][0] - before.get(pid, (0.0, ""))[0], pid, after[pid][1]) for pid in after]
     return [{"pid": pid, "cpu_share": round(cpu / seconds, 3), "command": command}
             for cpu, pid, command in sorted(used, reverse=True)[:count] if cpu > 0]
+
+
+def _thread_seconds() -> dict:
+    """This process's threads' CPU seconds so far (Linux /proc/self/task), by thread id: (seconds, name), the name
+    Python's where the thread is one of its own, else the kernel's (CUDA's, inductor's, OpenMP's threads)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    found = {}
+    for entry in Path("/proc/self/task").glob("[0-9]*"):
+        try:
+            comm, rest = (entry / "stat").read_text().split(" (", 1)[1].rsplit(")", 1)
+        except (OSError, ValueError, IndexError):
+            continue
+        fields = rest.split()
+        found[entry.name] = ((int(fields[11]) + int(fields[12])) / ticks, names.get(int(entry.name), comm))
+    return found
+
+
+def _busiest_threads(before: dict, after: dict, seconds: float, count: int = 10) -> list[dict]:
+    used = [(after[tid][0] - before.get(tid, (0.0, ""))[0], tid, after[tid][1]) for tid in after]
+    return [{"tid": tid, "cpu_share": round(cpu / seconds, 3), "name": name}
+            for cpu, tid, name in sorted(used, reverse=True)[:count] if cpu > 0]
+
+
+def _sampler(seconds: float):
+    """py-spy sampling this process for `seconds` without stopping it (where the py-spy binary is on PATH), in the
+    background; the returned callable waits for it and returns each thread's samples and its most frequent stacks
+    (innermost 8 frames): who holds the host time beside the calls."""
+    binary = shutil.which("py-spy")
+    if binary is None:
+        return lambda: None
+    raw = Path(tempfile.mkdtemp(prefix="pyspy-")) / "raw.txt"
+    process = subprocess.Popen([binary, "record", "--pid", str(os.getpid()), "--duration", str(max(1, int(seconds))),
+                                "--rate", "250", "--format", "raw", "--threads", "--nonblocking",
+                                "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finish():
+        try:
+            _, err = process.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return {"error": "py-spy did not finish"}
+        if not raw.is_file():
+            return {"error": (err or "")[-500:]}
+        threads, stacks = Counter(), Counter()
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            frames = stack.split(";")
+            if not count.isdigit() or not frames:
+                continue
+            threads[frames[0]] += int(count)
+            stacks[(frames[0], ";".join(f.split(" (")[0] for f in frames[1:][-8:]))] += int(count)
+        return {"threads": dict(threads.most_common(12)),
+                "stacks": [{"thread": t, "samples": n, "frames": f} for (t, f), n in stacks.most_common(25)]}
+    return finish
 
 
 def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dict:
@@ -199,6 +258,10 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
                     worker["log"] = {p.name: p.read_text()[:3000] for p in sorted(path.glob("worker-*.log"))}
                 else:
                     worker["log"] = path.read_text()[-4000:] if path is not None and path.is_file() else None
+        from accel.runtime.precompile import ForkServer
+
+        server = ForkServer._running  # its imports, module by module, and when it was ready
+        record["server_log"] = (server.folder / "server.log").read_text()[-3000:] if server is not None else None
         times = [t["latency_s"] for t in timeline[-args.steady_calls:]]
     else:
         times = []
@@ -208,10 +271,17 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
                              **({"components_ms": generate.components_ms} if not smoke else {})})
             times.append(latency)
     if not smoke and Path("/proc/self/stat").is_file():  # who else uses the host's CPUs meanwhile
-        before, began = _cpu_seconds(), time.perf_counter()
+        before, threads, began = _cpu_seconds(), _thread_seconds(), time.perf_counter()
+        sampled = _sampler(args.steady_calls * 0.15)
+        later = []  # the same number of calls again, later: whether the steady state was still settling
         for _ in range(args.steady_calls):
-            generate()
-        record["busiest_during_steady"] = _busiest(before, _cpu_seconds(), time.perf_counter() - began)
+            later.append(generate()[2])
+        spent = time.perf_counter() - began
+        record["later_median_s"] = statistics.median(later)
+        record["later_latencies_ms"] = [round(t * 1e3, 1) for t in later]
+        record["busiest_during_steady"] = _busiest(before, _cpu_seconds(), spent)
+        record["threads_during_steady"] = _busiest_threads(threads, _thread_seconds(), spent)
+        record["py_spy_during_steady"] = sampled()
     if not smoke:  # each compiled component's median GPU time per image over the steady calls
         steady = [t["components_ms"] for t in timeline[-len(times):] if "components_ms" in t]
         record["components_median_ms"] = {name: statistics.median(c[name] for c in steady) for name in events} \
@@ -246,6 +316,9 @@ def write_report(out: Path, records: list[dict], meta: dict) -> None:
                         f"{r['psnr_first_vs_last_db']:.2f} dB; failures: {r['failed'] or 'none'}")
             text.append("- timeline (start s: latency ms): " + ", ".join(
                 f"{t['start_s']:.1f}: {t['latency_s'] * 1e3:.0f}" for t in r["timeline"]))
+        if r.get("later_latencies_ms"):
+            text.append(f"- {r['case']}: {len(r['later_latencies_ms'])} later calls (threads' CPU read, py-spy "
+                        f"sampling): median {r['later_median_s'] * 1e3:.1f} ms; {r['later_latencies_ms']}")
         if r.get("first_call_profile"):
             text += [f"", f"First call of {r['case']}, cProfile by own time:", "", "```",
                      *r["first_call_profile"], "```"]
