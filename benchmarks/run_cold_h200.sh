@@ -45,6 +45,9 @@
 #      installed or written (process.bytecode_environment): the eager case, the background case twice (the first
 #      server compiles the source into that cache, the second reads it), `balanced`, then SDXL's first image on the
 #      background path (20 s of calls).
+#  16. A machine's first start of the server with no bytecode anywhere, now compiling the source it will import on
+#      every core before its imports (precompile._SERVER_START): the eager case, then the background case twice, the
+#      server's bytecode folder emptied before each.
 # Through the device tool: PART=1 OUT=/tmp/res bash benchmarks/run_cold_h200.sh   (carry .whl)
 set -o pipefail
 START=$SECONDS
@@ -154,6 +157,12 @@ PY
     timeout "$(left 560)" python3 -u benchmarks/runtime/first_image.py --arch sdxl --cases background --seconds 20 \
       --start-workers-first --out /tmp/sdxl
     summary /tmp/sdxl
+  elif [ "$PART" = 16 ]; then
+    timeout 100 python3 -u benchmarks/runtime/first_image.py --cases eager --out /tmp/warm-eager
+    for i in 1 2; do
+      rm -rf ~/.cache/diffusion-accel/pycache
+      background "$OUT/first-start-$i"
+    done
   elif [ "$PART" = 7 ]; then
     timeout 250 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 215 --out "$OUT/two-step"
   elif [ "$PART" = 4 ]; then
