@@ -45,9 +45,9 @@
 #      installed or written (process.bytecode_environment): the eager case, the background case twice (the first
 #      server compiles the source into that cache, the second reads it), `balanced`, then SDXL's first image on the
 #      background path (20 s of calls).
-#  16. A machine's first start of the server with no bytecode anywhere, now compiling the source it will import on
-#      every core before its imports (precompile._SERVER_START): the eager case, then the background case twice, the
-#      server's bytecode folder emptied before each.
+#  16. A machine's first start of the server with no bytecode anywhere, compiling the source it will import on every
+#      core before its imports (commit a3c5c68, reverted after this run: no gain): the eager case, then the background
+#      case twice, the server's bytecode folder emptied before each.
 # Through the device tool: PART=1 OUT=/tmp/res bash benchmarks/run_cold_h200.sh   (carry .whl)
 set -o pipefail
 START=$SECONDS

@@ -258,47 +258,15 @@ def test_the_server_keeps_bytecode_in_the_suite_cache_only_where_none_is_written
     monkeypatch.setattr(torch, "__file__", str(fake_torch))
     told = {"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/bin"}
     # torch installed without bytecode, none written: the server reads and writes it in the suite's cache
-    chosen = process.bytecode_environment(told)
-    assert chosen == {"PATH": "/bin", "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache")}
-    assert process.bytecode_missing(chosen)  # a first start: none of torch's there yet
-    import importlib.util
-
-    kept = tmp_path / "pycache" / fake_torch.parent.resolve().relative_to("/") / Path(
-        importlib.util.cache_from_source(str(fake_torch))).name
-    kept.parent.mkdir(parents=True)
-    kept.write_bytes(b"")
-    assert not process.bytecode_missing(chosen) and not process.bytecode_missing(told)
+    assert process.bytecode_environment(told) == {"PATH": "/bin", "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache")}
     # a Python that writes bytecode beside the sources, or a prefix the user chose: as they are
     assert process.bytecode_environment({"PATH": "/bin"}) == {"PATH": "/bin"}
     own = {**told, "PYTHONPYCACHEPREFIX": "/elsewhere"}
     assert process.bytecode_environment(own) == own
     # bytecode installed beside torch's sources: read there, nothing written
+    import importlib.util
+
     compiled = Path(importlib.util.cache_from_source(str(fake_torch)))
     compiled.parent.mkdir()
     compiled.write_bytes(b"")
     assert process.bytecode_environment(told) == told
-
-
-def test_a_servers_first_start_compiles_the_listed_source_into_the_suite_cache_before_its_imports(tmp_path):
-    from accel.runtime.precompile import _SERVER_START, _sources
-
-    (tmp_path / "fake_server.py").write_text("import sys\ndef fork_server(modules):\n"
-                                             "    print('serving', modules, 'fake_server' in sys.modules)\n")
-    listed = tmp_path / "listed.py"
-    listed.write_text("VALUE = 1\n")
-    (tmp_path / "sources.txt").write_text(f"{listed}\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env.update(PYTHONPATH=str(tmp_path), PYTHONPYCACHEPREFIX=str(tmp_path / "pycache"))
-    done = subprocess.run([sys.executable, "-c", _SERVER_START.format(module="fake_server"),
-                           str(tmp_path / "sources.txt"), "a.b"], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "bytecode compiled in" in done.stderr and "serving ['a.b'] True" in done.stdout
-    assert [p.name for p in (tmp_path / "pycache").rglob("listed*.pyc")], "the listed file was not compiled there"
-    # "-": nothing compiled, straight to the server
-    again = subprocess.run([sys.executable, "-c", _SERVER_START.format(module="fake_server"), "-", "c"], env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "bytecode" not in again.stderr and "serving ['c']" in again.stdout
-    # the list: this process's modules, and the package folders of the server's own ones
-    listed = _sources(["torch._inductor.compile_fx", "diffusers.models"])
-    assert torch.__file__ in listed and str(Path(torch.__file__).parent / "_inductor") in listed
-    assert any(p.endswith(os.path.join("diffusers", "models")) for p in listed)

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from .process import bytecode_environment, bytecode_missing, environment_defaults, inductor_cache_dir
+from .process import bytecode_environment, environment_defaults, inductor_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -285,44 +285,6 @@ _SERVER_ENVIRONMENT = ("TORCHINDUCTOR_", "TORCH_", "TRITON_", "CUDA_", "PYTORCH_
 _BASE_MODULES = ("torch._inductor.compile_fx", "accel.runtime.aot", "diffusers.models")
 
 
-# The server's command: its bytecode first where it has none yet (`python -m compileall` on every core, over the
-# source files `_sources` lists: single-threaded, its imports compiled torch's source for ~15 of their 20.6 s on the
-# H200's host), then its imports and its loop. Only the standard library runs before the compile.
-_SERVER_START = """import subprocess, sys, time
-if sys.argv[1] != "-":
-    began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", "-i", sys.argv[1]],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    print(f"bytecode compiled in {{time.perf_counter() - began:.1f}} s", file=sys.stderr)
-from {module} import fork_server
-fork_server(sys.argv[2:])
-"""
-
-
-# The least cores on which compiling the listed source in parallel before the imports pays: the list holds about
-# twice what the imports compile lazily (whole package folders), so with 2 cores the server was ready later (40.6 s
-# against 30.7 s on the CPU machine); with 16 the compile takes a few seconds of the 20.6 s.
-PARALLEL_BYTECODE_CORES = 8
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _sources(modules: list[str]) -> list[str]:
-    """The source files a server will import, as far as this process knows without importing anything: every Python
-    module this process has imported (torch, diffusers, transformers, peft, accel...), and the package folder of each
-    of the server's own modules (torch._inductor, diffusers.models), which this process may not have imported yet."""
-    found = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
-    for name in modules:
-        top, *rest = name.split(".")
-        for root in getattr(sys.modules.get(top), "__path__", None) or ():
-            path = Path(root, *rest)
-            if path.is_dir() or path.with_suffix(".py").is_file():
-                found.add(str(path if path.is_dir() else path.parent))
-    return sorted(f for f in found if f and (f.endswith(".py") or os.path.isdir(f)))
-
-
 class ForkServer:
     """One process, started once per environment, that imports what compiling needs and forks a worker per job file.
 
@@ -355,12 +317,8 @@ class ForkServer:
         env = bytecode_environment(dict(os.environ, **dict(self.environment[:-1]), ACCEL_WORKER_SPAWNED=str(time.time()),
                                         PYTORCH_NVML_BASED_CUDA_CHECK="1",
                                         PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
-        modules = sorted({*_BASE_MODULES, *modules})
-        sources = "-"
-        if bytecode_missing(env) and _cores() >= PARALLEL_BYTECODE_CORES:  # a first start: its source compiled first
-            sources = str(self.folder / "sources.txt")
-            Path(sources).write_text("\n".join(_sources(modules)) + "\n")
-        command = [sys.executable, "-c", _SERVER_START.format(module=__name__), sources, *modules]
+        command = [sys.executable, "-c", f"import sys; from {__name__} import fork_server; fork_server(sys.argv[1:])",
+                   *sorted({*_BASE_MODULES, *modules})]
         self.log = open(self.folder / "server.log", "w")
         self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.log, text=True, bufsize=1)

@@ -62,18 +62,6 @@ def bytecode_environment(environ: dict[str, str]) -> dict[str, str]:
     return {**environ, "PYTHONPYCACHEPREFIX": str(bytecode_cache_dir())}
 
 
-def bytecode_missing(environ: dict[str, str]) -> bool:
-    """Whether a process started with `environ` (from `bytecode_environment`) would compile torch's source as it
-    imports it: its bytecode goes to the suite's folder, where there is none of torch's yet (a machine's first start)."""
-    prefix = environ.get("PYTHONPYCACHEPREFIX")
-    if prefix != str(bytecode_cache_dir()):
-        return False
-    source = Path(torch.__file__).resolve()
-    compiled = Path(prefix) / source.parent.relative_to(source.anchor) / Path(importlib.util.cache_from_source(
-        str(source))).name
-    return not compiled.is_file()
-
-
 def environment_defaults() -> dict[str, str]:
     """The environment `hold` gives a compile where the user set none of it: the on-disk cache and its FX-graph and
     autograd caches (compile workers, forked or spawned, must import under the same)."""
