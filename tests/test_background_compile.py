@@ -508,3 +508,18 @@ def test_a_stage_call_in_another_layout_runs_the_compiled_code_on_its_recorded_s
     view = args[0]
     assert view.stride() == (36, 9, 3, 1) and view.data_ptr() == odd.data_ptr() and torch.equal(view, odd)
     assert restrided
+
+
+def test_the_workers_server_starts_ahead_only_where_stages_will_be_built(monkeypatch):
+    started = []
+    monkeypatch.setattr(compile_mod, "prestart", lambda modules: started.append(modules))
+    module = MLP()
+    apply_compile(module, "full", workers=1, background=True, stages=True)
+    remove_compile(module)
+    assert len(started) == 1 and MLP.__module__ in started[0]
+    # artifacts kept (the runtime turns stages off): they load without a worker, so no server sits idle meanwhile
+    apply_compile(module, "full", workers=1, background=True, stages=False)
+    remove_compile(module)
+    apply_compile(module, "full", workers=0, background=True, stages=True)
+    remove_compile(module)
+    assert len(started) == 1

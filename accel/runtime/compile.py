@@ -753,8 +753,10 @@ def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, backg
     if mode == "full":
         hook = CompileHook(background, workers, stages, **compile_kwargs)
         first = next(module.parameters(), None)
-        if background and (workers or (workers is None and first is not None and first.device.type == "cuda")):
-            # the workers' fork server imports while the first image runs, and is ready when the compile starts
+        if background and stages and (workers or (workers is None and first is not None and first.device.type == "cuda")):
+            # the workers' fork server imports while the first image runs, and is ready when the compile starts; not
+            # where artifacts are kept (`stages` off): they load without a worker, and a server would sit idle, a
+            # process of ~600 MB importing beside the first image (it still starts at a worker's request)
             prestart(sorted({type(m).__module__ for m in module.modules()}))
     else:
         blocks = {*REGIONAL_BLOCKS, *DIT_BLOCKS}
