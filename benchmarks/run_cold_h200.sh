@@ -48,6 +48,9 @@
 #  16. A machine's first start of the server with no bytecode anywhere, compiling the source it will import on every
 #      core before its imports (commit a3c5c68, reverted after this run: no gain): the eager case, then the background
 #      case twice, the server's bytecode folder emptied before each.
+#  17. Saved artifacts with the background compile again (run 7's case, before the whole compiled forwards were saved
+#      and before no server started ahead of a compile_cache): SD1.5's `accel precompile` artifacts, then the
+#      background case on them in a fresh process on an empty inductor cache.
 # Through the device tool: PART=1 OUT=/tmp/res bash benchmarks/run_cold_h200.sh   (carry .whl)
 set -o pipefail
 START=$SECONDS
@@ -163,6 +166,13 @@ PY
       rm -rf ~/.cache/diffusion-accel/pycache
       background "$OUT/first-start-$i"
     done
+  elif [ "$PART" = 17 ]; then
+    ART=$(mktemp -d)
+    timeout 200 python3 -u benchmarks/runtime/cold_start.py --arch sd15 --cases precompile --artifacts "$ART" \
+      --out "$OUT/precompile" --budget 190
+    rm -f "$OUT"/precompile/*.npy
+    timeout "$(left 380)" python3 -u benchmarks/runtime/first_image.py --cases background --seconds 40 \
+      --steady-calls 20 --compile-cache "$ART/sd15" --out "$OUT/background-artifacts"
   elif [ "$PART" = 7 ]; then
     timeout 250 python3 -u benchmarks/runtime/first_image.py --cases background --seconds 215 --out "$OUT/two-step"
   elif [ "$PART" = 4 ]; then
