@@ -397,7 +397,7 @@ class BackgroundCompile:
     def _use_worker(self, device, autocast: bool) -> bool:
         if autocast:  # the worker would trace without it
             return False
-        return self.workers > 0 if self.workers is not None else device is not None
+        return _workers_on(self.workers, device)
 
     def _compile_in_worker(self, copies: tuple, inference: bool, whole: bool = False) -> None:
         """Have a worker process compile the forward on these inputs into the shared inductor cache, and wait for it
@@ -575,6 +575,9 @@ def _restrided(tree, strides: list) -> tuple:
     """(`tree` with its tensors, in order, in the given strides, whether any had others): a view where they differ on
     size-1 dimensions only (which no element is addressed by), else a copy."""
     leaves, spec = pytree.tree_flatten(tree)
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    if all(x.stride() == tuple(stride) for x, stride in zip(tensors, strides)):
+        return tree, False
     wanted = iter(strides)
     out, changed = [], False
     for x in leaves:
@@ -753,7 +756,8 @@ def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, backg
     if mode == "full":
         hook = CompileHook(background, workers, stages, **compile_kwargs)
         first = next(module.parameters(), None)
-        if background and stages and (workers or (workers is None and first is not None and first.device.type == "cuda")):
+        device = first.device if first is not None and first.device.type == "cuda" else None
+        if background and stages and _workers_on(workers, device):
             # the workers' fork server imports while the first image runs, and is ready when the compile starts; not
             # where artifacts are kept (`stages` off): they load without a worker, and a server would sit idle, a
             # process of ~600 MB importing beside the first image (it still starts at a worker's request)
@@ -776,6 +780,12 @@ def _compile_hook(module: torch.nn.Module, mode: str, workers: int | None, backg
                 region.compile(**compile_kwargs)
         hook = _FirstCallTimer(outer, compile_kwargs, workers, beneath_hooks)
     return hook
+
+
+def _workers_on(workers: int | None, cuda_device) -> bool:
+    """Whether a background compile has worker processes compile first: as many as `workers` says, or (None) where
+    the module is on a CUDA GPU (`cuda_device` not None)."""
+    return workers > 0 if workers is not None else cuda_device is not None
 
 
 def _hooked_itself(region: torch.nn.Module) -> bool:

@@ -314,8 +314,8 @@ class ForkServer:
         self.folder = Path(tempfile.mkdtemp(prefix="accel-fork-server-"))
         # NVML's device count in the server: `torch.cuda.is_available()`'s default (cudaGetDeviceCount, which
         # diffusers' and inductor's imports call) marks a process's forks as unable to use CUDA (H200, torch 2.11)
-        env = bytecode_environment(dict(os.environ, **dict(self.environment[:-1]), ACCEL_WORKER_SPAWNED=str(time.time()),
-                                        PYTORCH_NVML_BASED_CUDA_CHECK="1",
+        env = bytecode_environment(dict(os.environ, **dict(self.environment[:-1]), PYTORCH_NVML_BASED_CUDA_CHECK="1",
+                                        ACCEL_WORKER_SPAWNED=str(time.time()),
                                         PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
         command = [sys.executable, "-c", f"import sys; from {__name__} import fork_server; fork_server(sys.argv[1:])",
                    *sorted({*_BASE_MODULES, *modules})]
@@ -335,24 +335,26 @@ class ForkServer:
     def fork(self, job: Path, log: Path, threads: int) -> "_Child":
         """A worker forked for the job file `job`, writing to `log` (it waits for the server's imports)."""
         child = _Child(self, next(self._ids))
-        request = {"id": child.id, "job": str(job), "log": str(log), "threads": threads, "requested": time.time(),
-                   "environ": {k: v for k, v in os.environ.items() if k.startswith(_SERVER_ENVIRONMENT)}}
-        with self._lock:
-            try:
-                self.process.stdin.write(json.dumps(request) + "\n")
-                self.process.stdin.flush()
-            except OSError as err:
-                raise OSError(f"the compile fork server is gone (its log: {self.folder / 'server.log'})") from err
+        if not self._send({"id": child.id, "job": str(job), "log": str(log), "threads": threads,
+                           "requested": time.time(),
+                           "environ": {k: v for k, v in os.environ.items() if k.startswith(_SERVER_ENVIRONMENT)}}):
+            raise OSError(f"the compile fork server is gone (its log: {self.folder / 'server.log'})")
         return child
 
     def cancel(self, id: int) -> None:
-        """Have the server kill the child of request `id` as soon as it has forked it."""
+        """Have the server kill the child of request `id` as soon as it has forked it (a server gone has killed its
+        children already)."""
+        self._send({"cancel": id})
+
+    def _send(self, message: dict) -> bool:
+        """One JSON line to the server; False where it is gone."""
         with self._lock:
             try:
-                self.process.stdin.write(json.dumps({"cancel": id}) + "\n")
+                self.process.stdin.write(json.dumps(message) + "\n")
                 self.process.stdin.flush()
-            except OSError:  # the server is gone, and its children with it
-                pass
+                return True
+            except OSError:
+                return False
 
     def _read(self) -> None:
         for line in self.process.stdout:

@@ -33,15 +33,19 @@ _holders = 0
 _saved: dict | None = None
 
 
+# The suite's folder in the user's cache: the inductor cache's default and the compile server's bytecode live there.
+USER_CACHE = Path.home() / ".cache" / "diffusion-accel"
+
+
 def inductor_cache_dir() -> Path:
     """The on-disk inductor cache this suite compiles into: `$TORCHINDUCTOR_CACHE_DIR`, else a user cache folder."""
-    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", Path.home() / ".cache" / "diffusion-accel" / "inductor"))
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", USER_CACHE / "inductor"))
 
 
 def bytecode_cache_dir() -> Path:
     """Where the compile workers' server keeps Python bytecode when the installed packages have none and this Python
     writes none (`bytecode_environment`): a folder of the user cache, beside the inductor cache's default."""
-    return Path.home() / ".cache" / "diffusion-accel" / "pycache"
+    return USER_CACHE / "pycache"
 
 
 def bytecode_environment(environ: dict[str, str]) -> dict[str, str]:

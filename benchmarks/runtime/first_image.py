@@ -63,47 +63,48 @@ class _Lines(logging.Handler):
         self.lines.append((round(time.perf_counter() - self.start, 3), f"{record.name}: {record.getMessage()}"))
 
 
+def _stat_seconds(stat: Path) -> tuple[float, str]:
+    """(CPU seconds so far, the kernel's name) from a /proc `stat` file of a process or a thread."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    comm, rest = stat.read_text().split(" (", 1)[1].rsplit(")", 1)
+    fields = rest.split()
+    return (int(fields[11]) + int(fields[12])) / ticks, comm
+
+
 def _cpu_seconds() -> dict:
     """Each process's CPU seconds so far (Linux /proc), by pid: (seconds, its command line's start)."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     found = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds, _ = _stat_seconds(entry / "stat")
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
-        found[entry.name] = ((int(fields[11]) + int(fields[12])) / ticks, command)
+        found[entry.name] = (seconds, command)
     return found
-
-
-def _busiest(before: dict, after: dict, seconds: float, count: int = 8) -> list[dict]:
-    """The processes that used the most CPU between two `_cpu_seconds` readings `seconds` apart."""
-    used = [(after[pid][0] - before.get(pid, (0.0, ""))[0], pid, after[pid][1]) for pid in after]
-    return [{"pid": pid, "cpu_share": round(cpu / seconds, 3), "command": command}
-            for cpu, pid, command in sorted(used, reverse=True)[:count] if cpu > 0]
 
 
 def _thread_seconds() -> dict:
     """This process's threads' CPU seconds so far (Linux /proc/self/task), by thread id: (seconds, name), the name
     Python's where the thread is one of its own, else the kernel's (CUDA's, inductor's, OpenMP's threads)."""
-    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     names = {t.native_id: t.name for t in threading.enumerate()}
     found = {}
     for entry in Path("/proc/self/task").glob("[0-9]*"):
         try:
-            comm, rest = (entry / "stat").read_text().split(" (", 1)[1].rsplit(")", 1)
+            seconds, comm = _stat_seconds(entry / "stat")
         except (OSError, ValueError, IndexError):
             continue
-        fields = rest.split()
-        found[entry.name] = ((int(fields[11]) + int(fields[12])) / ticks, names.get(int(entry.name), comm))
+        found[entry.name] = (seconds, names.get(int(entry.name), comm))
     return found
 
 
-def _busiest_threads(before: dict, after: dict, seconds: float, count: int = 10) -> list[dict]:
-    used = [(after[tid][0] - before.get(tid, (0.0, ""))[0], tid, after[tid][1]) for tid in after]
-    return [{"tid": tid, "cpu_share": round(cpu / seconds, 3), "name": name}
-            for cpu, tid, name in sorted(used, reverse=True)[:count] if cpu > 0]
+def _busiest(before: dict, after: dict, seconds: float, count: int = 8, id: str = "pid",
+             label: str = "command") -> list[dict]:
+    """The processes (or threads) that used the most CPU between two readings (`_cpu_seconds`, `_thread_seconds`)
+    `seconds` apart."""
+    used = [(after[key][0] - before.get(key, (0.0, ""))[0], key, after[key][1]) for key in after]
+    return [{id: key, "cpu_share": round(cpu / seconds, 3), label: name}
+            for cpu, key, name in sorted(used, reverse=True)[:count] if cpu > 0]
 
 
 def _sampler(seconds: float):
@@ -280,7 +281,7 @@ def child(case: str, args: argparse.Namespace, seconds: float, out: Path) -> dic
         record["later_median_s"] = statistics.median(later)
         record["later_latencies_ms"] = [round(t * 1e3, 1) for t in later]
         record["busiest_during_steady"] = _busiest(before, _cpu_seconds(), spent)
-        record["threads_during_steady"] = _busiest_threads(threads, _thread_seconds(), spent)
+        record["threads_during_steady"] = _busiest(threads, _thread_seconds(), spent, 10, id="tid", label="name")
         record["py_spy_during_steady"] = sampled()
     if not smoke:  # each compiled component's median GPU time per image over the steady calls
         steady = [t["components_ms"] for t in timeline[-len(times):] if "components_ms" in t]
